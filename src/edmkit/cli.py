@@ -74,6 +74,7 @@ def main() -> None:
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Named configuration: {', '.join(PRESETS)}.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>). Re-running the same command resumes from its newest state.")
 @click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball).')
+@click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")
 @click.option("--batch", type=int, default=None, help="Global batch size.")
 @click.option("--duration", "total_nimg", type=NIMG, default=None, help="Training length in images, e.g. 80k, 2Mi.")
 @click.option("--lr", type=float, default=None, help="Reference learning rate (Adam).")
@@ -84,9 +85,9 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def train(preset, run_dir, data, batch, total_nimg, lr, seed, cond, device, force, dry_run, quiet) -> None:
+def train(preset, run_dir, data, resolution, batch, total_nimg, lr, seed, cond, device, force, dry_run, quiet) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states."""
-    cfg = resolve_train_config(get_preset(preset), data=data, batch=batch, total_nimg=total_nimg, lr=lr, seed=seed, cond=cond)
+    cfg = resolve_train_config(get_preset(preset), data=data, resolution=resolution, batch=batch, total_nimg=total_nimg, lr=lr, seed=seed, cond=cond)
     if dry_run:
         click.echo(cfg.to_json())
         return
@@ -98,8 +99,10 @@ def train(preset, run_dir, data, batch, total_nimg, lr, seed, cond, device, forc
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
 
 
-def resolve_train_config(cfg: ExperimentConfig, *, data=None, batch=None, total_nimg=None, lr=None, seed=None, cond=None) -> ExperimentConfig:
+def resolve_train_config(cfg: ExperimentConfig, *, data=None, resolution=None, batch=None, total_nimg=None, lr=None, seed=None, cond=None) -> ExperimentConfig:
     """Apply command-line overrides (``None`` = keep the preset's value)."""
+    if resolution is not None:
+        cfg = cfg.override("network", resolution=resolution)
     train_kw = {k: v for k, v in dict(data=data, batch=batch, total_nimg=total_nimg, seed=seed).items() if v is not None}
     if train_kw:
         cfg = cfg.override("train", **train_kw)

@@ -28,6 +28,10 @@ from edmkit.precond import Denoiser
 from edmkit.schedules import learning_rate
 
 
+# Fields that change only how long or how often things happen, not what the weights become: a resumed run may change them.
+RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg", "train.state_nimg", "train.grid_n", "train.sample_steps"}
+
+
 class RunError(ValueError):
     """A run folder cannot be used as asked (config changed, unwritable, ...)."""
 
@@ -102,7 +106,7 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False
     cfg_file = run_dir / "config.json"
     if cfg_file.is_file():
         old = ExperimentConfig.from_json(cfg_file.read_text())
-        diff = config_diff(old, cfg)
+        diff = [d for d in config_diff(old, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
         if diff and not force:
             raise RunError(f"{run_dir} holds a run with another config ({'; '.join(diff)}); use another --run folder, or --force to continue with the new config")
     ckpt.write_json(cfg_file, cfg.to_dict())

@@ -1,0 +1,300 @@
+"""Samplers for the EDM probability-flow ODE / SDE, all in σ-space with one contract.
+
+Every sampler is ``sample(denoiser, noise, sigmas, *, labels=None, ..., callback=None) -> x0``
+(the contract of k-diffusion, github.com/crowsonkb/k-diffusion, MIT; implemented here from the
+papers). A denoiser is any callable ``(x [N,C,H,W], sigma [N] float32, labels [N,L] | None) ->
+D(x; σ) [N,C,H,W]``; grids come from :mod:`edmkit.schedules` and end in σ = 0.
+
+Symbols (pixel scale, x = y + σ·n, EDM Table 1):
+    σ_i          the grid, decreasing, i = 0 … N; the sampler starts at x_0 = noise·σ_0.
+    D(x; σ)      denoiser output, an estimate of E[y | x].
+    d            ODE slope dx/dσ = (x − D(x; σ))/σ (EDM Eq. 3 with σ(t) = t).
+    γ, σ̂         Heun's churn: σ̂ = σ_i·(1 + γ_i) (EDM Algorithm 2).
+    η            DDIM stochasticity (Song et al. 2021); η = 0 is Euler, η = 1 is DDPM ancestral.
+    λ            log-SNR time of DPM-Solver++, λ = −ln σ (Lu et al. 2022).
+
+Precision: x and σ are float32; the denoiser's output is upcast to float32. Grad mode is left to
+the caller (wrap in ``torch.inference_mode()`` for plain sampling; guidance such as DPS needs grads).
+No sampler keeps state on an object; SeededRandn holds only the per-sample random generators.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+Randn = Callable[[Tensor], Tensor]
+Callback = Callable[[dict], None]
+
+
+class SeededRandn:
+    """Per-sample seeded Gaussian noise (EDM2's reproducibility idea, implemented independently).
+
+    Row k of every draw comes from its own generator seeded with ``seeds[k]``, so image k is the
+    same whatever the batch size or the number of ranks it was generated with. Pass an instance as
+    a sampler's ``randn``; use :meth:`randn` for the initial noise.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str | None = None) -> None:
+        self.device = torch.device("cpu" if device is None else device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Draw unit Gaussian noise of shape [len(seeds), *shape]; row k uses generator k."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Draw unit Gaussian noise shaped like `x` [N, ...]; N must equal len(seeds)."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"batch size {x.shape[0]} does not match {len(self.generators)} seeds")
+        return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
+
+    __call__ = randn_like
+
+
+def _setup(noise: Tensor, sigmas: Tensor) -> tuple[Tensor, list[float]]:
+    """Validate the grid, read it once as Python floats, and scale the unit noise to σ_0."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}")
+    s = sigmas.detach().double().cpu().tolist()  # the loop's only host read of σ
+    if s[-1] < 0 or any(a <= b for a, b in zip(s, s[1:])):
+        raise ValueError("sigmas must be strictly decreasing and non-negative")
+    return noise.to(torch.float32) * s[0], s
+
+
+def _denoise(denoiser: Denoiser, x: Tensor, sigma: float, labels: Tensor | None) -> Tensor:
+    """Evaluate D(x; σ) with a float32 [N] σ tensor, upcasting the output to float32."""
+    sigma_batch = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+    denoised = denoiser(x, sigma_batch, labels)
+    return denoised if denoised.dtype == torch.float32 else denoised.to(torch.float32)
+
+
+def sample_euler(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    labels: Tensor | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (EDM Eq. 3, Algorithm 1 without Heun).
+
+    Args:
+        denoiser: D(x; σ) callable.
+        noise: [N, C, H, W] unit-variance Gaussian noise.
+        sigmas: [steps + 1] decreasing σ grid.
+        labels: [N, L] conditioning or None.
+        callback: called after each step with dict(i, x, sigma, sigma_next, denoised).
+
+    Returns:
+        [N, C, H, W] float32 sample at σ = sigmas[-1].
+    """
+    x, s = _setup(noise, sigmas)
+    for i in range(len(s) - 1):
+        denoised = _denoise(denoiser, x, s[i], labels)
+        x = torch.add(x, x - denoised, alpha=(s[i + 1] - s[i]) / s[i])  # x + (σ_{i+1} − σ_i)·d
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=s[i], sigma_next=s[i + 1], denoised=denoised))
+    return x
+
+
+def sample_heun(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    labels: Tensor | None = None,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = float("inf"),
+    S_noise: float = 1.0,
+    randn: Randn | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Heun's 2nd-order method with optional churn (EDM Algorithm 2).
+
+    γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_tmin, S_tmax], else 0; σ̂ = σ_i(1 + γ_i);
+    x̂ = x_i + √(σ̂² − σ_i²)·S_noise·ε; Euler step to σ_{i+1}, then the trapezoidal correction
+    unless σ_{i+1} = 0. With S_churn = 0 this is the deterministic ODE solver.
+
+    Args:
+        denoiser: D(x; σ) callable.
+        noise: [N, C, H, W] unit-variance Gaussian noise.
+        sigmas: [steps + 1] decreasing σ grid.
+        labels: [N, L] conditioning or None.
+        S_churn, S_tmin, S_tmax, S_noise: EDM stochasticity parameters (Algorithm 2).
+        randn: noise source ``randn(x) -> ε`` (e.g. SeededRandn); default torch.randn_like.
+        callback: called after each step with dict(i, x, sigma, sigma_next, denoised).
+
+    Returns:
+        [N, C, H, W] float32 sample at σ = sigmas[-1].
+    """
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    randn = torch.randn_like if randn is None else randn
+    x, s = _setup(noise, sigmas)
+    num_steps = len(s) - 1
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    for i in range(num_steps):
+        sigma, sigma_next = s[i], s[i + 1]
+        gamma = gamma_max if S_tmin <= sigma <= S_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        x_hat = x
+        if gamma > 0:  # raise the noise level from σ_i to σ̂ (EDM Alg. 2 lines 5-6)
+            x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * randn(x)
+        # The slopes d = (x̂ − D)/σ̂ and d' are kept as σ̂·d and σ_{i+1}·d', their 1/σ folded into
+        # the scalar `alpha`s: fewer tensor ops, which dominate the cost of small-batch steps.
+        denoised = _denoise(denoiser, x_hat, sigma_hat, labels)
+        h = sigma_next - sigma_hat
+        d_scaled = x_hat - denoised  # σ̂·d (Alg. 2 line 7)
+        x = torch.add(x_hat, d_scaled, alpha=h / sigma_hat)  # x̂ + h·d (line 8)
+        if sigma_next != 0:  # 2nd-order correction (Alg. 2 lines 9-11)
+            d_prime_scaled = x - _denoise(denoiser, x, sigma_next, labels)  # σ_{i+1}·d'
+            x = torch.add(x_hat, d_scaled, alpha=0.5 * h / sigma_hat)  # x̂ + h·(d + d')/2
+            x = x.add_(d_prime_scaled, alpha=0.5 * h / sigma_next)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, *, eta: float = 1.0) -> tuple[float, float]:
+    """Split σ_next into a deterministic part σ_down and fresh noise σ_up (DDIM Eq. 16 in σ-space).
+
+    DDIM's σ_t(η) = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t−1}), rewritten for the scaled variable
+    x/√ᾱ with ᾱ = 1/(1 + σ²), becomes σ_up = η·σ_next·√(σ² − σ_next²)/σ (capped at σ_next), and
+    σ_down = √(σ_next² − σ_up²).
+
+    Returns:
+        (σ_down, σ_up) as Python floats.
+    """
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(sigma**2 - sigma_next**2) / sigma)
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    labels: Tensor | None = None,
+    eta: float = 0.0,
+    randn: Randn | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM in the scaled variable x/√ᾱ = y + σ·ε (Song et al. 2021, Eq. 12).
+
+    x_{i+1} = D + σ_down·(x − D)/σ_i + σ_up·z with (σ_down, σ_up) from :func:`ancestral_step`.
+    η = 0 is exactly an Euler step of the EDM ODE; η = 1 is DDPM ancestral sampling.
+
+    Args:
+        denoiser: D(x; σ) callable.
+        noise: [N, C, H, W] unit-variance Gaussian noise.
+        sigmas: [steps + 1] decreasing σ grid (e.g. schedules.vp_sigmas).
+        labels: [N, L] conditioning or None.
+        eta: stochasticity η >= 0.
+        randn: noise source ``randn(x) -> z`` (e.g. SeededRandn); default torch.randn_like.
+        callback: called after each step with dict(i, x, sigma, sigma_next, denoised).
+
+    Returns:
+        [N, C, H, W] float32 sample at σ = sigmas[-1].
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    randn = torch.randn_like if randn is None else randn
+    x, s = _setup(noise, sigmas)
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        denoised = _denoise(denoiser, x, sigma, labels)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta=eta)
+        x = torch.lerp(denoised, x, sigma_down / sigma)  # D + σ_down·ε̂ with ε̂ = (x − D)/σ
+        if sigma_up > 0:
+            x = x + sigma_up * randn(x)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
+
+
+def sample_ddpm(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    labels: Tensor | None = None,
+    randn: Randn | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), i.e. :func:`sample_ddim` with η = 1.
+
+    Args and returns as in :func:`sample_ddim`.
+    """
+    return sample_ddim(denoiser, noise, sigmas, labels=labels, eta=1.0, randn=randn, callback=callback)
+
+
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    labels: Tensor | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M), the 2nd-order multistep data-prediction solver (Lu et al. 2022, Algorithm 2).
+
+    With λ = −ln σ and h = λ_{i+1} − λ_i: x_{i+1} = (σ_{i+1}/σ_i)·x_i − (e^{−h} − 1)·D̃, where
+    D̃ = D_i on the first step and on the final step to σ = 0, else
+    D̃ = (1 + 1/(2r))·D_i − (1/(2r))·D_{i−1}, r = h_{i−1}/h.
+
+    Args:
+        denoiser: D(x; σ) callable.
+        noise: [N, C, H, W] unit-variance Gaussian noise.
+        sigmas: [steps + 1] decreasing σ grid.
+        labels: [N, L] conditioning or None.
+        callback: called after each step with dict(i, x, sigma, sigma_next, denoised).
+
+    Returns:
+        [N, C, H, W] float32 sample at σ = sigmas[-1].
+    """
+    x, s = _setup(noise, sigmas)
+    denoised_prev, h_prev = None, 0.0
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        denoised = _denoise(denoiser, x, sigma, labels)
+        if sigma_next == 0:  # h = ∞: the update reduces to x = D
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            denoised_hat = denoised
+            if denoised_prev is not None:
+                c = h / (2 * h_prev)  # 1/(2r) with r = h_{i-1}/h
+                denoised_hat = (1 + c) * denoised - c * denoised_prev
+            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_hat
+            h_prev = h
+        denoised_prev = denoised
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
+
+
+SAMPLERS: Mapping[str, Callable[..., Tensor]] = MappingProxyType(
+    {
+        "euler": sample_euler,
+        "heun": sample_heun,
+        "ddim": sample_ddim,
+        "ddpm": sample_ddpm,
+        "dpmpp-2m": sample_dpmpp_2m,
+    }
+)
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """Sampler function by registry name (``"euler"``, ``"heun"``, ``"ddim"``, ``"ddpm"``, ``"dpmpp-2m"``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
