@@ -69,9 +69,14 @@ def _setup(noise: Tensor, sigmas: Tensor) -> tuple[Tensor, list[float]]:
     return noise.to(torch.float32) * s[0], s
 
 
-def _denoise(denoiser: Denoiser, x: Tensor, sigma: float, labels: Tensor | None) -> Tensor:
-    """Evaluate D(x; σ) with a float32 [N] σ tensor, upcasting the output to float32."""
-    sigma_batch = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+def _sigma_batches(values: Sequence[float], x: Tensor) -> list[Tensor]:
+    """All the σ's a sampler will pass, built at once as float32 [N] rows (no per-step tensor creation)."""
+    rows = torch.tensor(values, dtype=torch.float32).to(x.device)  # [S]
+    return list(rows[:, None].expand(-1, x.shape[0]).contiguous().unbind(0))  # S × [N]
+
+
+def _denoise(denoiser: Denoiser, x: Tensor, sigma_batch: Tensor, labels: Tensor | None) -> Tensor:
+    """Evaluate D(x; σ) with σ as a float32 [N] tensor, upcasting the output to float32."""
     denoised = denoiser(x, sigma_batch, labels)
     return denoised if denoised.dtype == torch.float32 else denoised.to(torch.float32)
 
@@ -97,9 +102,10 @@ def sample_euler(
         [N, C, H, W] float32 sample at σ = sigmas[-1].
     """
     x, s = _setup(noise, sigmas)
+    sigma_batches = _sigma_batches(s[:-1], x)
     for i in range(len(s) - 1):
-        denoised = _denoise(denoiser, x, s[i], labels)
-        x = torch.add(x, x - denoised, alpha=(s[i + 1] - s[i]) / s[i])  # x + (σ_{i+1} − σ_i)·d
+        denoised = _denoise(denoiser, x, sigma_batches[i], labels)
+        x = torch.lerp(denoised, x, s[i + 1] / s[i])  # x + (σ_{i+1} − σ_i)·d with d = (x − D)/σ_i
         if callback is not None:
             callback(dict(i=i, x=x, sigma=s[i], sigma_next=s[i + 1], denoised=denoised))
     return x
@@ -142,23 +148,23 @@ def sample_heun(
     x, s = _setup(noise, sigmas)
     num_steps = len(s) - 1
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    gammas = [gamma_max if S_tmin <= sigma <= S_tmax else 0.0 for sigma in s[:-1]]
+    sigma_hats = [sigma * (1 + gamma) for sigma, gamma in zip(s, gammas)]  # σ̂_i = σ_i(1 + γ_i)
+    hat_batches, next_batches = _sigma_batches(sigma_hats, x), _sigma_batches(s[1:], x)
     for i in range(num_steps):
-        sigma, sigma_next = s[i], s[i + 1]
-        gamma = gamma_max if S_tmin <= sigma <= S_tmax else 0.0
-        sigma_hat = sigma * (1 + gamma)
+        sigma, sigma_next, sigma_hat = s[i], s[i + 1], sigma_hats[i]
         x_hat = x
-        if gamma > 0:  # raise the noise level from σ_i to σ̂ (EDM Alg. 2 lines 5-6)
+        if gammas[i] > 0:  # raise the noise level from σ_i to σ̂ (EDM Alg. 2 lines 5-6)
             x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * randn(x)
-        # The slopes d = (x̂ − D)/σ̂ and d' are kept as σ̂·d and σ_{i+1}·d', their 1/σ folded into
-        # the scalar `alpha`s: fewer tensor ops, which dominate the cost of small-batch steps.
-        denoised = _denoise(denoiser, x_hat, sigma_hat, labels)
-        h = sigma_next - sigma_hat
-        d_scaled = x_hat - denoised  # σ̂·d (Alg. 2 line 7)
-        x = torch.add(x_hat, d_scaled, alpha=h / sigma_hat)  # x̂ + h·d (line 8)
-        if sigma_next != 0:  # 2nd-order correction (Alg. 2 lines 9-11)
-            d_prime_scaled = x - _denoise(denoiser, x, sigma_next, labels)  # σ_{i+1}·d'
-            x = torch.add(x_hat, d_scaled, alpha=0.5 * h / sigma_hat)  # x̂ + h·(d + d')/2
-            x = x.add_(d_prime_scaled, alpha=0.5 * h / sigma_next)
+        # Alg. 2 lines 7-11 with h = σ_{i+1} − σ̂, rearranged to 4 tensor ops (they dominate the cost
+        # of small-batch steps): x̂ + h·d with d = (x̂ − D)/σ̂ is lerp(D, x̂, σ_{i+1}/σ̂), and since
+        # h·d = x_euler − x̂, the correction x̂ + h·(d + d')/2 is (x̂ + x_euler)/2 + (h/2)·d'.
+        denoised = _denoise(denoiser, x_hat, hat_batches[i], labels)
+        x = torch.lerp(denoised, x_hat, sigma_next / sigma_hat)  # Euler step x̂ + h·d (line 8)
+        if sigma_next != 0:  # 2nd-order correction (lines 9-11)
+            d_prime_scaled = x - _denoise(denoiser, x, next_batches[i], labels)  # σ_{i+1}·d'
+            h = sigma_next - sigma_hat
+            x = torch.lerp(x_hat, x, 0.5).add_(d_prime_scaled, alpha=0.5 * h / sigma_next)
         if callback is not None:
             callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
     return x
@@ -209,9 +215,10 @@ def sample_ddim(
         raise ValueError(f"eta must be >= 0, got {eta}")
     randn = torch.randn_like if randn is None else randn
     x, s = _setup(noise, sigmas)
+    sigma_batches = _sigma_batches(s[:-1], x)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, labels)
+        denoised = _denoise(denoiser, x, sigma_batches[i], labels)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta=eta)
         x = torch.lerp(denoised, x, sigma_down / sigma)  # D + σ_down·ε̂ with ε̂ = (x − D)/σ
         if sigma_up > 0:
@@ -262,10 +269,11 @@ def sample_dpmpp_2m(
         [N, C, H, W] float32 sample at σ = sigmas[-1].
     """
     x, s = _setup(noise, sigmas)
+    sigma_batches = _sigma_batches(s[:-1], x)
     denoised_prev, h_prev = None, 0.0
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, labels)
+        denoised = _denoise(denoiser, x, sigma_batches[i], labels)
         if sigma_next == 0:  # h = ∞: the update reduces to x = D
             x = denoised
         else:
