@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -191,10 +193,48 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     n_params = sum(p.numel() for p in net.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(data)} images {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
 
-    window: list[dict[str, float]] = []
     bar = tqdm(total=end_nimg, initial=state.nimg, unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True, desc="train")
+    with StopRequest() as stop:
+        try:
+            training_loop(state, cfg, data, loss_fn, run_dir, end_nimg=end_nimg, device=device, bar=bar, stop=stop)
+        finally:
+            bar.close()
+        if stop.signum is not None:  # SIGINT / SIGTERM: the step finished, its state is saved; re-running resumes
+            save_training_state(state, cfg, run_dir)
+            log(f"stopped by signal {stop.signum}: state saved at {state.nimg} images in {run_dir}")
+            raise KeyboardInterrupt
+    return state
+
+
+class StopRequest:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a stop never lands inside a step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, loss_fn: EDMLoss, run_dir: Path, *,
+                  end_nimg: int, device: torch.device | str, bar: tqdm, stop: StopRequest) -> None:
+    """Steps until ``end_nimg``, with the periodic stats line, snapshots, grids and states."""
+    window: list[dict[str, float]] = []
     tick = time.perf_counter()
-    while state.nimg < end_nimg:
+    while state.nimg < end_nimg and stop.signum is None:
         prev = state.nimg
         y, labels = make_batch(data, cfg, state.nimg, device)
         window.append(train_step(state, loss_fn, cfg, y, labels))
@@ -202,7 +242,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
         bar.set_postfix(loss=f"{window[-1]['mse']:.4f}", refresh=False)
         now = time.perf_counter()
         state.totals["train_sec"] += now - tick
-        tick = now
         done = state.nimg >= end_nimg
         if due(prev, state.nimg, cfg.train.status_nimg) or done:
             write_stats(run_dir, state, window)
@@ -214,8 +253,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
         if due(prev, state.nimg, cfg.train.state_nimg) or done:
             save_training_state(state, cfg, run_dir)
         tick = time.perf_counter()  # I/O above does not count as training time
-    bar.close()
-    return state
 
 
 def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]]) -> None:
