@@ -70,3 +70,22 @@ def test_damaged_newest_state_falls_back(tmp_path, cfg):
     with pytest.warns(UserWarning, match="damaged"):
         state = train(cfg, run, stop_nimg=128, progress=False, log=lambda s: None)
     assert state.nimg == 128  # resumed from 64 and retrained the lost steps
+
+
+def test_sigterm_saves_a_loadable_state(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "edmkit", "train", "--preset", "tiny", "--run", str(run), "--duration", "100k", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "stats.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "state saved" in out, out
+    states = ckpt.list_states(run)
+    assert states and ckpt.load_state(states[-1])["nimg"] > 0
