@@ -2,6 +2,10 @@ import pytest
 import torch
 
 
+# Tests use tiny tensors: one thread is faster for them and immune to a busy machine's oversubscription.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-LADDER = ("G",)  # EDM2 Table 1 rungs implemented by the network (others: see issue on the config ladder)
-
 
 def parse_nimg(value: int | float | str) -> int:
     """Parse an image count: ``1000``, ``"64k"``, ``"500Ki"``, ``"2M"``, ``"2Mi"``, ``"1.5G"``."""
@@ -33,6 +31,55 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class LadderSwitches:
+    """One rung of the EDM2 config ladder (EDM2 Table 1, Sec. 2): switches on the one U-Net, its loss and optimizer.
+
+    Each switch is implemented once, in ``nn/unet.py`` / ``nn/mp.py`` (network) or ``resolve_ladder`` (loss, lr).
+    """
+
+    adm_attention: bool       # A: also self-attention at resolution/2 (ADM's 32x32 of 64x64; B turns it off)
+    uncertainty_loss: bool    # B+: learned uncertainty loss weighting (EDM2 Eq. 21); A: plain EDM loss
+    biases: bool              # A-B: additive biases in conv/linear layers; C+: none, a constant-ones input channel instead
+    he_init: bool             # C+: every weight from He's uniform init, no zero-init layers; A-B: ADM init (C only: D+ normalizes)
+    fourier_embedding: bool   # C+: Fourier features + one linear layer; A-B: sinusoidal positional embedding + 2-layer MLP
+    groupnorm_affine: bool    # A-B: GroupNorm with mean subtraction and learned scale/shift; C-E: RMS over groups only
+    cosine_attention: bool    # C+: q, k, v normalized per head before the dot product; A-B: plain dot product
+    weight_norm: bool         # D+: magnitude-preserving learned layers, w / ||w|| * 1/sqrt(fan_in) (EDM2 Eq. 47)
+    forced_weight_norm: bool  # E+: stored weights re-normalized before each training use (EDM2 Sec. 2.3)
+    lr_decay: bool            # E+: inverse-square-root learning-rate decay (EDM2 Eq. 67); A-D: constant
+    pixel_norm: bool          # F+: no group norms; pixel norm at encoder block inputs, normalization-free main path
+    mp_fixed: bool            # G: MP-SiLU, MP sum, MP concat, learned zero-initialized gains (output, embedding)
+    lr: float | None          # Adam alpha_ref of the rung; None keeps the preset's (tuned for weight-normalized layers)
+
+    def __post_init__(self) -> None:
+        _check(not self.forced_weight_norm or self.weight_norm, "forced weight normalization needs weight_norm (it re-normalizes normalized layers)")
+        _check(not self.mp_fixed or self.weight_norm, "MP fixed-function layers need weight-normalized learned layers (magnitudes are only preserved end to end then)")
+        _check(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+
+
+# Rung lr for A-C: raw weights there have per-element magnitude ~1/sqrt(fan_in), so the weight-normalized rungs'
+# alpha_ref ~ 0.01 would be ~20x too large; EDM's pixel-space setting (EDM Table 7, CIFAR-10: Adam lr 1e-3) instead.
+LADDER: dict[str, LadderSwitches] = {
+    #                  attn/2 uncert biases he_init fourier gn_aff cosine wnorm  forced lrdecay pixnorm mpfixed lr
+    "A": LadderSwitches(True,  False, True,  False, False,  True,  False, False, False, False,  False,  False,  1e-3),  # EDM / ADM baseline
+    "B": LadderSwitches(False, True,  True,  False, False,  True,  False, False, False, False,  False,  False,  1e-3),  # minor improvements
+    "C": LadderSwitches(False, True,  False, True,  True,   False, True,  False, False, False,  False,  False,  1e-3),  # architectural streamlining
+    "D": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  False, False,  False,  False,  None),  # MP learned layers
+    "E": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   False,  False,  None),  # control effective lr
+    "F": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   False,  None),  # remove group norms
+    "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
+}
+FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
+
+
+def ladder_switches(name: str) -> LadderSwitches:
+    """The switches of an EDM2 rung ``"A"`` ... ``"G"``; unknown names raise ValueError listing the valid ones."""
+    if name not in LADDER:
+        raise ValueError(f"unknown config {name!r}; valid: {', '.join(LADDER)}")
+    return LADDER[name]
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     resolution: int = 28                        # image height = width, pixels
     channels: int = 1                           # image channels (1 or 3)
@@ -44,7 +91,7 @@ class NetworkConfig:
     channels_per_head: int = 64                 # attention head width
     dropout: float = 0.0                        # dropout inside residual blocks
     ladder: str = "G"                           # EDM2 config-ladder rung (Table 1)
-    formulation: str = "edm"                    # preconditioning: edm
+    formulation: str = "edm"                    # preconditioning + loss: edm, ddpm (epsilon, 1000-step VP), flow (rectified)
     sigma_data: float = 0.5                     # data std in [-1, 1] pixel units
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
 
@@ -54,7 +101,8 @@ class NetworkConfig:
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
         _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
                f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
-        _check(self.ladder in LADDER, f"unknown config {self.ladder!r}; valid: {', '.join(LADDER)}")
+        ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
+        _check(self.formulation in FORMULATIONS, f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.sigma_data > 0, "sigma_data must be positive")
 
@@ -65,9 +113,12 @@ class LossConfig:
     P_std: float = 1.2                          # std of ln(sigma) during training
     uncertainty: bool = True                    # EDM2 learned uncertainty weighting (Eq. 21)
     stratified: bool = False                    # low-discrepancy sigma sampling within a batch (VDM)
+    p_uncond: float = 0.0                       # label dropout: probability a label row is zeroed (for CFG)
+    uniform_t: bool = False                     # flow only: t ~ U(0, 1) instead of logit-normal(P_mean, P_std)
 
     def __post_init__(self) -> None:
         _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
+        _check(0 <= self.p_uncond <= 1, f"p_uncond must be in [0, 1], got {self.p_uncond}")
 
 
 @dataclass(frozen=True)
@@ -89,10 +140,22 @@ class EMAConfig:
     stds: tuple[float, ...] = (0.05, 0.10)      # power-function EMA profiles tracked (sigma_rel)
     sample_std: float = 0.05                    # which one grids and `generate` use by default (0 = raw weights)
     snapshot_nimg: int = 32_000                 # save EMA snapshots (for post-hoc EMA) every this many images
+    snapshot_dtype: str = "float32"             # storage dtype of snapshot files: "float32" or "float16" (half the disk)
 
     def __post_init__(self) -> None:
         _check(all(0 < s < 0.28 for s in self.stds), f"EMA stds must be in (0, 0.28), got {self.stds}")
         _check(self.sample_std == 0 or self.sample_std in self.stds, f"sample_std {self.sample_std} must be 0 or one of {self.stds}")
+        _check(self.snapshot_nimg > 0, f"snapshot_nimg must be positive, got {self.snapshot_nimg}")
+        _check(self.snapshot_dtype in ("float32", "float16"), f"snapshot_dtype must be 'float32' or 'float16', got {self.snapshot_dtype!r}")
+
+
+def snapshot_disk_estimate(*, n_params: int, n_stds: int, snapshot_nimg: int, total_nimg: int, dtype: str = "float32") -> tuple[int, int]:
+    """Expected (files, bytes) of a run's snapshots: one file per tracked EMA plus the raw weights, every
+    ``snapshot_nimg`` images and at the end; tensor bytes only (the header with the config adds a few KB per file)."""
+    bytes_per_value = {"float32": 4, "float16": 2}[dtype]
+    n_snapshots = -(-total_nimg // snapshot_nimg)  # ceil: every multiple in (0, total], plus the final one
+    n_files = n_snapshots * (n_stds + 1)
+    return n_files, n_files * n_params * bytes_per_value
 
 
 @dataclass(frozen=True)
@@ -194,3 +257,34 @@ def get_preset(name: str) -> ExperimentConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def resolve_ladder(cfg: ExperimentConfig, rung: str) -> ExperimentConfig:
+    """Select EDM2 rung ``rung`` and derive its loss / optimizer parts (EDM2 Table 1).
+
+    Sets ``network.ladder``; ``loss.uncertainty`` (B+ on, A off); constant lr for A-D (``optim.lr_ref_nimg = 0``;
+    E+ keep the preset's decay); and the rung's ``lr`` where it has one (A-C). Apply it to a preset *before*
+    any explicit override (the CLI does: preset -> ``--config`` -> ``--formulation`` -> other flags), so an
+    explicit value always wins over the derived one.
+    """
+    s = ladder_switches(rung)
+    cfg = cfg.override("network", ladder=rung).override("loss", uncertainty=s.uncertainty_loss)
+    if not s.lr_decay:
+        cfg = cfg.override("optim", lr_ref_nimg=0)
+    if s.lr is not None:
+        cfg = cfg.override("optim", lr=s.lr)
+    return cfg
+
+
+# The default training density of each formulation's time variable, where it differs from the preset's:
+# rectified flow samples t ~ logit-normal(0, 1) (Esser et al. 2024, SD3), i.e. ln sigma ~ N(0, 1).
+FORMULATION_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"edm": {}, "ddpm": {}, "flow": {"P_mean": 0.0, "P_std": 1.0}}
+
+
+def resolve_formulation(cfg: ExperimentConfig, formulation: str) -> ExperimentConfig:
+    """Select a formulation (``edm``, ``ddpm``, ``flow``) and its default time density; apply before explicit overrides."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; valid: {', '.join(FORMULATIONS)}")
+    cfg = cfg.override("network", formulation=formulation)
+    loss_kw = FORMULATION_LOSS_DEFAULTS[formulation]
+    return cfg.override("loss", **loss_kw) if loss_kw else cfg

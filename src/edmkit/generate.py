@@ -2,11 +2,17 @@
 
 Image k depends only on ``seeds[k]`` (per-sample seeded noise), never on the batch size or on how
 the seeds are split across processes.
+
+Guidance options (weight, guide model, interval, oscillation, thresholding) become one sampling
+denoiser in :func:`guided_denoiser`, shared by ``edmkit generate`` and the Python API.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,26 +21,156 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edmkit.samplers import SeededRandn, get_sampler
-from edmkit.schedules import karras_sigmas
+from edmkit.checkpoint import find_network, load_network, read_network_metadata
+from edmkit.config import NetworkConfig
+from edmkit.guidance import classifier_free, dynamic_threshold, guidance_interval, guided, oscillating
+from edmkit.samplers import Denoiser, SeededRandn, get_sampler
+from edmkit.schedules import sigma_schedule
 
 
 def parse_seeds(text: str) -> list[int]:
-    """Parse ``"0-63"``, ``"1,5,9"`` or ``"0-9,20-29"`` into a list of seeds."""
+    """Parse ``"0-63"``, ``"1,5,9"`` or ``"0-9,20-29"`` into a list of non-negative seeds."""
     seeds: list[int] = []
     for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(f"cannot parse seeds {text!r}; use e.g. 0-63 or 1,5,9") from None
-    if not seeds:
-        raise ValueError("no seeds given")
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"cannot parse seeds {text!r}; use e.g. 0-63 or 1,5,9")
+        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     return seeds
+
+
+def parse_pair(text: str, *, name: str) -> tuple[float, float]:
+    """Parse ``"LO,HI"`` (two numbers separated by a comma) for options such as ``--interval``."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"cannot parse {name} {text!r}; give two numbers as A,B") from None
+
+
+def sampling_sigmas(
+    schedule: str, steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The σ grid of a named schedule: ``karras`` (EDM Eq. 5), ``loglinear`` or ``vp`` (DDPM timesteps).
+
+    ``vp`` has its own σ range (set by the DDPM β schedule) and ignores sigma_min, sigma_max and rho.
+
+    Returns:
+        [steps + 1] float32, decreasing, ending in 0.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    kw: dict = {}
+    if schedule in ("karras", "loglinear"):
+        kw = dict(sigma_min=sigma_min, sigma_max=sigma_max)
+    if schedule == "karras":
+        kw["rho"] = rho
+    return sigma_schedule(schedule, steps, device=device, **kw)
+
+
+def _describe(c: NetworkConfig) -> str:
+    return f"{c.resolution}x{c.resolution}x{c.channels}, {c.label_dim or 'no'} classes"
+
+
+def check_guide(main: NetworkConfig, guide: NetworkConfig, *, name: str = "guide") -> None:
+    """Refuse a guide network that does not denoise the same images: resolution, channels, classes."""
+    if (main.resolution, main.channels, main.label_dim) != (guide.resolution, guide.channels, guide.label_dim):
+        raise ValueError(f"{name} is {_describe(guide)} but the model is {_describe(main)}: "
+                         "a guide must match the model's resolution, channels and classes")
+
+
+def load_guide(source: str | Path, *, like: NetworkConfig, ema_std: float | None = None,
+               device: torch.device | str = "cpu") -> Denoiser:
+    """Load an autoguidance guide (a network file or run folder), checked against the main model's config.
+
+    Args:
+        source: network .safetensors file, or a run folder (its newest network with ``ema_std``).
+        like: network config of the model being guided.
+        ema_std: with a run folder, the EMA profile to use (default: the run's sampling EMA).
+        device: where to load it.
+
+    Returns:
+        The guide denoiser in eval mode.
+    """
+    path = find_network(source, ema_std=ema_std)
+    check_guide(like, read_network_metadata(path)["config"].network, name=f"guide {path}")
+    return load_network(path, device=device)[0]
+
+
+def guided_denoiser(
+    denoiser: Denoiser,
+    *,
+    sigmas: torch.Tensor,
+    label_dim: int,
+    guide: Denoiser | None = None,
+    guidance: float = 1.0,
+    interval: tuple[float, float] | None = None,
+    oscillate: tuple[float, float] | None = None,
+    oscillate_warmup: int = 0,
+    threshold: float | None = None,
+) -> Denoiser:
+    """The denoiser a sampler runs, built from the guidance options (the one place they are combined).
+
+    D_w = D_guide + w·(D_main − D_guide) (see :mod:`edmkit.guidance`), where the guide is `guide`
+    (autoguidance, Karras et al. 2024) or, without one, the model's own unconditional branch with
+    zero labels (classifier-free guidance, Ho & Salimans 2022; needs a class-conditional model).
+    w is `guidance`, or the Imagen Video schedule `oscillate` = (high, low) cycled per step after
+    `oscillate_warmup` steps at the higher one; `interval` = (σ_lo, σ_hi] restricts it to those
+    noise levels (Kynkäänniemi et al. 2024). `threshold` applies dynamic thresholding (Imagen) to
+    the result. Without guidance (w = 1, no oscillation) the model itself is used, bit-exactly.
+
+    Args:
+        denoiser: the model D(x; σ, labels).
+        sigmas: [steps + 1] the sampler's σ grid (the oscillation counts its steps).
+        label_dim: number of classes of the model (0 = unconditional).
+        guide: weaker model of the same images for autoguidance, or None.
+        guidance: weight w >= 0; 1 = unguided.
+        interval: (σ_lo, σ_hi) or None for all noise levels.
+        oscillate: (w_high, w_low) or None; excludes `guidance`.
+        oscillate_warmup: number of initial steps at max(oscillate).
+        threshold: dynamic-thresholding percentile p in (0, 1], or None.
+
+    Returns:
+        Denoiser ``(x [N,C,H,W], sigma [N], labels [N,L] | None) -> [N,C,H,W]``.
+    """
+    if oscillate is not None and guidance != 1:
+        raise ValueError("give a guidance weight or an oscillating schedule, not both")
+    if oscillate is None and oscillate_warmup:
+        raise ValueError("oscillate_warmup needs an oscillating schedule (oscillate=(high, low))")
+    weight = guidance
+    if oscillate is not None:
+        weight = oscillating(tuple(oscillate), sigmas=sigmas, warmup_steps=oscillate_warmup)
+    if interval is not None:
+        weight = guidance_interval(weight, sigma_lo=interval[0], sigma_hi=interval[1])
+    guiding = oscillate is not None or guidance != 1
+    if guiding and guide is None and not label_dim:
+        raise ValueError("guidance needs a class-conditional model (for its unconditional branch) or a guide model (autoguidance)")
+    if guiding:
+        denoiser = guided(denoiser, guide, weight) if guide is not None else classifier_free(denoiser, weight)
+    if threshold is not None:
+        denoiser = dynamic_threshold(denoiser, percentile=threshold)
+    return denoiser
+
+
+def class_labels(seeds: Sequence[int], *, label_dim: int, class_idx: int | None, device: torch.device | str) -> torch.Tensor:
+    """One-hot labels [N, label_dim]: `class_idx` for all, or a class drawn from each image's own seed."""
+    if class_idx is None:  # drawn from the image's own seed, so it too is batch-independent
+        idx = torch.tensor([int(np.random.default_rng([int(s), 1]).integers(label_dim)) for s in seeds])
+    else:
+        idx = torch.full([len(seeds)], class_idx)
+    return F.one_hot(idx, label_dim).to(device=device, dtype=torch.float32)
+
+
+def _check_sampler_options(sample: Callable, name: str, options: dict) -> None:
+    """Turn a sampler option the chosen sampler does not take into a ValueError (not a TypeError)."""
+    params = set(inspect.signature(sample).parameters) - {"denoiser", "noise", "sigmas", "labels", "callback"}
+    unknown = sorted(set(options) - params)
+    if unknown:
+        valid = ", ".join(sorted(params - {"randn"})) or "no options"
+        raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)} (it takes: {valid})")
 
 
 @torch.no_grad()
@@ -48,9 +184,16 @@ def generate_images(
     class_idx: int | None = None,
     sampler: str = "heun",
     steps: int = 18,
+    schedule: str = "karras",
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
+    guidance: float = 1.0,
+    guide: Denoiser | None = None,
+    interval: tuple[float, float] | None = None,
+    oscillate: tuple[float, float] | None = None,
+    oscillate_warmup: int = 0,
+    threshold: float | None = None,
     batch: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -60,28 +203,35 @@ def generate_images(
     """Sample one image per seed; returns float32 [len(seeds), C, H, W] in roughly [-1, 1] on the CPU.
 
     Labels: with ``label_dim > 0`` and ``class_idx=None`` each image draws its class from its own seed.
+    Guidance options are those of :func:`guided_denoiser`; a `guide` passed here is not checked
+    against the model (use :func:`load_guide`, which is). `callback` gets the sampler's step dict
+    plus ``start``, the index of the batch's first image in `seeds`. `sampler_kw` are options of
+    the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
-        raise ValueError(f"class {class_idx} out of range: the model has {label_dim} classes" if label_dim else "the model is unconditional; it takes no class")
+        raise ValueError(f"class {class_idx} out of range: the model has {label_dim} classes (0-{label_dim - 1})"
+                         if label_dim else "the model is unconditional; it takes no class")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     sample = get_sampler(sampler)
-    sigmas = karras_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)
+    _check_sampler_options(sample, sampler, sampler_kw)
+    sigmas = sampling_sigmas(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)
+    denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, guide=guide, guidance=guidance, interval=interval,
+                              oscillate=oscillate, oscillate_warmup=oscillate_warmup, threshold=threshold)
     out = []
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         batch_seeds = list(seeds[start:start + batch])
         rnd = SeededRandn(batch_seeds, device=device)
         noise = rnd.randn([channels, resolution, resolution])
-        labels = None
-        if label_dim:
-            if class_idx is None:  # class drawn from the image's own seed, so it too is batch-independent
-                idx = torch.tensor([int(np.random.default_rng([int(s), 1]).integers(label_dim)) for s in batch_seeds])
-            else:
-                idx = torch.full([len(batch_seeds)], class_idx)
-            labels = F.one_hot(idx, label_dim).to(device=device, dtype=torch.float32)
+        labels = class_labels(batch_seeds, label_dim=label_dim, class_idx=class_idx, device=device) if label_dim else None
         kw = dict(sampler_kw)
         if "randn" in inspect.signature(sample).parameters:
             kw.setdefault("randn", rnd)  # stochastic samplers draw per-sample seeded noise too
-        x = sample(denoiser, noise, sigmas, labels=labels, callback=callback, **kw)
+        step_callback = None if callback is None else functools.partial(_with_start, callback, start)
+        x = sample(denoise, noise, sigmas, labels=labels, callback=step_callback, **kw)
         out.append(x.to("cpu", torch.float32))
     return torch.cat(out)
+
+
+def _with_start(callback: Callable[[dict], None], start: int, info: dict) -> None:
+    callback({**info, "start": start})

@@ -1,14 +1,25 @@
-"""Training losses and noise-level densities (EDM Sec. 5, EDM2 Sec. 2.4 / Eq. 21).
+"""Training losses and noise-level densities (EDM Sec. 5, EDM2 Sec. 2.4 / Eq. 21), one per formulation.
 
 Symbols: y clean image, n ~ N(0, sigma^2 I), lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
 u(sigma) the learned log-variance (uncertainty) of the per-sigma loss.
+
+Every loss is lambda(sigma) ||D(y + n; sigma) - y||^2 for its formulation's weight and sigma density
+(``make_loss`` picks it from the config): EDM's lambda with log-normal sigma; DDPM's epsilon MSE
+||F - eps||^2 = ||D - y||^2 / sigma^2 with t uniform over the discrete steps; rectified flow's velocity MSE
+||F - v||^2 = ||D - y||^2 / t^2 with t logit-normal (= log-normal sigma) or uniform.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+from edmkit.precond import DDPM_T, ddpm_sigmas, flow_sigma_to_t, flow_t_to_sigma
+
+if TYPE_CHECKING:
+    from edmkit.config import ExperimentConfig
 
 
 def sample_sigma_lognormal(n: int, *, P_mean: float, P_std: float, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -55,9 +66,13 @@ class EDMLoss:
         sampler = sample_sigma_stratified if self.stratified else sample_sigma_lognormal
         return sampler(n, P_mean=self.P_mean, P_std=self.P_std, generator=generator, device=device)
 
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-sigma loss weight lambda(sigma), any shape."""
+        return edm_loss_weight(sigma, sigma_data=self.sigma_data)
+
     def __call__(self, denoiser, y: torch.Tensor, labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma4 = sigma.reshape(-1, 1, 1, 1)
-        weight = edm_loss_weight(sigma4, sigma_data=self.sigma_data)
+        weight = self.weight(sigma4)
         x = y + noise * sigma4
         if self.uncertainty:
             D_x, logvar = denoiser(x, sigma, labels, return_logvar=True)
@@ -67,3 +82,83 @@ class EDMLoss:
             weighted = weight * (denoiser(x, sigma, labels) - y) ** 2
             loss = weighted
         return loss.mean(dim=(1, 2, 3)), weighted.detach().mean(dim=(1, 2, 3))
+
+
+def sample_t_discrete(n: int, *, num_steps: int, stratified: bool, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """t uniform over the steps 0..T-1 (DDPM Algorithm 1); stratified: u_i = (u_0 + i/n) mod 1, t = floor(T u_i). Returns [n] int64."""
+    if stratified:
+        u0 = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+        u = (u0 + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0
+        return (u * num_steps).long().clamp(max=num_steps - 1)
+    return torch.randint(num_steps, (n,), generator=generator, device=device)
+
+
+def ddpm_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1 / sigma^2: turns ||D - y||^2 into DDPM's ||eps_theta - eps||^2, since D = x - sigma eps_theta (Ho et al. 2020 Eq. 14)."""
+    return sigma**-2
+
+
+def flow_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1 / t^2 = ((1 + sigma) / sigma)^2: turns ||D - y||^2 into the velocity MSE ||v_theta - v||^2, since D = x_t - t v_theta."""
+    return flow_sigma_to_t(sigma) ** -2
+
+
+class DDPMLoss(EDMLoss):
+    """DDPM epsilon-prediction loss (Ho et al. 2020, L_simple) on the discrete 1000-step VP schedule.
+
+    Same contract as ``EDMLoss``; ``sample_sigma`` draws a step t uniformly and returns sigma_t. With
+    ``uncertainty=True`` (EDM2 ladder B+) the epsilon MSE is weighted by the learned u(sigma) as well.
+    ``P_mean`` / ``P_std`` are unused.
+    """
+
+    def __init__(self, *, num_steps: int = DDPM_T, **kw) -> None:
+        super().__init__(**kw)
+        self.num_steps = num_steps
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        t = sample_t_discrete(n, num_steps=self.num_steps, stratified=self.stratified, generator=generator, device=device)
+        return ddpm_sigmas(num_steps=self.num_steps, device=device)[t].to(torch.float32)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return ddpm_loss_weight(sigma)
+
+
+class FlowLoss(EDMLoss):
+    """Rectified-flow velocity loss (Liu et al. 2023; Esser et al. 2024) in sigma = t / (1 - t).
+
+    t ~ logit-normal(P_mean, P_std), which is exactly ln sigma ~ N(P_mean, P_std^2) since ln sigma = logit t,
+    so the EDM sampler of sigma is reused; or t ~ U(0, 1) with ``uniform_t=True`` (t kept in [1e-4, 1 - 1e-4]).
+    """
+
+    def __init__(self, *, uniform_t: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.uniform_t = uniform_t
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        if not self.uniform_t:
+            return super().sample_sigma(n, generator=generator, device=device)
+        if self.stratified:
+            u0 = torch.rand(1, generator=generator, device=device)
+            t = (u0 + torch.arange(n, device=device) / n) % 1.0
+        else:
+            t = torch.rand(n, generator=generator, device=device)
+        return flow_t_to_sigma(t.clamp(1e-4, 1 - 1e-4))
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return flow_loss_weight(sigma)
+
+
+LOSSES: dict[str, type[EDMLoss]] = {"edm": EDMLoss, "ddpm": DDPMLoss, "flow": FlowLoss}
+
+
+def make_loss(cfg: ExperimentConfig) -> EDMLoss:
+    """The training loss of a config: its formulation's loss with the config's density and uncertainty weighting."""
+    n, l = cfg.network, cfg.loss
+    if n.formulation not in LOSSES:
+        raise ValueError(f"unknown formulation {n.formulation!r}; valid: {', '.join(LOSSES)}")
+    if l.uniform_t and n.formulation != "flow":
+        raise ValueError(f"loss.uniform_t is a rectified-flow option; formulation {n.formulation!r} has its own density")
+    kw = dict(P_mean=l.P_mean, P_std=l.P_std, sigma_data=n.sigma_data, uncertainty=l.uncertainty, stratified=l.stratified)
+    if n.formulation == "flow":
+        kw["uniform_t"] = l.uniform_t
+    return LOSSES[n.formulation](**kw)

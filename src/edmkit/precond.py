@@ -3,6 +3,15 @@
 Symbols: x = y + n noisy input at noise level sigma; y clean data with std sigma_data;
 D(x; sigma) = c_skip x + c_out F(c_in x; c_noise). Every formulation is expressed as a function
 sigma -> (c_skip, c_out, c_in, c_noise), so one sampler and one loss serve them all.
+
+Formulations (``FORMULATIONS``):
+- ``edm``: EDM Table 1; unit-variance network input and target at every sigma.
+- ``ddpm``: epsilon prediction on DDPM's discrete VP schedule (Ho et al. 2020): linear beta_t from 1e-4 to
+  0.02 over T = 1000 steps, alpha_bar_t = prod_{s<=t} (1 - beta_s). The scaled variable x_t / sqrt(alpha_bar_t)
+  = y + sigma_t eps has sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (EDM Table 1, "VP"). F predicts eps.
+- ``flow``: rectified flow (Liu et al. 2023; Esser et al. 2024): x_t = (1 - t) y + t eps, F predicts the
+  velocity v = eps - y. In sigma: sigma = t / (1 - t), and x_t = (1 - t) x, so x_t is the EDM variable
+  scaled by c_in = 1 - t.
 """
 
 from __future__ import annotations
@@ -26,7 +35,83 @@ def edm_precond(sigma: torch.Tensor, *, sigma_data: float) -> Coefficients:
     return c_skip, c_out, c_in, c_noise
 
 
-FORMULATIONS: dict[str, Callable[..., Coefficients]] = {"edm": edm_precond}
+# --- DDPM: discrete 1000-step VP schedule, epsilon prediction --------------------------------------------
+
+DDPM_T = 1000  # number of discrete DDPM steps T (Ho et al. 2020)
+
+
+def ddpm_alpha_bar(*, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = DDPM_T, device: torch.device | str | None = None) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) with beta linear in t (DDPM, Ho et al. 2020 Sec. 4). Returns [T] float64, t = 0..T-1."""
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device=device)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ddpm_sigmas(*, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = DDPM_T, device: torch.device | str | None = None) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every DDPM step (EDM Table 1, VP). Returns [T] float64, increasing."""
+    alpha_bar = ddpm_alpha_bar(beta_start=beta_start, beta_end=beta_end, num_steps=num_steps, device=device)
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def ddpm_t_to_sigma(t: torch.Tensor, **schedule) -> torch.Tensor:
+    """DDPM step index t in [0, T-1] (integer, or fractional: ln sigma interpolated linearly) -> sigma, same shape and dtype."""
+    log_grid = ddpm_sigmas(device=t.device, **schedule).log()  # [T]
+    tf = t.to(torch.float64).clamp(0, log_grid.shape[0] - 1)
+    lo = tf.floor().long().clamp(max=log_grid.shape[0] - 2)
+    return torch.lerp(log_grid[lo], log_grid[lo + 1], tf - lo).exp().to(t.dtype if t.is_floating_point() else torch.float32)
+
+
+def ddpm_sigma_to_t(sigma: torch.Tensor, **schedule) -> torch.Tensor:
+    """sigma -> fractional DDPM step index in [0, T-1] (inverse of ``ddpm_t_to_sigma``; clamped outside the schedule's range)."""
+    log_grid = ddpm_sigmas(device=sigma.device, **schedule).log()  # [T] increasing
+    ls = sigma.to(torch.float64).log().clamp(log_grid[0], log_grid[-1])
+    hi = torch.searchsorted(log_grid, ls.flatten().contiguous()).reshape(ls.shape).clamp(1, log_grid.shape[0] - 1)
+    lo_val, hi_val = log_grid[hi - 1], log_grid[hi]
+    return ((hi - 1) + (ls - lo_val) / (hi_val - lo_val)).to(sigma.dtype)
+
+
+def ddpm_precond(sigma: torch.Tensor, *, sigma_data: float, num_steps: int = DDPM_T) -> Coefficients:
+    """Epsilon-prediction preconditioning of the discrete VP schedule (EDM Table 1, VP column).
+
+    ``sigma_data`` is not used: DDPM assumes unit-variance data (c_in = 1 / sqrt(sigma^2 + 1)), so the network
+    input has unit variance only when the data do; the target eps always has unit variance. c_noise is the
+    fractional step index divided by T, in [0, 1): EDM Table 1 feeds the index itself, 0..999, to a positional
+    embedding; edmkit's embeddings (EDM2 Fourier features) expect O(1) inputs like EDM's ln(sigma) / 4.
+    """
+    c_skip = torch.ones_like(sigma)
+    c_out = -sigma
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_noise = ddpm_sigma_to_t(sigma, num_steps=num_steps) / num_steps
+    return c_skip, c_out, c_in, c_noise
+
+
+# --- Rectified flow ----------------------------------------------------------------------------------------
+
+
+def flow_t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow time t in [0, 1) -> sigma = t / (1 - t) (x_t / (1 - t) = y + sigma eps)."""
+    return t / (1 - t)
+
+
+def flow_sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
+    """sigma -> rectified-flow time t = sigma / (1 + sigma) (inverse of ``flow_t_to_sigma``)."""
+    return sigma / (1 + sigma)
+
+
+def flow_precond(sigma: torch.Tensor, *, sigma_data: float) -> Coefficients:
+    """Rectified-flow velocity preconditioning in sigma (x_t = (1-t) y + t eps, F ~ v = eps - y).
+
+    D = x_t - t v with x_t = (1 - t) x gives c_skip = 1 - t, c_out = -t, c_in = 1 - t, c_noise = t. Not unit
+    variance: the target v has variance sigma_data^2 + 1 and the input (1-t)^2 sigma_data^2 + t^2.
+    """
+    t = flow_sigma_to_t(sigma)
+    c_skip = 1 - t
+    c_out = -t
+    c_in = 1 - t
+    c_noise = t
+    return c_skip, c_out, c_in, c_noise
+
+
+FORMULATIONS: dict[str, Callable[..., Coefficients]] = {"edm": edm_precond, "ddpm": ddpm_precond, "flow": flow_precond}
 
 
 class Denoiser(torch.nn.Module):

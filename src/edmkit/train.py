@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import ExperimentConfig, config_diff
+from edmkit.config import ExperimentConfig, config_diff, snapshot_disk_estimate
 from edmkit.data import ImageDataset, images_to_float, load_dataset, sample_order, save_image_grid
 from edmkit.ema import PowerFunctionEMA
 from edmkit.generate import generate_images
-from edmkit.loss import EDMLoss
+from edmkit.loss import EDMLoss, make_loss
 from edmkit.precond import Denoiser
 from edmkit.schedules import learning_rate
 
@@ -77,12 +77,29 @@ def make_batch(data: ImageDataset, cfg: ExperimentConfig, nimg: int, device: tor
     return y, labels
 
 
+def drop_labels(labels: torch.Tensor, *, p_uncond: float, generator: torch.Generator) -> torch.Tensor:
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022): zero each row with probability p_uncond.
+
+    Args:
+        labels: [B, L] one-hot labels.
+        p_uncond: probability in [0, 1] that a row becomes all zeros (the unconditional label).
+        generator: source of the B uniform draws (the step's generator, so resume stays bit-exact).
+
+    Returns:
+        [B, L] labels with the dropped rows zeroed.
+    """
+    keep = torch.rand(labels.shape[0], generator=generator, device=labels.device) >= p_uncond  # [B]; u in [0, 1)
+    return labels * keep[:, None].to(labels.dtype)
+
+
 def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
     """One optimizer step: draw sigma and noise, loss, backward, Adam with the scheduled lr, EMA update."""
     g = step_generator(cfg.train.seed, state.step, y.device)
     torch.manual_seed(cfg.train.seed * 1_000_003 + state.step)  # dropout and any other global-RNG use
     sigma = loss_fn.sample_sigma(y.shape[0], generator=g, device=y.device)
     noise = torch.randn(y.shape, generator=g, device=y.device)
+    if labels is not None and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
+        labels = drop_labels(labels, p_uncond=cfg.loss.p_uncond, generator=g)
     lr = learning_rate(state.nimg + y.shape[0], lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -127,10 +144,15 @@ def resume(state: TrainState, run_dir: Path, log: Callable[[str], None]) -> None
 
 
 def save_snapshot(state: TrainState, cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Write one network file per tracked EMA profile plus the raw weights, at the current image count."""
-    ckpt.save_network(ckpt.network_path(run_dir, state.nimg, 0.0), state.net.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=0.0)
+    """Write one network file per tracked EMA profile plus the raw weights, at the current image count (in ``ema.snapshot_dtype``)."""
+    dtype = getattr(torch, cfg.ema.snapshot_dtype)
+
+    def stored(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+    ckpt.save_network(ckpt.network_path(run_dir, state.nimg, 0.0), stored(state.net.state_dict()), cfg=cfg, nimg=state.nimg, ema_std=0.0)
     for i, std in enumerate(state.ema.stds):
-        ckpt.save_network(ckpt.network_path(run_dir, state.nimg, std), state.ema.averaged(i), cfg=cfg, nimg=state.nimg, ema_std=std)
+        ckpt.save_network(ckpt.network_path(run_dir, state.nimg, std), stored(state.ema.averaged(i)), cfg=cfg, nimg=state.nimg, ema_std=std)
 
 
 def save_training_state(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, keep: int = 2) -> None:
@@ -173,6 +195,8 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
     data = load_dataset(cfg.train.data, resolution=n.resolution, channels=n.channels)
     if n.label_dim and (data.labels is None or data.num_classes > n.label_dim):
         raise RunError(f"network has {n.label_dim} classes but the data has {data.num_classes or 'no'} labels")
+    if cfg.loss.p_uncond > 0 and not n.label_dim:
+        raise RunError(f"p_uncond = {cfg.loss.p_uncond} needs a class-conditional network (label_dim > 0)")
     return data
 
 
@@ -187,11 +211,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     state = TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds))
     resume(state, run_dir, log)
-    loss_fn = EDMLoss(P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std, sigma_data=cfg.network.sigma_data,
-                      uncertainty=cfg.loss.uncertainty, stratified=cfg.loss.stratified)
+    loss_fn = make_loss(cfg)  # the formulation's loss (EDM / DDPM / flow), uncertainty-weighted per config
     end_nimg = min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg)
     n_params = sum(p.numel() for p in net.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(data)} images {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
+    n_files, n_bytes = snapshot_disk_estimate(n_params=sum(v.numel() for v in net.state_dict().values() if v.is_floating_point()), n_stds=len(cfg.ema.stds),
+                                              snapshot_nimg=cfg.ema.snapshot_nimg, total_nimg=end_nimg, dtype=cfg.ema.snapshot_dtype)
+    log(f"EMA snapshots: {n_files} files, ~{n_bytes / 1e6:.1f} MB ({cfg.ema.snapshot_dtype}, every {cfg.ema.snapshot_nimg} images)")
 
     bar = tqdm(total=end_nimg, initial=state.nimg, unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True, desc="train")
     with StopRequest() as stop:

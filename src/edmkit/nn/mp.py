@@ -70,6 +70,9 @@ def resample(x: torch.Tensor, *, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown resample mode {mode!r}; valid: keep, down, up")
 
 
+INITS = ("randn", "he", "adm", "zero")
+
+
 class MPConv(torch.nn.Module):
     """Magnitude-preserving convolution / linear layer with forced weight normalization (EDM2 Eq. 47, config E+).
 
@@ -78,12 +81,34 @@ class MPConv(torch.nn.Module):
     ``normalize(w)`` before use (no gradient flows through that copy), so the raw weight norm cannot grow
     and Adam's effective learning rate stays controlled. The EMA therefore averages the post-step raw
     weights, as in EDM2. Eval mode never mutates the weights.
+
+    The flags give the earlier rungs of the EDM2 ladder (Table 1) with the same layer: ``weight_norm=False``
+    is a plain conv / linear layer using ``weight`` as stored (configs A-C), ``forced=False`` keeps the
+    weight normalization but never touches the stored weight (config D), ``bias=True`` adds a learned
+    bias (configs A-B). ``init``: ``"randn"`` N(0, 1) (weight-normalized layers, EDM2 D+), ``"he"``
+    He-uniform U(+-sqrt(6 / fan_in)) (EDM2 config C), ``"adm"`` PyTorch's default U(+-1 / sqrt(fan_in)) for
+    weight and bias (ADM / EDM, configs A-B), ``"zero"`` all zeros (ADM's zero-initialized output layers).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = ()) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = (), *, bias: bool = False,
+                 weight_norm: bool = True, forced: bool = True, init: str = "randn") -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        if forced and not weight_norm:
+            raise ValueError("forced weight normalization needs weight_norm=True")
+        if weight_norm and init == "zero":
+            raise ValueError("a weight-normalized layer cannot start at zero (normalize(0) has no direction); use a zero gain")
         self.out_channels = out_channels
-        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.weight_norm, self.forced = weight_norm, forced
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel) if init == "randn" else torch.zeros(out_channels, in_channels, *kernel))
+        self.bias = torch.nn.Parameter(torch.zeros(out_channels)) if bias else None
+        with torch.no_grad():
+            bound = {"he": math.sqrt(6 / self.fan_in), "adm": 1 / math.sqrt(self.fan_in)}.get(init)
+            if bound is not None:
+                self.weight.uniform_(-bound, bound)
+                if self.bias is not None and init == "adm":
+                    self.bias.uniform_(-bound, bound)
 
     @property
     def fan_in(self) -> int:
@@ -92,16 +117,20 @@ class MPConv(torch.nn.Module):
     def effective_weight(self, *, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         """The weight actually applied, in float32; also performs the forced normalization in training."""
         w = self.weight.to(torch.float32)
-        if self.training:
+        if not self.weight_norm:
+            return w * gain  # configs A-C: the stored weight as is
+        if self.training and self.forced:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))  # forced weight normalization (EDM2 Sec. 2.5)
         return normalize(w) * (gain / math.sqrt(self.fan_in))
 
     def forward(self, x: torch.Tensor, *, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = self.effective_weight(gain=gain).to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
         if w.ndim == 2:
-            return x @ w.t()  # [N, in] -> [N, out]
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)  # [N, in, H, W] -> [N, out, H, W]
+            y = x @ w.t()  # [N, in] -> [N, out]
+            return y if b is None else y + b
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)  # [N, in, H, W] -> [N, out, H, W]
 
 
 class MPFourier(torch.nn.Module):

@@ -1,24 +1,106 @@
-"""The EDM2 magnitude-preserving U-Net (EDM2 config G, arXiv 2312.02696, Sec. 2 and Fig. 21).
+"""The EDM2 U-Net, with every rung of the EDM2 config ladder A-G as switches (arXiv 2312.02696, Sec. 2, Table 1, Fig. 21).
 
 Layout, top to bottom: noise/label embedding -> encoder (one 3x3 conv, then per level an optional
 downsampling block and ``num_blocks`` blocks) -> decoder (per level an upsampling block, or two
-blocks at the lowest resolution, then ``num_blocks + 1`` blocks that take a skip each) -> output conv
-with a learned gain initialised to 0. There are no biases: a constant-ones channel is appended to the
-input instead. Every learned layer is an ``MPConv``; every fixed-function op is magnitude-preserving.
+blocks at the lowest resolution, then ``num_blocks + 1`` blocks that take a skip each) -> output conv.
+
+Config G (the default): no biases (a constant-ones channel is appended to the input instead), every
+learned layer a weight-normalized ``MPConv``, every fixed-function op magnitude-preserving, output conv
+with a learned gain initialised to 0. The earlier rungs switch parts back (``config.LADDER``); each
+switch lives in exactly one place:
+
+- ``biases``, ``he_init``, ``weight_norm``, ``forced_weight_norm``: ``learned_layer`` (-> ``MPConv`` flags);
+  ``biases`` also drops the ones channel (``UNet.forward``).
+- ``groupnorm_affine``: ``Block.norm*`` modules (``torch.nn.GroupNorm``, A-B) vs ``group_rms_norm`` (C-E);
+  ``pixel_norm`` (F+): no group norms, ``Block.pre_skip`` pixel-normalizes encoder inputs instead, and the
+  per-block conditioning becomes a scale only (A-E: adaptive group norm, scale and shift).
+- ``cosine_attention``: ``Block._attention``; ``adm_attention``: ``UNet.__init__`` (attention at res/2).
+- ``fourier_embedding``: ``UNet.__init__`` / ``UNet._embedding``.
+- ``mp_fixed``: ``act`` / ``add`` / ``cat`` below, and the learned gains ``emb_gain`` / ``out_gain``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from edmkit.nn.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, pixel_norm, resample
+from edmkit.config import LadderSwitches, ladder_switches
+from edmkit.nn.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
+
+
+def act(x: torch.Tensor, *, mp: bool) -> torch.Tensor:
+    """SiLU, magnitude-preserving in config G (EDM2 Eq. 81)."""
+    return mp_silu(x) if mp else F.silu(x)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, *, mp: bool, t: float) -> torch.Tensor:
+    """Residual sum: plain ``a + b`` (A-F) or MP sum with balance t (G, EDM2 Eq. 88)."""
+    return mp_sum(a, b, t=t) if mp else a + b
+
+
+def cat(a: torch.Tensor, b: torch.Tensor, *, mp: bool, t: float) -> torch.Tensor:
+    """Channel concatenation of ``[N, Ca, H, W]`` and ``[N, Cb, H, W]``: plain (A-F) or MP concat (G, EDM2 Eq. 103)."""
+    return mp_cat(a, b, t=t) if mp else torch.cat([a, b], dim=1)
+
+
+def num_groups(channels: int, *, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
+    """ADM's 32 group-norm groups, fewer for narrow layers (at least 4 channels a group, as in EDM)."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0 and (channels // g >= min_channels_per_group or g == 1))
+
+
+def group_rms_norm(x: torch.Tensor, *, groups: int) -> torch.Tensor:
+    """Group normalization without mean subtraction or learned scale (EDM2 config C): unit RMS per group of ``[N, C, H, W]``."""
+    N, C, H, W = x.shape
+    return normalize(x.reshape(N, groups, C // groups, H, W), dim=(2, 3, 4)).reshape(N, C, H, W)
+
+
+def positional_embedding(c: torch.Tensor, *, num_channels: int, max_positions: int = 10_000) -> torch.Tensor:
+    """Sinusoidal positional embedding (Vaswani et al. 2017, as in ADM / EDM config A): ``[N] -> [N, num_channels]``.
+
+    ``[cos(c f_i), sin(c f_i)]`` with ``f_i = max_positions^(-i / (num_channels / 2))``.
+    """
+    half = num_channels // 2
+    freqs = (1 / max_positions) ** (torch.arange(half, dtype=torch.float32, device=c.device) / half)
+    y = c.to(torch.float32).outer(freqs)  # [N, C/2]
+    return torch.cat([y.cos(), y.sin()], dim=1).to(c.dtype)
+
+
+def learned_layer(in_channels: int, out_channels: int, kernel: tuple[int, ...] = (), *, switches: LadderSwitches, zero_init: bool = False) -> MPConv:
+    """One conv / linear layer as a rung builds it (EDM2 Sec. 2.2-2.3).
+
+    Biases in A-B; ADM init (``zero_init`` layers start at 0) in A-B, He-uniform in C, unit Gaussian
+    then weight normalization from D on; forced weight normalization from E on.
+    """
+    s = switches
+    init = "randn" if s.weight_norm else "he" if s.he_init else "zero" if zero_init else "adm"
+    return MPConv(in_channels, out_channels, kernel, bias=s.biases, weight_norm=s.weight_norm, forced=s.forced_weight_norm, init=init)
+
+
+def group_norm_module(channels: int, *, switches: LadderSwitches) -> torch.nn.GroupNorm | None:
+    """A learned-affine GroupNorm module where the rung has one (A-B); None otherwise (C-E use ``group_rms_norm``, F+ none)."""
+    if switches.pixel_norm or not switches.groupnorm_affine:
+        return None
+    return torch.nn.GroupNorm(num_groups(channels), channels, eps=1e-5, affine=True)
+
+
+def norm(x: torch.Tensor, module: torch.nn.GroupNorm | None, *, switches: LadderSwitches) -> torch.Tensor:
+    """The residual-branch normalization of a rung: GroupNorm (A-B), group RMS norm (C-E), none (F+: pixel norm elsewhere)."""
+    if switches.pixel_norm:
+        return x
+    if module is not None:
+        return module(x)
+    return group_rms_norm(x, groups=num_groups(x.shape[1]))
 
 
 class Block(torch.nn.Module):
-    """Residual U-Net block (EDM2 Fig. 21): encoder flavour pixel-normalizes its input, decoder flavour keeps the main path free."""
+    """Residual U-Net block (EDM2 Fig. 21 for F-G; ADM's residual block with group norms for A-E).
+
+    F-G: the encoder flavour projects and pixel-normalizes its input, the decoder flavour keeps the main path free.
+    A-E: both flavours normalize inside the residual branch (adaptive group norm takes the embedding as scale and shift).
+    """
 
     def __init__(
         self,
@@ -34,10 +116,12 @@ class Block(torch.nn.Module):
         res_balance: float = 0.3,
         attn_balance: float = 0.3,
         clip_act: float | None = 256.0,
+        switches: LadderSwitches | None = None,
     ) -> None:
         super().__init__()
         if flavor not in ("enc", "dec"):
             raise ValueError(f"unknown block flavor {flavor!r}")
+        s = self.switches = switches or ladder_switches("G")
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_mode = resample_mode
@@ -46,50 +130,63 @@ class Block(torch.nn.Module):
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
-        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
-        self.emb_linear = MPConv(emb_channels, out_channels)
-        self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
-        self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
-        self.attn_qkv = MPConv(out_channels, out_channels * 3, (1, 1)) if self.num_heads else None
-        self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
+        self.pre_skip = flavor == "enc" and s.pixel_norm  # F+: skip projection + pixel norm before the residual branch
+        layer = functools.partial(learned_layer, switches=s)
+        self.emb_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
+        self.conv_res0 = layer(out_channels if self.pre_skip else in_channels, out_channels, (3, 3))
+        self.emb_linear = layer(emb_channels, out_channels * (1 if s.pixel_norm else 2))  # [scale] (F+) or [scale, shift] (A-E)
+        self.conv_res1 = layer(out_channels, out_channels, (3, 3), zero_init=True)
+        self.conv_skip = layer(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
+        self.attn_qkv = layer(out_channels, out_channels * 3, (1, 1)) if self.num_heads else None
+        self.attn_proj = layer(out_channels, out_channels, (1, 1), zero_init=True) if self.num_heads else None
+        self.norm0 = group_norm_module(in_channels, switches=s)
+        self.norm1 = group_norm_module(out_channels, switches=s)
+        self.norm2 = group_norm_module(out_channels, switches=s) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        s, mp = self.switches, self.switches.mp_fixed
         x = resample(x, mode=self.resample_mode)
-        if self.flavor == "enc":
+        if self.pre_skip:
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = pixel_norm(x)  # config F: normalize activations at the start of encoder blocks only
 
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1  # [N, C_out]; gain 0 at init -> identity modulation
-        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        y = self.conv_res0(act(norm(x, self.norm0, switches=s), mp=mp))
+        c = self.emb_linear(emb, gain=self.emb_gain) if mp else self.emb_linear(emb)  # [N, C_out] or [N, 2 C_out]
+        if s.pixel_norm:
+            c = c + 1  # gain 0 at init (G) -> identity modulation
+            y = act(y * c[:, :, None, None].to(y.dtype), mp=mp)
+        else:
+            scale, shift = c[:, :, None, None].to(y.dtype).chunk(2, dim=1)  # adaptive group norm (ADM)
+            y = act(norm(y, self.norm1, switches=s) * (scale + 1) + shift, mp=mp)
         if self.training and self.dropout > 0:
             y = F.dropout(y, p=self.dropout)
         y = self.conv_res1(y)
 
-        if self.flavor == "dec" and self.conv_skip is not None:
+        if not self.pre_skip and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        x = add(x, y, mp=mp, t=self.res_balance)
 
         if self.num_heads:
-            x = mp_sum(x, self._attention(x), t=self.attn_balance)
+            x = add(x, self._attention(norm(x, self.norm2, switches=s)), mp=mp, t=self.attn_balance)
         if self.clip_act is not None:
             x = x.clamp(-self.clip_act, self.clip_act)
         return x
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine self-attention (EDM2 config C): q, k, v pixel-normalized per head."""
+        """Self-attention; cosine attention from config C on (q, k, v pixel-normalized per head, EDM2 Sec. 2.2)."""
         N, C, H, W = x.shape
         qkv = self.attn_qkv(x).reshape(N, self.num_heads, C // self.num_heads, 3, H * W)
-        q, k, v = pixel_norm(qkv.reshape(N * self.num_heads, C // self.num_heads, 3, H * W)).reshape(qkv.shape).unbind(3)
+        if self.switches.cosine_attention:
+            qkv = pixel_norm(qkv.reshape(N * self.num_heads, C // self.num_heads, 3, H * W)).reshape(qkv.shape)
+        q, k, v = qkv.unbind(3)
         # q, k, v: [N, heads, C/heads, HW] -> SDPA wants [N, heads, HW, C/heads]
         y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
         return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
 
 
 class UNet(torch.nn.Module):
-    """EDM2 U-Net backbone F(x; c_noise, labels) for square images (EDM2 config G)."""
+    """EDM2 U-Net backbone F(x; c_noise, labels) for square images; ``ladder`` picks the EDM2 rung A-G (Table 1)."""
 
     def __init__(
         self,
@@ -106,29 +203,36 @@ class UNet(torch.nn.Module):
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
         emb_mult: int = 4,
+        ladder: str | LadderSwitches = "G",
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
         if resolution % 2 ** (levels - 1):
             raise ValueError(f"resolution {resolution} is not divisible by 2^{levels - 1} ({levels} levels)")
+        s = self.switches = ladder if isinstance(ladder, LadderSwitches) else ladder_switches(ladder)
         self.label_dim = label_dim
+        self.model_channels = model_channels
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         block_channels = [model_channels * m for m in channel_mult]
         emb_channels = model_channels * emb_mult
-        block_kw = dict(channels_per_head=channels_per_head, dropout=dropout)
+        block_kw = dict(channels_per_head=channels_per_head, dropout=dropout, switches=s)
+        layer = functools.partial(learned_layer, switches=s)
+        if s.adm_attention and levels > 1:  # config A: ADM also attends at the second-highest resolution (B drops it)
+            attn_resolutions = tuple(attn_resolutions) + (resolution // 2,)
 
-        self.emb_fourier = MPFourier(model_channels)
-        self.emb_noise = MPConv(model_channels, emb_channels)
-        self.emb_label = MPConv(label_dim, emb_channels) if label_dim else None
-        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(model_channels) if s.fourier_embedding else None
+        self.emb_noise = layer(model_channels, emb_channels)
+        self.emb_label = layer(label_dim, emb_channels) if label_dim else None
+        self.out_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
+        self.emb_mlp = None if s.fourier_embedding else layer(emb_channels, emb_channels)  # ADM's second embedding layer
 
         self.enc = torch.nn.ModuleDict()
-        c_out = channels + 1  # + constant-ones channel
+        c_out = channels + (0 if s.biases else 1)  # + constant-ones channel (C+, replaces biases)
         for level, c in enumerate(block_channels):
             res = resolution >> level
             if level == 0:
-                self.enc[f"{res}x{res}_conv"] = MPConv(c_out, c, (3, 3))
+                self.enc[f"{res}x{res}_conv"] = layer(c_out, c, (3, 3))
                 c_out = c
             else:
                 self.enc[f"{res}x{res}_down"] = Block(c_out, c_out, emb_channels, flavor="enc", resample_mode="down", **block_kw)
@@ -152,18 +256,29 @@ class UNet(torch.nn.Module):
                     c_out + skips.pop(), c, emb_channels, flavor="dec", attention=res in attn_resolutions, **block_kw
                 )
                 c_out = c
-        self.out_conv = MPConv(c_out, channels, (3, 3))
+        self.out_norm = group_norm_module(c_out, switches=s)  # A-E: ADM's norm + SiLU before the output conv
+        self.out_conv = layer(c_out, channels, (3, 3), zero_init=True)
+
+    def _embedding(self, c_noise: torch.Tensor, labels: torch.Tensor | None, *, batch: int, device: torch.device) -> torch.Tensor:
+        """Noise (and label) embedding [N, E]: Fourier features + linear (C+) or positional + 2-layer MLP (A-B)."""
+        s, mp = self.switches, self.switches.mp_fixed
+        if self.emb_fourier is not None:
+            emb = self.emb_noise(self.emb_fourier(c_noise))  # [N, E]
+        else:
+            emb = self.emb_mlp(F.silu(self.emb_noise(positional_embedding(c_noise, num_channels=self.model_channels))))
+        if self.emb_label is not None:
+            if labels is None:
+                labels = torch.zeros(batch, self.label_dim, device=device)
+            emb = add(emb, self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim)), mp=mp, t=self.label_balance)
+        return act(emb, mp=mp)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None. Returns [N, C, H, W]."""
-        emb = self.emb_noise(self.emb_fourier(c_noise))  # [N, E]
-        if self.emb_label is not None:
-            if labels is None:
-                labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-            emb = mp_sum(emb, self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim)), t=self.label_balance)
-        emb = mp_silu(emb)
+        s, mp = self.switches, self.switches.mp_fixed
+        emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device)
 
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
+        if not s.biases:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
         skips = []
         for name, block in self.enc.items():
@@ -171,6 +286,8 @@ class UNet(torch.nn.Module):
             skips.append(x)
         for name, block in self.dec.items():
             if "_block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                x = cat(x, skips.pop(), mp=mp, t=self.concat_balance)
             x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        if not s.pixel_norm:
+            x = act(norm(x, self.out_norm, switches=s), mp=mp)
+        return self.out_conv(x, gain=self.out_gain) if mp else self.out_conv(x)

@@ -1,0 +1,394 @@
+"""Post-hoc EMA of a training run: pick the EMA length after training (EDM2 Sec. 3.2, App. C.2).
+
+The math (profiles, the least-squares solve, the weighted sum of snapshots) lives in ema.py. This
+module is the I/O around it:
+
+- ``collect_snapshots``: read the EMA snapshot files of a run folder from their *metadata* (config,
+  ``nimg``, ``ema_std``; file names are never parsed) and check that they form one run.
+- ``reconstruct_run`` / ``save_reconstructions``: synthesise the EMA with any sigma_rel at any time
+  (default: the last snapshot) and write ordinary network files (``load_network``,
+  ``edmkit generate --checkpoint FILE``).
+- ``sweep``: reconstruct a grid of sigma_rel, score each (lower is better; by default the denoising
+  loss on fixed images, sigmas and noise), write ``sweep.csv``, ``sweep.json`` and ``sweep.png``, and
+  name (and save) the best.
+
+Diagnostics per reconstruction (``info``): ``cond`` = condition number of the Gram matrix A of the
+used snapshot profiles; ``gain`` = sum_i |x_i|, the factor by which rounding noise in the snapshots
+(fp16: ~5e-4 relative) can be amplified; ``fit_error`` = relative L2 distance between the
+reconstructed and the requested profile, i.e. how well the snapshots can represent that sigma_rel.
+A large cond alone is harmless (the solve is minimum-norm float64 least squares); gain and
+fit_error say whether the result can be trusted.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from edmkit import checkpoint as ckpt
+from edmkit.config import ExperimentConfig, config_diff
+from edmkit.ema import STD_MAX, power_function_inner, reconstruct, std_to_exp
+from edmkit.precond import Denoiser
+
+DEFAULT_SWEEP = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25)
+COND_WARN = 1e10  # cond(A) above this: float64 least squares starts to lose digits
+GAIN_WARN = 50.0  # sum |x_i| above this: snapshot rounding noise amplified 50x (fp16: ~2.5% relative)
+FIT_WARN = 0.05  # relative L2 profile error above this: the snapshots cannot represent the target well
+
+
+class PosthocEMAWarning(UserWarning):
+    """A reconstruction is possible but may be poor (extrapolation, ill-conditioning, large coefficients)."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One EMA snapshot file of a run, described by its metadata."""
+
+    path: Path
+    nimg: int                                   # images seen when it was written (t)
+    std: float                                  # tracked sigma_rel of this EMA (> 0)
+    config: ExperimentConfig                    # the run's resolved config stored in the file
+
+
+def collect_snapshots(run_dir: str | Path) -> list[SnapshotInfo]:
+    """The EMA snapshots of one run folder, oldest first (sorted by nimg, then std).
+
+    Reads every ``*.safetensors`` file's metadata; raw-weight files (``ema_std == 0``) are skipped.
+
+    Raises:
+        ValueError: missing or empty folder, no EMA snapshots, a file that is not an edmkit network,
+            snapshots with different network configs, or files from more than one run (different
+            seeds, two files for the same (nimg, std), or a std its config does not track).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
+    files = sorted(run_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{run_dir}: empty run folder (no .safetensors snapshot files)")
+    snaps = []
+    for path in files:
+        meta = ckpt.read_network_metadata(path)
+        if meta["ema_std"] > 0:  # 0: raw training weights, not an average
+            snaps.append(SnapshotInfo(path, meta["nimg"], meta["ema_std"], meta["config"]))
+    if not snaps:
+        raise ValueError(f"{run_dir}: no EMA snapshots (only raw-weight files)")
+    check_one_run(snaps)
+    return sorted(snaps, key=lambda s: (s.nimg, s.std))
+
+
+def check_one_run(snaps: Sequence[SnapshotInfo]) -> None:
+    """Raise ValueError unless all snapshots can come from one training run (see ``collect_snapshots``)."""
+    ref, seen = snaps[0], {}
+    for s in snaps:
+        diff = [d for d in config_diff(ref.config, s.config) if d.startswith("network.")]
+        if diff:
+            raise ValueError(f"mixed run folder: {s.path.name} and {ref.path.name} have different network configs ({'; '.join(diff)})")
+        if s.config.train.seed != ref.config.train.seed:
+            raise ValueError(f"mixed run folder: {s.path.name} and {ref.path.name} come from runs with different seeds")
+        if s.std not in s.config.ema.stds:
+            raise ValueError(f"{s.path.name}: EMA std {s.std:g} is not tracked by its run ({s.config.ema.stds}); not a training snapshot")
+        key = (s.nimg, s.std)
+        if key in seen:
+            raise ValueError(f"mixed run folder: {seen[key].name} and {s.path.name} are both the std {s.std:g} snapshot at {s.nimg} images")
+        seen[key] = s.path
+
+
+def check_sigma_rels(sigma_rels: Sequence[float]) -> tuple[float, ...]:
+    """Validate requested sigma_rel values (each in (0, STD_MAX]); duplicates removed, order kept."""
+    values = tuple(dict.fromkeys(float(s) for s in sigma_rels))
+    if not values:
+        raise ValueError("no sigma_rel given")
+    for s in values:
+        if not (math.isfinite(s) and 0 < s <= STD_MAX):
+            raise ValueError(f"sigma_rel {s:g} is out of range: it must be in (0, {STD_MAX:.4f}] (sqrt(1/12), the longest power-function EMA)")
+    return values
+
+
+def profile_fit_error(in_nimg: np.ndarray, in_std: np.ndarray, x: np.ndarray, *, out_nimg: float, out_std: float) -> float:
+    """Relative L2 error ||sum_i x_i p_i - p_r|| / ||p_r|| of a post-hoc profile fit (EDM2 App. C.2).
+
+    ||r||^2 = <p_r, p_r> - 2 x.b + x.A.x with A_ij = <p_i, p_j>, b_i = <p_i, p_r>.
+
+    Args:
+        in_nimg, in_std, x: [n] snapshot times, sigma_rel and their coefficients.
+        out_nimg, out_std: the target profile.
+    """
+    t, g = np.asarray(in_nimg, np.float64) / out_nimg, np.asarray(std_to_exp(np.asarray(in_std, np.float64)))
+    g_r = float(std_to_exp(out_std))
+    A = power_function_inner(t[:, None], g[:, None], t[None, :], g[None, :])  # [n, n]
+    b = power_function_inner(t, g, 1.0, g_r)  # [n]
+    c = float(power_function_inner(1.0, g_r, 1.0, g_r))
+    return math.sqrt(max(c - 2 * x @ b + x @ A @ x, 0.0) / c)
+
+
+def _loader(path: Path, bar: tqdm | None) -> Callable[[], dict[str, torch.Tensor]]:
+    def load() -> dict[str, torch.Tensor]:
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: truncated or corrupt weights ({e})") from None
+        if bar is not None:
+            bar.update(1)
+        return state
+
+    return load
+
+
+def resolve_at_nimg(snaps: Sequence[SnapshotInfo], at_nimg: int | None) -> int:
+    """The reconstruction time: ``at_nimg``, or the last snapshot's when None; ValueError outside the snapshots' span."""
+    first, last = min(s.nimg for s in snaps), max(s.nimg for s in snaps)
+    at_nimg = last if at_nimg is None else int(at_nimg)
+    if at_nimg < first:
+        raise ValueError(f"at_nimg {at_nimg} is before the first snapshot ({first} images)")
+    if at_nimg > last:  # the weights after the last snapshot were never recorded
+        raise ValueError(f"at_nimg {at_nimg} is after the last snapshot ({last} images)")
+    return at_nimg
+
+
+def _diagnose(snaps: Sequence[SnapshotInfo], x: np.ndarray, cond: float, *, at_nimg: int, sigma_rel: float) -> dict[str, Any]:
+    """gain, fit_error and warning messages for one reconstruction (x aligned with snaps)."""
+    used = [i for i, s in enumerate(snaps) if s.nimg <= at_nimg]
+    t_in, std_in = np.array([snaps[i].nimg for i in used], np.float64), np.array([snaps[i].std for i in used])
+    gain = float(np.abs(x).sum())
+    fit = profile_fit_error(t_in, std_in, x[used], out_nimg=at_nimg, out_std=sigma_rel)
+    msgs = []
+    if not std_in.min() <= sigma_rel <= std_in.max():
+        msgs.append(f"sigma_rel {sigma_rel:g} is outside the tracked range [{std_in.min():g}, {std_in.max():g}]: extrapolated (profile fit error {fit:.1%})")
+    elif fit > FIT_WARN:
+        msgs.append(f"sigma_rel {sigma_rel:g}: the snapshots represent this profile poorly (fit error {fit:.1%}); more snapshots would help")
+    if cond > COND_WARN:
+        msgs.append(f"sigma_rel {sigma_rel:g}: cond(A) = {cond:.1e} is large; the solve may lose precision")
+    if gain > GAIN_WARN:
+        msgs.append(f"sigma_rel {sigma_rel:g}: coefficients sum to {gain:.0f} in absolute value, amplifying snapshot rounding noise that much")
+    return {"gain": gain, "fit_error": fit, "warnings": msgs}
+
+
+def iter_reconstructions(snaps: Sequence[SnapshotInfo], *, sigma_rels: Sequence[float], at_nimg: int | None = None,
+                         progress: bool = False) -> Iterator[tuple[float, dict[str, torch.Tensor], dict[str, Any]]]:
+    """Reconstruct each sigma_rel at ``at_nimg`` (default: the last snapshot), one at a time.
+
+    Only one reconstruction and one snapshot are in memory at once; snapshots after ``at_nimg``
+    are never read. Issues a PosthocEMAWarning for each message in ``info["warnings"]``.
+
+    Yields:
+        (sigma_rel, state_dict (float32), info) with info keys ``sigma_rel``, ``nimg``, ``cond``,
+        ``gain``, ``fit_error``, ``used`` (snapshots used), ``coefficients`` (float64 [len(snaps)]),
+        ``config`` (of the latest used snapshot) and ``warnings`` (list of str).
+
+    Raises:
+        ValueError: a sigma_rel out of (0, STD_MAX], or at_nimg before the first or after the last snapshot.
+    """
+    sigma_rels = check_sigma_rels(sigma_rels)
+    at_nimg = resolve_at_nimg(snaps, at_nimg)
+    n_used = sum(s.nimg <= at_nimg for s in snaps)
+    config = max((s for s in snaps if s.nimg <= at_nimg), key=lambda s: s.nimg).config
+    with tqdm(total=n_used * len(sigma_rels), desc="phema", unit="snapshot", disable=not progress, dynamic_ncols=True) as bar:
+        triples = [(s.nimg, s.std, _loader(s.path, bar)) for s in snaps]
+        for sigma_rel in sigma_rels:
+            state, info = reconstruct(triples, out_nimg=at_nimg, out_std=sigma_rel)
+            info.update(_diagnose(snaps, info["coefficients"], info["cond"], at_nimg=at_nimg, sigma_rel=sigma_rel),
+                        sigma_rel=sigma_rel, nimg=at_nimg, config=config)
+            for msg in info["warnings"]:
+                warnings.warn(msg, PosthocEMAWarning, stacklevel=2)
+            yield sigma_rel, state, info
+
+
+def reconstruct_run(run_dir: str | Path, *, sigma_rels: Sequence[float], at_nimg: int | None = None,
+                    progress: bool = False) -> list[tuple[float, dict[str, torch.Tensor], dict[str, Any]]]:
+    """Post-hoc EMA of a run folder: ``(sigma_rel, state_dict, info)`` per requested sigma_rel.
+
+    See ``iter_reconstructions`` for ``info`` and the errors; ``collect_snapshots`` for the folder checks.
+    """
+    return list(iter_reconstructions(collect_snapshots(run_dir), sigma_rels=sigma_rels, at_nimg=at_nimg, progress=progress))
+
+
+def _check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    # Outputs carry the same metadata as snapshots; inside the run folder they would pollute it.
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError(f"output folder {out_dir} is the run folder; choose another one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_reconstructions(run_dir: str | Path, *, sigma_rels: Sequence[float], out_dir: str | Path, at_nimg: int | None = None,
+                         progress: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """Reconstruct each sigma_rel and write it as a normal network file ``network-<nimg>-<sigma_rel>.safetensors``.
+
+    The files carry the run's config, ``nimg = at_nimg`` and ``ema_std = sigma_rel``, so ``load_network``
+    and ``edmkit generate --checkpoint`` read them like any snapshot.
+
+    Returns:
+        (path, info) per sigma_rel, info as in ``iter_reconstructions``.
+
+    Raises:
+        ValueError: as ``reconstruct_run``; also out_dir equal to run_dir, or two sigma_rel that
+            round to the same file name (3 decimals).
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    snaps = collect_snapshots(run_dir)
+    sigma_rels = check_sigma_rels(sigma_rels)
+    at = resolve_at_nimg(snaps, at_nimg)
+    names = [ckpt.network_path(out_dir, at, s).name for s in sigma_rels]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sigma_rel values {list(sigma_rels)} round to the same file name (3 decimals); drop one")
+    _check_out_dir(run_dir, out_dir)
+    written = []
+    for sigma_rel, state, info in iter_reconstructions(snaps, sigma_rels=sigma_rels, at_nimg=at, progress=progress):
+        path = ckpt.network_path(out_dir, at, sigma_rel)
+        ckpt.save_network(path, state, cfg=info["config"], nimg=at, ema_std=sigma_rel)
+        written.append((path, info))
+    return written
+
+
+def denoising_score(cfg: ExperimentConfig, *, n_images: int = 128, n_sigmas: int = 8, seed: int = 0, data: str | None = None,
+                    device: torch.device | str = "cpu", batch: int = 256) -> Callable[[Denoiser], float]:
+    """Score = EDM denoising loss on fixed images, sigmas and noise (EDM Eq. 2 with lambda(sigma)); lower is better.
+
+    The images are ``n_images`` fixed picks (``seed``) from the run's dataset (``data`` overrides it);
+    the sigmas are the ``n_sigmas`` quantiles (k + 1/2)/K of the training log-normal
+    exp(P_mean + P_std z), so the mean approximates the training objective; every image is noised
+    at every sigma with noise drawn once. The same score function returns the same number for the
+    same network. The images come from the training data (there is no held-out split), so this
+    measures fit, not generalisation; it is a stand-in until FID/KID are available.
+
+    Returns:
+        A function net -> float (mean loss over images and sigmas).
+    """
+    from edmkit.data import images_to_float, load_dataset
+    from edmkit.loss import EDMLoss
+
+    if n_images < 1 or n_sigmas < 1 or batch < 1:
+        raise ValueError(f"the denoising score needs n_images, n_sigmas and batch >= 1, got {n_images}, {n_sigmas}, {batch}")
+    n = cfg.network
+    dataset = load_dataset(data or cfg.train.data, resolution=n.resolution, channels=n.channels)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:n_images]
+    y = images_to_float(dataset.images[idx])  # [n, C, H, W]
+    labels = None
+    if n.label_dim:
+        if dataset.labels is None:
+            raise ValueError(f"the network is class-conditional but {dataset.name} has no labels")
+        labels = F.one_hot(dataset.labels[idx], n.label_dim).to(torch.float32)  # [n, L]
+    normal = statistics.NormalDist()
+    sigmas = [math.exp(cfg.loss.P_mean + cfg.loss.P_std * normal.inv_cdf((k + 0.5) / n_sigmas)) for k in range(n_sigmas)]
+    noise = torch.randn((n_sigmas, *y.shape), generator=g)  # [K, n, C, H, W]
+    loss_fn = EDMLoss(P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std, sigma_data=n.sigma_data, uncertainty=False)
+
+    @torch.no_grad()
+    def score(net: Denoiser) -> float:
+        total = 0.0
+        for k, sigma in enumerate(sigmas):
+            for i in range(0, len(y), batch):
+                yb, nb = y[i:i + batch].to(device), noise[k, i:i + batch].to(device)
+                lb = None if labels is None else labels[i:i + batch].to(device)
+                loss, _ = loss_fn(net, yb, lb, sigma=torch.full((len(yb),), sigma, device=device), noise=nb)
+                total += loss.double().sum().item()
+        return total / (len(sigmas) * len(y))
+
+    score.__name__ = "denoising loss"
+    return score
+
+
+def _net_from_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], device: torch.device | str) -> Denoiser:
+    net = ckpt.build_denoiser(cfg)
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def sweep(run_dir: str | Path, *, out_dir: str | Path, sigma_rels: Sequence[float] = DEFAULT_SWEEP,
+          score_fn: Callable[[Denoiser], float] | None = None, at_nimg: int | None = None, device: torch.device | str = "cpu",
+          save_best: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Reconstruct a grid of sigma_rel, score each (lower is better), write the table and plot, name the best.
+
+    Writes ``sweep.csv`` and ``sweep.json`` (one row per sigma_rel: score, cond, gain, fit_error,
+    used, warnings), ``sweep.png`` (score vs sigma_rel, log x, tracked stds and the best marked) and,
+    with ``save_best``, the best network as ``network-<nimg>-<sigma_rel>.safetensors``.
+
+    Args:
+        run_dir: The run folder with the snapshots.
+        out_dir: Output folder (created; must not be the run folder).
+        sigma_rels: The grid.
+        score_fn: net -> float, lower is better; default ``denoising_score(config)``.
+        at_nimg: Time of the reconstructions (default: the last snapshot).
+        device: Where networks are scored.
+        save_best: Also write the best reconstruction as a network file.
+        progress: Progress bar over the grid points.
+
+    Returns:
+        {"rows": [...], "best": the best row (None if no score is finite), "nimg", "score_name",
+        "table", "json", "plot", "network" (path or None)}.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    snaps = collect_snapshots(run_dir)
+    sigma_rels = check_sigma_rels(sigma_rels)
+    at_nimg = resolve_at_nimg(snaps, at_nimg)
+    config = snaps[-1].config
+    score_fn = score_fn or denoising_score(config, device=device)
+    score_name = getattr(score_fn, "__name__", "score")
+    _check_out_dir(run_dir, out_dir)
+
+    rows, best_state, best = [], None, None
+    points = iter_reconstructions(snaps, sigma_rels=sigma_rels, at_nimg=at_nimg)
+    for sigma_rel, state, info in tqdm(points, total=len(sigma_rels), desc="sweep", unit="point", disable=not progress, dynamic_ncols=True):
+        score = float(score_fn(_net_from_state(info["config"], state, device)))
+        row = {"sigma_rel": sigma_rel, "score": score, "nimg": info["nimg"], "cond": info["cond"], "gain": info["gain"],
+               "fit_error": info["fit_error"], "used": info["used"], "warnings": "; ".join(info["warnings"])}
+        rows.append(row)
+        if math.isfinite(score) and (best is None or score < best["score"]):
+            best, best_state = row, (state, info["config"])
+    nimg = rows[0]["nimg"]
+    result = {"rows": rows, "best": best, "nimg": nimg, "score_name": score_name, "table": out_dir / "sweep.csv",
+              "json": out_dir / "sweep.json", "plot": out_dir / "sweep.png", "network": None}
+    write_table(rows, result["table"])
+    ckpt.write_json(result["json"], {"run": str(run_dir), "nimg": nimg, "score": score_name, "lower_is_better": True, "rows": rows, "best": best})
+    plot_sweep(rows, result["plot"], best=best, tracked=sorted({s.std for s in snaps}), score_name=score_name, nimg=nimg)
+    if save_best and best is not None:
+        result["network"] = ckpt.network_path(out_dir, nimg, best["sigma_rel"])
+        ckpt.save_network(result["network"], best_state[0], cfg=best_state[1], nimg=nimg, ema_std=best["sigma_rel"])
+    return result
+
+
+def write_table(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write sweep rows as CSV (one line per sigma_rel)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, *, best: dict[str, Any] | None, tracked: Sequence[float],
+               score_name: str, nimg: int) -> None:
+    """PNG of score vs sigma_rel (log x), tracked stds as dashed lines, the best point starred."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global state
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["sigma_rel"] for r in rows], [r["score"] for r in rows], "o-", label=score_name)
+    for i, std in enumerate(tracked):
+        ax.axvline(std, color="grey", linestyle="--", linewidth=0.8, label="tracked EMA" if i == 0 else None)
+    if best is not None:
+        ax.plot([best["sigma_rel"]], [best["score"]], "r*", markersize=14, label=f"best: {best['sigma_rel']:g}")
+    ax.set_xscale("log")
+    ax.set_xticks([r["sigma_rel"] for r in rows], [f"{r['sigma_rel']:g}" for r in rows])  # plain numbers, not 10^x
+    ax.minorticks_off()
+    ax.set_xlabel("sigma_rel (EMA length)")
+    ax.set_ylabel(f"{score_name} (lower is better)")
+    ax.set_title(f"post-hoc EMA sweep at {nimg} images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,172 @@
+"""EDM / DDPM (epsilon, discrete VP) / rectified-flow formulations: preconditioning, sigma <-> t, losses, training."""
+
+import math
+
+import pytest
+import torch
+
+from edmkit import checkpoint as ckpt
+from edmkit.config import FORMULATIONS as CONFIG_FORMULATIONS, NetworkConfig, get_preset, resolve_formulation, resolve_ladder
+from edmkit.ema import PowerFunctionEMA
+from edmkit.generate import generate_images
+from edmkit.loss import LOSSES, DDPMLoss, EDMLoss, FlowLoss, make_loss
+from edmkit.nn.unet import UNet
+from edmkit.precond import (FORMULATIONS, Denoiser, ddpm_alpha_bar, ddpm_sigma_to_t, ddpm_sigmas, ddpm_t_to_sigma, flow_sigma_to_t,
+                            flow_t_to_sigma, network_target)
+from edmkit.schedules import vp_sigmas
+from edmkit.train import TrainState, train_step
+
+SIGMAS = torch.logspace(math.log10(0.01), math.log10(80.0), 9)
+
+
+def noisy(sigma, *, sigma_data, n=20_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, generator=g) * sigma_data
+    eps = torch.randn(n, generator=g)
+    return y, eps, y + sigma * eps
+
+
+def test_registries_agree():
+    assert set(FORMULATIONS) == set(CONFIG_FORMULATIONS) == set(LOSSES)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS.tolist())
+def test_edm_input_and_target_have_unit_variance(sigma):
+    y, eps, x = noisy(torch.tensor(sigma), sigma_data=0.5)
+    _, _, c_in, _ = FORMULATIONS["edm"](torch.tensor(sigma), sigma_data=0.5)
+    assert (c_in * x).std().item() == pytest.approx(1, abs=0.03)
+    assert network_target(y, x, torch.tensor(sigma), sigma_data=0.5).std().item() == pytest.approx(1, abs=0.03)
+
+
+@pytest.mark.parametrize("t", [0, 10, 250, 999])
+def test_ddpm_target_is_eps_and_input_unit_variance_for_unit_data(t):
+    sigma = ddpm_t_to_sigma(torch.tensor(float(t)))
+    y, eps, x = noisy(sigma, sigma_data=1.0)  # DDPM assumes unit-variance data (EDM Table 1, VP)
+    target = network_target(y, x, sigma, sigma_data=1.0, formulation="ddpm")
+    assert torch.allclose(target, eps, atol=1e-3)  # epsilon prediction: unit variance at every step
+    _, _, c_in, c_noise = FORMULATIONS["ddpm"](sigma, sigma_data=1.0)
+    assert (c_in * x).std().item() == pytest.approx(1, abs=0.03)
+    assert c_noise.item() == pytest.approx(t / 1000, abs=1e-4)
+    # and the scaled input is exactly DDPM's x_t = sqrt(alpha_bar) y + sqrt(1 - alpha_bar) eps
+    ab = ddpm_alpha_bar()[t].float()
+    assert torch.allclose(c_in * x, ab.sqrt() * y + (1 - ab).sqrt() * eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS.tolist())
+def test_flow_input_is_the_interpolant_and_target_the_velocity(sigma):
+    sigma = torch.tensor(sigma)
+    y, eps, x = noisy(sigma, sigma_data=0.5, n=1000)
+    t = flow_sigma_to_t(sigma)
+    _, _, c_in, c_noise = FORMULATIONS["flow"](sigma, sigma_data=0.5)
+    assert torch.allclose(c_in * x, (1 - t) * y + t * eps, atol=1e-5)
+    assert torch.allclose(network_target(y, x, sigma, sigma_data=0.5, formulation="flow"), eps - y, atol=1e-3 * (1 + sigma.item()))
+    assert c_noise.item() == pytest.approx(t.item())
+
+
+def test_ddpm_sigma_t_round_trips_and_matches_the_schedule():
+    t = torch.linspace(0, 999, 3001)
+    assert torch.allclose(ddpm_sigma_to_t(ddpm_t_to_sigma(t)), t, atol=1e-3)
+    sigma = torch.logspace(math.log10(0.0101), math.log10(157.0), 200)
+    assert torch.allclose(ddpm_t_to_sigma(ddpm_sigma_to_t(sigma)), sigma, rtol=1e-4)
+    grid = ddpm_sigmas()
+    assert grid[0].item() == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)), rel=1e-6)  # sigma_0 = sqrt(beta_0 / (1 - beta_0))
+    assert torch.allclose(vp_sigmas(1000, spacing="linspace")[:-1].flip(0).double(), grid, rtol=1e-6)
+    assert torch.equal(ddpm_t_to_sigma(torch.arange(1000)), grid.float())
+
+
+def test_flow_sigma_t_round_trips():
+    t = torch.linspace(0.001, 0.999, 500, dtype=torch.float64)
+    assert torch.allclose(flow_sigma_to_t(flow_t_to_sigma(t)), t)
+    sigma = torch.logspace(-3, 3, 100, dtype=torch.float64)
+    assert torch.allclose(flow_t_to_sigma(flow_sigma_to_t(sigma)), sigma)
+
+
+class Affine(torch.nn.Module):
+    """A stand-in backbone F(x) = a x + b c_noise with learnable a, b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(0.3)), torch.nn.Parameter(torch.tensor(-0.2))
+
+    def forward(self, x, c_noise, labels=None):
+        return self.a * x + self.b * c_noise.reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("formulation", ["ddpm", "flow"])
+def test_losses_are_the_papers_eps_and_velocity_mse(formulation):
+    net = Denoiser(Affine(), formulation=formulation, logvar_channels=8)
+    loss_fn = make_loss(get_preset("tiny").override("network", formulation=formulation).override("loss", uncertainty=False))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(16, 1, 4, 4, generator=g) * 0.5
+    sigma = loss_fn.sample_sigma(16, generator=g)
+    eps = torch.randn(y.shape, generator=g)
+    loss, weighted = loss_fn(net, y, None, sigma=sigma, noise=eps)
+    s4 = sigma.reshape(-1, 1, 1, 1)
+    _, _, c_in, c_noise = FORMULATIONS[formulation](s4, sigma_data=0.5)
+    F_x = net.net(c_in * (y + s4 * eps), c_noise.flatten())
+    target = eps if formulation == "ddpm" else eps - y
+    assert torch.allclose(weighted, (F_x - target).square().mean(dim=(1, 2, 3)), rtol=1e-3, atol=1e-5)
+    assert torch.allclose(loss, weighted)
+
+
+def test_ddpm_draws_discrete_steps_uniformly():
+    loss_fn = DDPMLoss()
+    sigma = loss_fn.sample_sigma(20_000, generator=torch.Generator().manual_seed(0))
+    t = ddpm_sigma_to_t(sigma)
+    assert torch.allclose(t, t.round(), atol=2e-3)  # only the 1000 discrete steps
+    assert t.mean().item() == pytest.approx(499.5, abs=8) and t.std().item() == pytest.approx(1000 / math.sqrt(12), rel=0.03)
+    strat = DDPMLoss(stratified=True).sample_sigma(1000, generator=torch.Generator().manual_seed(1))
+    assert len(torch.unique(strat)) == 1000  # one per step
+
+
+def test_flow_logit_normal_t_is_lognormal_sigma_and_uniform_option():
+    g = torch.Generator().manual_seed(0)
+    cfg = resolve_formulation(get_preset("tiny"), "flow")
+    t = flow_sigma_to_t(make_loss(cfg).sample_sigma(20_000, generator=g))
+    logit = (t / (1 - t)).log()
+    assert logit.mean().item() == pytest.approx(0.0, abs=0.03) and logit.std().item() == pytest.approx(1.0, abs=0.03)  # SD3 default (0, 1)
+    t = flow_sigma_to_t(make_loss(cfg.override("loss", uniform_t=True)).sample_sigma(20_000, generator=g))
+    assert t.mean().item() == pytest.approx(0.5, abs=0.01) and t.var().item() == pytest.approx(1 / 12, rel=0.05)
+
+
+def test_make_loss_picks_the_formulation():
+    tiny = get_preset("tiny")
+    for name, cls in [("edm", EDMLoss), ("ddpm", DDPMLoss), ("flow", FlowLoss)]:
+        assert type(make_loss(tiny.override("network", formulation=name))) is cls
+
+
+def tiny_cfg(rung, formulation):
+    cfg = resolve_formulation(resolve_ladder(get_preset("tiny"), rung), formulation)
+    return cfg.override("network", resolution=8, channel_mult=(1, 2), attn_resolutions=(4,)).override("train", batch=4)
+
+
+@pytest.mark.parametrize("rung", ["A", "G"])
+@pytest.mark.parametrize("formulation", ["edm", "ddpm", "flow"])
+def test_a_train_step_runs_for_every_formulation_and_rung(formulation, rung):
+    cfg = tiny_cfg(rung, formulation)
+    torch.manual_seed(0)
+    net = ckpt.build_denoiser(cfg).train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
+    state = TrainState(net=net, optimizer=opt, ema=PowerFunctionEMA(net, stds=cfg.ema.stds))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    stats = train_step(state, make_loss(cfg), cfg, torch.rand(4, 1, 8, 8) * 2 - 1, None)
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["mse"]) and stats["mse"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("formulation", ["ddpm", "flow"])
+def test_sampling_needs_no_formulation_flag(formulation):
+    net = ckpt.build_denoiser(tiny_cfg("G", formulation)).eval()
+    x = generate_images(net, seeds=[0], resolution=8, channels=1, steps=2)
+    assert x.shape == (1, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_bad_formulation_names_and_combinations():
+    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
+        NetworkConfig(formulation="vp")
+    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
+        Denoiser(UNet(resolution=8, channels=1, model_channels=8, channel_mult=(1,)), formulation="rf")
+    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
+        resolve_formulation(get_preset("tiny"), "DDPM")
+    with pytest.raises(ValueError, match="rectified-flow option"):
+        make_loss(get_preset("tiny").override("loss", uniform_t=True))
