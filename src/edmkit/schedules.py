@@ -19,6 +19,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from edmkit.precond import ddpm_sigmas  # the one definition of the DDPM noise levels
+
 
 def _check_steps(steps: int) -> None:
     if not isinstance(steps, int) or steps < 1:
@@ -120,8 +122,7 @@ def vp_sigmas(
     if not 0 < beta_start <= beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     T = num_train_steps
-    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    train_sigmas = ddpm_sigmas(beta_start=beta_start, beta_end=beta_end, num_steps=T)  # [T] float64
     if spacing == "trailing":
         t = torch.round(torch.arange(steps, dtype=torch.float64) * (-T / steps) + T).long() - 1
     elif spacing == "leading":
@@ -130,7 +131,7 @@ def vp_sigmas(
         t = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
     else:
         raise ValueError(f"unknown spacing {spacing!r}; valid: 'trailing', 'leading', 'linspace'")
-    return _finish(((1 - alpha_bar[t]) / alpha_bar[t]).sqrt(), device)
+    return _finish(train_sigmas[t], device)
 
 
 SIGMA_SCHEDULES: Mapping[str, Callable[..., Tensor]] = MappingProxyType(
