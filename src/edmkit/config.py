@@ -236,8 +236,10 @@ PRESETS: dict[str, ExperimentConfig] = {
                     optim=dict(lr_ref_nimg=2000, warmup_nimg=64),
                     ema=dict(snapshot_nimg=256),
                     train=dict(batch=16, total_nimg=640, status_nimg=64, grid_nimg=320, state_nimg=160, grid_n=16, sample_steps=4)),
-    # the default: recognisable MNIST digits in about 15 minutes on 2 CPU cores
-    "mnist": _preset(),
+    # the default: recognisable MNIST digits in about 15 minutes on 2 CPU cores (trials: benchmarks/mnist_recipe.py)
+    "mnist": _preset(network=dict(model_channels=16, channel_mult=(1, 2, 4), channels_per_head=32), loss=dict(P_mean=-0.8, P_std=1.6),
+                     optim=dict(lr_ref_nimg=20_000), ema=dict(sample_std=0.10, snapshot_nimg=20_000),
+                     train=dict(total_nimg=108_000, grid_nimg=20_000, state_nimg=10_000)),
     # CIFAR-10 32x32 sized for one GPU (EDM2 XS-like width)
     "cifar10": _preset(network=dict(resolution=32, channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=3, attn_resolutions=(16, 8)),
                        loss=dict(P_mean=-0.8, P_std=1.6), optim=dict(lr=0.010, lr_ref_nimg=70_000 * 128, warmup_nimg=10_000_000 // 10),
