@@ -417,3 +417,87 @@ def test_dataset_validates_fields():
         ImageDataset(images.float(), None, 0, "t")
     with pytest.raises(ValueError, match="contiguous"):
         ImageDataset(images.transpose(2, 3), None, 0, "t")
+
+
+# --- edmkit dataset convert: the checked zip format ------------------------------------------
+
+
+def test_convert_npz_round_trips(tmp_path):
+    from edmkit.convert import convert_dataset
+
+    images, labels = _random_set(3, 8)
+    src = write_npz(tmp_path / "src.npz", images, labels)
+    info = convert_dataset(src, tmp_path / "out.zip")
+    back, original = load_dataset(str(tmp_path / "out.zip")), load_dataset(str(src))
+    assert torch.equal(back.images, original.images) and torch.equal(back.labels, original.labels)
+    assert (info["count"], info["resolution"], info["channels"], info["num_classes"]) == (N, 8, 3, K)
+    assert sum(info["class_counts"].values()) == N
+    with Image.open(info["preview"]) as preview:
+        assert preview.size == image_grid(original.images).shape[:0:-1]  # (W, H) of the grid
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert sorted(archive.namelist())[-1] == "dataset.json" and len(archive.namelist()) == N + 1
+
+
+def test_convert_folder_with_options_matches_load(tmp_path):
+    from edmkit.convert import convert_dataset
+
+    images, labels = _random_set(3, 12)
+    src = write_folder(tmp_path / "src", _class_files(images, labels))
+    options = dict(resolution=6, channels=1, classes=[2, 0])
+    convert_dataset(src, tmp_path / "out.zip", **options)
+    expected, back = load_dataset(str(src), **options), load_dataset(str(tmp_path / "out.zip"))
+    assert back.images.shape[1:] == (1, 6, 6)
+    assert torch.equal(back.images, expected.images) and torch.equal(back.labels, expected.labels)
+
+
+def test_convert_unlabelled_stays_unlabelled(tmp_path):
+    from edmkit.convert import convert_dataset
+
+    images, _ = _random_set(1, 8)
+    info = convert_dataset(write_npz(tmp_path / "src.npz", images), tmp_path / "out.zip")
+    back = load_dataset(str(tmp_path / "out.zip"))
+    assert back.labels is None and info["num_classes"] == 0
+    assert torch.equal(back.images, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+
+
+def test_convert_rejects_bad_destination(tmp_path):
+    from edmkit.convert import convert_dataset
+
+    src = write_npz(tmp_path / "src.npz", *_random_set(1, 8))
+    with pytest.raises(ValueError, match=r"must be a \.zip"):
+        convert_dataset(src, tmp_path / "out.npz")
+    with pytest.raises(ValueError, match="does not exist"):
+        convert_dataset(src, tmp_path / "missing" / "out.zip")
+    zipped = write_zip(tmp_path / "in.zip", _class_files(*_random_set(1, 8)))
+    with pytest.raises(ValueError, match="is the source"):
+        convert_dataset(zipped, zipped)
+
+
+def test_dataset_cli_summary_preview_and_one_line_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from edmkit.cli import main
+
+    images, labels = _random_set(3, 8)
+    src = write_folder(tmp_path / "src", _class_files(images, labels))
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    res = run("dataset", "convert", src, tmp_path / "out.zip", "--resolution", 4, "--classes", "1,2", "--channels", 3, "--center-crop")
+    assert res.exit_code == 0, res.output
+    n = int((labels == 1).sum() + (labels == 2).sum())
+    assert f"images:     {n}" in res.output and "4x4" in res.output and "channels:   3" in res.output and "classes:    2" in res.output
+    assert (tmp_path / "out-preview.png").is_file()
+    info = run("dataset", "info", tmp_path / "out.zip")
+    assert info.exit_code == 0 and f"images:     {n}" in info.output
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.png").write_bytes(_png(images[0]))
+    (tmp_path / "mixed" / "notes.txt").write_text("not an image")
+    for args, expect in [(("convert", tmp_path / "nope", tmp_path / "x.zip"), "unknown dataset"),
+                         (("convert", tmp_path / "bad.zip", tmp_path / "x.zip"), "corrupt or truncated"),
+                         (("convert", tmp_path / "mixed", tmp_path / "x.zip"), "notes.txt"),
+                         (("convert", src, tmp_path / "x.zip", "--classes", "1,x"), "--classes"),
+                         (("convert", src, tmp_path / "x.zip", "--classes", "7"), "out of range"),
+                         (("info", tmp_path / "bad.zip"), "corrupt or truncated")]:
+        res = run("dataset", *args)
+        assert res.exit_code != 0 and expect in res.output and len(res.output.strip().splitlines()) == 1, (args, res.output)
+    assert not (tmp_path / "x.zip").exists()  # nothing half-written

@@ -39,7 +39,7 @@ def build_denoiser(cfg: ExperimentConfig) -> Denoiser:
     n = cfg.network
     net = UNet(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, model_channels=n.model_channels,
                channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
-               channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder)
+               channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder, augment_dim=n.augment_dim)
     return Denoiser(net, sigma_data=n.sigma_data, formulation=n.formulation, logvar_channels=n.logvar_channels)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 import torch
 
-from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRESETS, ExperimentConfig, get_preset, parse_nimg, resolve_formulation, resolve_ladder
+from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRESETS, ExperimentConfig, get_preset, parse_nimg, resolve_formulation, resolve_ladder
 
 
 def user_errors(fn):
@@ -74,7 +75,7 @@ def main() -> None:
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Named configuration: {', '.join(PRESETS)}.")
 @click.option("--config", "ladder", default=None, help=f"EDM2 config-ladder rung ({', '.join(LADDER)}; default: the preset's, G). Also sets its loss weighting and lr schedule (A: no uncertainty; A-D: constant lr; A-C: lr 1e-3); --lr still wins.")
 @click.option("--formulation", default=None, help=f"Diffusion formulation: {', '.join(FORMULATIONS)} (default: the preset's, edm). flow also sets logit-normal(0, 1) t.")
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state.")
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state. Under torchrun spell it --run-dir (torchrun's parser takes --run for its --run-path).")
 @click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball).')
 @click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")
 @click.option("--batch", type=int, default=None, help="Global batch size.")
@@ -87,20 +88,68 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Continue a run folder even though its config differs.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--val-fraction", type=float, default=None, help="Hold out this fraction of the images (never trained on) for a validation loss, e.g. 0.02 (default 0: none).")
+@click.option("--val-every", "val_nimg", type=NIMG, default=None, help="Validation loss every this many images, e.g. 16k (with --val-fraction).")
+@click.option("--grad-clip", type=float, default=None, help="Clip the global L2 gradient norm to this value (default 0: off, as in EDM).")
+@click.option("--log", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]), help="Also send the stats records to TensorBoard or Weights & Biases (package must be installed); repeatable.")
+@click.option("--batch-per-device", type=int, default=None, help="Images per process per forward/backward; below batch / processes, gradients are accumulated (default: batch / processes).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Backbone arithmetic (autocast): fp32 (default), bf16, fp16 (with loss scaling). Norms, preconditioning and the loss stay fp32.")
+@click.option("--compile/--no-compile", "compile_net", default=None, help="torch.compile the backbone (slow first steps; off by default).")
+@click.option("--keep-states", type=int, default=None, help="Resumable training states kept in the run folder (default 2).")
+@click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
+@click.option("--augment", "augment_p", type=float, default=None, help="Non-leaky augmentation (EDM App. C): probability of each transform (flip, translation, scaling, rotation), e.g. 0.12; adds augment-label conditioning to the network.")
 @user_errors
-def train(preset, ladder, formulation, run_dir, data, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet) -> None:
-    """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states."""
+def train(preset, ladder, formulation, run_dir, data, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
+          val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps, augment_p) -> None:
+    """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
+
+    \b
+    Several processes (CPU: gloo, GPUs: nccl), same results as one process for the same --batch:
+      torchrun --nproc_per_node=4 -m edmkit train --preset cifar10 --batch 512 --run-dir runs/c10
+    """
     cfg = resolve_train_config(get_preset(preset), ladder=ladder, formulation=formulation, data=data, resolution=resolution, batch=batch,
                                total_nimg=total_nimg, lr=lr, seed=seed, cond=cond, p_uncond=p_uncond)
+    cfg = resolve_diagnostics(cfg, val_fraction=val_fraction, val_nimg=val_nimg, grad_clip=grad_clip)
+    execution = dict(batch_per_device=batch_per_device, precision=precision, compile=compile_net, keep_states=keep_states, max_bad_steps=max_bad_steps)
+    if any(v is not None for v in execution.values()):
+        cfg = cfg.override("train", **{k: v for k, v in execution.items() if v is not None})
+    if augment_p is not None:
+        cfg = resolve_augment(cfg, augment_p)
     if dry_run:
         click.echo(cfg.to_json())
         return
+    from edmkit import dist
     from edmkit.train import train as run_training  # heavy imports only when training
 
     run_dir = Path(run_dir or Path("runs") / "-".join([preset] + [v for v in (ladder, formulation) if v]))
-    state = run_training(cfg, run_dir, device=pick_device(device), force=force, progress=not quiet, log=click.echo)
+    # DDP on CPU: 1x1-conv weight gradients come with other (equivalent) strides for their size-1 dims; harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    try:
+        state = run_training(cfg, run_dir, device=pick_device(device), force=force, progress=not quiet, log=click.echo, loggers=loggers)
+    finally:
+        dist.shutdown()  # leave torchrun's process group (a no-op in one process)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports
+        return
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
+
+
+def resolve_augment(cfg: ExperimentConfig, p: float) -> ExperimentConfig:
+    """``--augment P``: augmentation probability P and, for P > 0, the augment-label conditioning it needs (EDM App. C)."""
+    from edmkit.augment import AUGMENT_DIM
+
+    cfg = cfg.override("train", augment_p=p)
+    return cfg.override("network", augment_dim=AUGMENT_DIM) if p > 0 else cfg
+
+
+def resolve_diagnostics(cfg: ExperimentConfig, *, val_fraction=None, val_nimg=None, grad_clip=None) -> ExperimentConfig:
+    """Apply the held-out split, validation interval and gradient clipping flags (``None`` = keep the preset's value)."""
+    train_kw = {k: v for k, v in dict(val_fraction=val_fraction, val_nimg=val_nimg).items() if v is not None}
+    if train_kw:
+        cfg = cfg.override("train", **train_kw)
+    if grad_clip is not None:
+        cfg = cfg.override("optim", grad_clip=grad_clip)
+    return cfg
 
 
 def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None, data=None, resolution=None, batch=None, total_nimg=None, lr=None,
@@ -301,6 +350,358 @@ def parse_float_list(text: str, *, name: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"cannot parse {name} {text!r}: use comma-separated numbers, e.g. 0.02,0.05,0.08") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# edmkit metrics: FID / KID / precision-recall, memorization (logic in edmkit.metrics).
+
+
+def metrics_options(fn):
+    """Options shared by the metrics commands."""
+    for option in reversed([
+        click.option("--detector", default=None, help="Feature network: inception (the standard FID network; default), dinov2, or a TorchScript file path. Looked up in $EDMKIT_CACHE or ~/.cache/edmkit."),
+        click.option("--detector-sha256", default=None, help="Expected sha256 of the detector file (a mismatch is an error)."),
+        click.option("--batch", type=int, default=64, show_default=True, help="Images per batch (does not change the results)."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--quiet", is_flag=True, help="No progress bar.")]):
+        fn = option(fn)
+    return fn
+
+
+def score_options(fn):
+    """--repeats, --metrics, --out of the scoring commands."""
+    for option in reversed([
+        click.option("--repeats", type=int, default=1, show_default=True, help="Disjoint seed ranges (or image chunks) to score; reports mean ± std, min and max."),
+        click.option("--metrics", "metric_names", default="fid,kid,pr", show_default=True, help="Comma-separated: fid, kid, pr (precision/recall, k = 3)."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON (default: beside the network file / image folder, *-metrics.json).")]):
+        fn = option(fn)
+    return fn
+
+
+def metrics_echo():
+    """click.echo on rank 0, silence on the other torchrun ranks."""
+    from edmkit.metrics.evaluate import rank_world
+
+    return click.echo if rank_world()[0] == 0 else (lambda *args, **kwargs: None)
+
+
+def finish_metrics(result: dict, out: Path, echo) -> None:
+    from edmkit.checkpoint import write_json
+    from edmkit.metrics.evaluate import format_results, rank_world
+
+    if rank_world()[0] == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
+    for line in format_results(result):
+        echo(line)
+    echo(f"wrote {out}")
+
+
+@main.group("metrics")
+def metrics_group() -> None:
+    """Evaluate: FID, KID, precision/recall against reference statistics; memorization.
+
+    \b
+    The standard detector is the FID Inception network (inception-2015-12-05.pt), looked up in
+    $EDMKIT_CACHE or ~/.cache/edmkit and downloaded there on first use when the network allows.
+    Examples:
+      edmkit metrics ref --data cifar-10-python.tar.gz --out refs/cifar10.npz
+      edmkit metrics gen --checkpoint runs/cifar10 --ref refs/cifar10.npz --n 50000 --repeats 3
+      edmkit metrics folder --images samples/ --ref refs/cifar10.npz
+      edmkit metrics memorization --checkpoint runs/mnist --n 1000 --out pairs.png
+      torchrun --nproc_per_node 8 -m edmkit metrics gen --seeds 0-49999 ...   (each rank a slice; torchrun mistakes --n for its own options)
+    """
+
+
+@metrics_group.command("ref")
+@click.option("--data", required=True, help='Dataset: "mnist5k" or a path (folder, zip, npz, MNIST idx, CIFAR tarball).')
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Reference file to write, e.g. ref.npz.")
+@click.option("--max-features", type=int, default=10_000, show_default=True, help="Raw features kept (a random subset) for KID and precision/recall; 50000 for pr50k3-style numbers.")
+@metrics_options
+@user_errors
+def metrics_ref(data, out, max_features, detector, detector_sha256, batch, device, quiet) -> None:
+    """Reference statistics of a dataset: feature mean and covariance over all images, plus raw features."""
+    from edmkit.data import load_dataset
+    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.metrics.detectors import conversion_notice, load_detector
+
+    if max_features < 0:
+        raise ValueError("--max-features must be >= 0")
+    check_output_target(Path(out))
+    dev = ev.init_distributed(pick_device(device))
+    echo = metrics_echo()
+    ds = load_dataset(data)
+    det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=echo)
+    notice = conversion_notice(det.spec, channels=ds.images.shape[1], resolution=ds.images.shape[-1])
+    if notice:
+        echo(notice)
+    ref = ev.compute_reference(ds.images, detector=det, source=str(data), batch=batch, max_features=max_features, progress=not quiet)
+    if ev.rank_world()[0] == 0:
+        rf.save_reference(out, ref)
+    echo(f"wrote {out}: {ref.n} images of {ds.name}, {ref.features.shape[1]}-d {ref.detector} features ({len(ref.features)} kept), "
+         f"detector sha256 {ref.detector_sha256}")
+
+
+@metrics_group.command("gen")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="Reference file from `edmkit metrics ref`.")
+@click.option("--n", "n", type=int, default=None, help="Images per repeat, seeds 0..n-1 (default 50000, as behind published FIDs).")
+@click.option("--seeds", default=None, help="Seeds of the first repeat, e.g. 0-49999 (instead of --n); repeat r shifts them by r times their span.")
+@click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
+@click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
+@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
+@score_options
+@metrics_options
+@user_errors
+def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidance, repeats, metric_names, out, detector, detector_sha256,
+                batch, device, quiet) -> None:
+    """FID, KID and precision/recall of generated images (none written to disk) against a reference.
+
+    \b
+    --repeats 3 scores three disjoint seed ranges (0-49999, 50000-99999, 100000-149999 for --n 50000);
+    papers commonly report the minimum FID over three. Under torchrun each rank generates a slice.
+    """
+    import time
+
+    from edmkit.checkpoint import find_network, load_network
+    from edmkit.generate import parse_seeds
+    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.metrics.detectors import conversion_notice
+
+    names = ev.parse_metrics(metric_names)
+    seed_list = parse_seeds(seeds) if seeds else list(range(ev.PUBLISHED_N if n is None else max(n, 0)))
+    if n is not None and len(seed_list) != n:
+        raise ValueError(f"--n {n} but --seeds {seeds} gives {len(seed_list)} seeds")
+    if len(seed_list) < 2 or repeats < 1:
+        raise ValueError("need at least 2 images (--n >= 2) and --repeats >= 1")
+    ref = rf.load_reference(ref_path)
+    path = find_network(checkpoint, ema_std=ema_std)
+    out_path = Path(out) if out else path.with_name(f"{path.stem}-metrics.json")
+    check_output_target(out_path)
+    dev = ev.init_distributed(pick_device(device))
+    echo = metrics_echo()
+    det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
+    net, meta = load_network(path, device=dev)
+    c = meta["config"].network
+    echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps")
+    for line in (conversion_notice(det.spec, channels=c.channels, resolution=c.resolution), rf.shape_notice(ref, resolution=c.resolution, channels=c.channels),
+                 ev.sample_size_notice(len(seed_list))):
+        if line:
+            echo(line)
+    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance)
+    start = time.monotonic()
+    result = ev.evaluate_generator(net, ref=ref, detector=det, seeds=seed_list, repeats=repeats, metrics=names, batch=batch, device=dev,
+                                   generate_kw=gen_kw, progress=not quiet)
+    result.update(checkpoint=str(path), nimg=meta["nimg"], ema_std=meta["ema_std"], generate=gen_kw, time_sec=time.monotonic() - start,
+                  **ev.result_info(ref, ref_path, det))
+    finish_metrics(result, out_path, echo)
+
+
+@metrics_group.command("folder")
+@click.option("--images", "source", required=True, help="Folder of images, or a zip / .npz (e.g. from edmkit generate --out images.npz).")
+@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="Reference file from `edmkit metrics ref`.")
+@click.option("--n", "n", type=int, default=None, help="Images per repeat, in sorted order (default: all of them / --repeats).")
+@score_options
+@metrics_options
+@user_errors
+def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
+    """FID, KID and precision/recall of a folder of images against a reference (repeat r: images r*n .. (r+1)*n-1)."""
+    from edmkit.data import load_dataset
+    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.metrics.detectors import conversion_notice
+
+    names = ev.parse_metrics(metric_names)
+    if repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    ref = rf.load_reference(ref_path)
+    src = Path(source)
+    out_path = Path(out) if out else src.with_name(f"{src.stem}-metrics.json")
+    check_output_target(out_path)
+    dev = ev.init_distributed(pick_device(device))
+    echo = metrics_echo()
+    det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
+    images = load_dataset(source).images
+    _, channels, resolution, _ = images.shape
+    for line in (conversion_notice(det.spec, channels=channels, resolution=resolution), rf.shape_notice(ref, resolution=resolution, channels=channels),
+                 ev.sample_size_notice(n or len(images) // repeats)):
+        if line:
+            echo(line)
+    result = ev.evaluate_images(images, ref=ref, detector=det, n=n, repeats=repeats, metrics=names, batch=batch, progress=not quiet)
+    result.update(images=str(source), **ev.result_info(ref, ref_path, det))
+    finish_metrics(result, out_path, echo)
+
+
+@metrics_group.command("memorization")
+@click.option("--checkpoint", default=None, help="Generate the samples with this network file or run folder (seeds 0..n-1) ...")
+@click.option("--images", "source", default=None, help="... or read them from a folder / zip / .npz (the first n).")
+@click.option("--data", default=None, help="Training set to search (default: the checkpoint's).")
+@click.option("--n", "n", type=int, default=1000, show_default=True, help="Samples to check.")
+@click.option("--space", type=click.Choice(["pixels", "features"]), default="pixels", show_default=True, help="l2 distance of pixels, or cosine distance of detector features.")
+@click.option("--top", type=int, default=16, show_default=True, help="Most copy-like pairs drawn in the PNG.")
+@click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (with --checkpoint).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG of (sample | nearest training image) pairs; results JSON beside it.")
+@metrics_options
+@user_errors
+def metrics_memorization(checkpoint, source, data, n, space, top, steps, out, detector, detector_sha256, batch, device, quiet) -> None:
+    """Near-copies of training images: flagged when the nearest training image is closer than 1/3 of the next neighbours' mean distance."""
+    from edmkit.checkpoint import find_network, load_network, write_json
+    from edmkit.data import float_to_images, load_dataset
+    from edmkit.generate import generate_images
+    from edmkit.metrics import evaluate as ev
+    from edmkit.metrics.detectors import load_detector
+    from edmkit.metrics.memorization import save_pairs
+
+    if (checkpoint is None) == (source is None):
+        raise ValueError("give --checkpoint (generate samples) or --images (read them), not both or neither")
+    if n < 1 or top < 1:
+        raise ValueError("--n and --top must be >= 1")
+    out = Path(out)
+    check_output_target(out)
+    dev = pick_device(device)
+    if checkpoint:
+        net, meta = load_network(find_network(checkpoint), device=dev)
+        c, data = meta["config"].network, data or meta["config"].train.data
+        samples = float_to_images(generate_images(net, seeds=range(n), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
+                                                  steps=steps, batch=batch, device=dev, progress=not quiet))
+    else:
+        samples = load_dataset(source).images
+        if len(samples) < n:
+            raise ValueError(f"--n {n} but {source} has only {len(samples)} images")
+        samples = samples[:n]
+    if data is None:
+        raise ValueError("--images needs --data (the training set to search)")
+    train = load_dataset(data)
+    if train.images.shape[1:] != samples.shape[1:]:
+        click.echo(f"note: training images {tuple(train.images.shape[1:])} converted to the samples' {tuple(samples.shape[1:])} (C, H, W)")
+        train = load_dataset(data, resolution=samples.shape[-1], channels=samples.shape[1])
+    det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=click.echo) if space == "features" else None
+    mem = ev.memorization_check(samples, train.images, space=space, detector=det, batch=batch, top=top, device=dev)
+    save_pairs(out, samples, train.images, mem.pairs())
+    write_json(out.with_suffix(".json"), dict(rate=mem.rate, flagged=int(mem.flagged.sum()), n=len(samples), space=space, data=str(data),
+                                              pairs=[dict(sample=i, train=j, distance=float(mem.distance[i]), ratio=float(mem.ratio[i])) for i, j in mem.pairs()]))
+    click.echo(f"near-copies: {int(mem.flagged.sum())} of {len(samples)} ({mem.rate:.2%}); most copy-like pairs in {out}, details in {out.with_suffix('.json')}")
+
+
+@main.group("dataset")
+def dataset_group() -> None:
+    """Prepare datasets: convert any source to the checked zip format, or summarize one.
+
+    \b
+      edmkit dataset convert cifar-10-python.tar.gz cifar-cat.zip --resolution 32 --classes 3
+      edmkit dataset info cifar-cat.zip
+    """
+
+
+def parse_int_list(text: str | None, *, name: str) -> list[int] | None:
+    """``"1,3"`` -> [1, 3] (None stays None); a malformed entry raises ValueError naming the option."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} expects comma-separated integers, e.g. 1,3; got {text!r}") from None
+
+
+@dataset_group.command("convert")
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DEST.zip", type=click.Path(dir_okay=False))
+@click.option("--resolution", type=int, default=None, help="Square image size to resize to (default: native, must be uniform).")
+@click.option("--center-crop", is_flag=True, help="Crop non-square images to their central square first (else they are an error).")
+@click.option("--classes", default=None, help="Keep only these class indices, e.g. 1,3 (relabelled 0, 1, ... in this order).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to grayscale (1) or RGB (3) (default: native).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable files in folders / zips (reported with a count) instead of failing.")
+@user_errors
+def dataset_convert(source, dest, resolution, center_crop, classes, channels, skip_bad) -> None:
+    """Convert SRC (folder, zip, npz, MNIST idx, CIFAR tarball, mnist5k) to DEST.zip: PNGs + dataset.json labels.
+
+    The archive is read back and checked; a preview grid DEST-preview.png is written beside it.
+    """
+    import warnings
+
+    from edmkit.convert import convert_dataset, format_summary
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = convert_dataset(source, dest, resolution=resolution, channels=None if channels is None else int(channels),
+                               classes=parse_int_list(classes, name="--classes"), center_crop=center_crop, skip_bad=skip_bad)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    click.echo(format_summary(info))
+    click.echo(f"wrote {info['dest']} (checked); preview: {info['preview']}")
+
+
+@dataset_group.command("info")
+@click.argument("source", metavar="SRC")
+@user_errors
+def dataset_info(source) -> None:
+    """Summarize SRC: image count, resolution, channels, classes (with counts)."""
+    from edmkit.convert import dataset_summary, format_summary
+    from edmkit.data import load_dataset
+
+    click.echo(format_summary(dataset_summary(load_dataset(source))))
+
+@main.command()
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--task", required=True, type=click.Choice(["inpaint", "sr"]), help="inpaint (needs --mask) or sr (super-resolution by --scale).")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="inpaint: the image (model size); sr: the low-res image (model size / scale).")
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None, help="inpaint: PNG of the image's size, white (nonzero) = known pixel; 1 channel or the image's.")
+@click.option("--scale", type=int, default=2, show_default=True, help="sr: upsampling factor (must divide the model's image size).")
+@click.option("--method", default=None, help="inpaint: replace (default) or dps; sr: ilvr (default), ccdf or dps.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Result PNG; the side-by-side (input | result | truth) goes to <out>-compare.png.")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Ground-truth image to show in the side-by-side.")
+@click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (ccdf: only those below --sigma-start are taken).")
+@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
+@click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras, loglinear, vp.")
+@click.option("--resample", type=int, default=1, show_default=True, help="RePaint resampling: repeats per step (replace, ilvr, ccdf).")
+@click.option("--zeta", type=float, default=1.0, show_default=True, help="dps: step size of the reconstruction-guidance gradient.")
+@click.option("--sigma-start", type=float, default=1.0, show_default=True, help="ccdf: noise level the reverse process starts from.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn from the seed).")
+@click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@user_errors
+def restore(checkpoint, task, image, mask, scale, method, out, truth, steps, sampler, schedule, resample, zeta, sigma_start, seed, class_idx, ema_std, device) -> None:
+    """Inpaint or super-resolve an image zero-shot with any trained model and sampler.
+
+    \b
+    Examples:
+      edmkit restore --checkpoint runs/mnist --task inpaint --image in.png --mask mask.png --out out.png --resample 5
+      edmkit restore --checkpoint runs/mnist --task sr --scale 2 --image low.png --method ccdf --out out.png
+    """
+    from edmkit.checkpoint import find_network, load_network
+    from edmkit.data import images_to_float, save_image_grid
+    from edmkit.generate import class_labels, sampling_sigmas
+    from edmkit.inverse import check_mask, check_scale, read_image_file, restore as restore_images, upsample, write_image_file
+    from edmkit.samplers import SeededRandn, get_sampler
+
+    if (task == "inpaint") != (mask is not None):
+        raise ValueError("--task inpaint needs --mask" if mask is None else "--mask is only for --task inpaint")
+    out = Path(out)
+    check_output_target(out)
+    sample = get_sampler(sampler)
+    dev = pick_device(device)
+    net, meta = load_network(find_network(checkpoint, ema_std=ema_std), device=dev)
+    c = meta["config"].network
+    if task == "sr":
+        check_scale(c.resolution, scale)
+    y = images_to_float(read_image_file(image, channels=c.channels)).to(dev)
+    m = read_image_file(mask).to(dev) if task == "inpaint" else None
+    rnd = SeededRandn([seed], device=dev)
+    labels = class_labels([seed], label_dim=c.label_dim, class_idx=class_idx, device=dev) if c.label_dim else None
+    x = restore_images(net, y, task=task, sample=sample, sigmas=sampling_sigmas(schedule, steps, device=dev), noise=rnd.randn([c.channels, c.resolution, c.resolution]),
+                       mask=m, scale=scale, method=method, labels=labels, randn=rnd, resample=resample, zeta=zeta, sigma_start=sigma_start)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_image_file(x, out)
+    shown = [check_mask(m, y) * y if task == "inpaint" else upsample(y, scale=scale), x]
+    if truth:
+        t = images_to_float(read_image_file(truth, channels=c.channels)).to(dev)
+        if t.shape != x.shape:
+            raise ValueError(f"--truth is {t.shape[-1]}x{t.shape[-2]}; the result is {x.shape[-1]}x{x.shape[-2]}")
+        shown.append(t)
+    compare = out.with_name(f"{out.stem}-compare.png")
+    save_image_grid(torch.cat(shown), compare, nrow=len(shown))
+    click.echo(f"wrote {out} and {compare} (input | result{' | truth' if truth else ''})")
 
 
 if __name__ == "__main__":

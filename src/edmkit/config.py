@@ -70,6 +70,7 @@ LADDER: dict[str, LadderSwitches] = {
     "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
 }
 FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
+PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 
 
 def ladder_switches(name: str) -> LadderSwitches:
@@ -94,6 +95,7 @@ class NetworkConfig:
     formulation: str = "edm"                    # preconditioning + loss: edm, ddpm (epsilon, 1000-step VP), flow (rectified)
     sigma_data: float = 0.5                     # data std in [-1, 1] pixel units
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
+    augment_dim: int = 0                        # augment-label conditioning width (EDM App. C; augment.AUGMENT_DIM = 7); 0 = none
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -105,6 +107,7 @@ class NetworkConfig:
         _check(self.formulation in FORMULATIONS, f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.sigma_data > 0, "sigma_data must be positive")
+        _check(self.augment_dim >= 0, f"augment_dim must be >= 0 (0 = no augment conditioning), got {self.augment_dim}")
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,12 @@ class OptimConfig:
     beta1: float = 0.9                          # Adam beta1
     beta2: float = 0.99                         # Adam beta2
     eps: float = 1e-8                           # Adam epsilon
+    grad_clip: float = 0.0                      # clip the global L2 gradient norm to this; 0 = off (as in EDM)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(self.lr_ref_nimg >= 0 and self.warmup_nimg >= 0, "lr_ref_nimg and warmup_nimg must be >= 0")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -169,12 +174,29 @@ class TrainConfig:
     state_nimg: int = 8_000                     # resumable training state every this many images
     grid_n: int = 64                            # images in each sample grid
     sample_steps: int = 18                      # Heun steps for grids (2 * steps - 1 evaluations)
+    val_fraction: float = 0.0                   # held-out fraction of the data for the validation loss (0 = none, all images train)
+    val_nimg: int = 16_000                      # validation loss every this many images (with val_fraction > 0)
+    val_sigmas: int = 8                         # fixed noise levels of the validation loss (quantiles of the training density)
+    val_patience: int = 3                       # memorization warning after this many rises of the validation loss
+    batch_per_device: int = 0                   # images per process per forward/backward (gradient accumulation below batch / processes); 0 = batch / processes
+    precision: str = "fp32"                     # backbone autocast: fp32, bf16 or fp16 (fp16 adds loss scaling); norms, preconditioning and loss stay fp32
+    compile: bool = False                       # torch.compile the backbone (same weights and file keys; the first steps are slow)
+    max_bad_steps: int = 20                     # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
+    keep_states: int = 2                        # resumable training states kept in the run folder (the newest)
+    augment_p: float = 0.0                      # non-leaky augmentation: probability of each transform (EDM App. C); 0 = off
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
         _check(self.total_nimg >= self.batch, "total_nimg must be at least one batch")
-        for name in ("status_nimg", "grid_nimg", "state_nimg"):
+        for name in ("status_nimg", "grid_nimg", "state_nimg", "val_nimg", "val_sigmas", "val_patience"):
             _check(getattr(self, name) > 0, f"{name} must be positive")
+        _check(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check(self.batch_per_device >= 0, f"batch_per_device must be >= 0 (0 = batch / processes), got {self.batch_per_device}")
+        _check(self.batch_per_device == 0 or self.batch % self.batch_per_device == 0,
+               f"batch {self.batch} is not a multiple of batch_per_device {self.batch_per_device}")
+        _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        _check(self.max_bad_steps >= 1 and self.keep_states >= 1, "max_bad_steps and keep_states must be >= 1")
+        _check(0 <= self.augment_p <= 1, f"augment_p must be in [0, 1], got {self.augment_p}")
 
 
 @dataclass(frozen=True)

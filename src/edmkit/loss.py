@@ -37,6 +37,13 @@ def sample_sigma_stratified(n: int, *, P_mean: float, P_std: float, generator: t
     return (z * P_std + P_mean).exp().to(torch.float32)
 
 
+def midpoint_quantiles(n: int) -> torch.Tensor:
+    """Probabilities q_k = (k + 1/2) / n, k < n: the midpoints of n equal-mass bins. Returns [n] float64."""
+    if n < 1:
+        raise ValueError(f"need at least one quantile, got {n}")
+    return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
 def edm_loss_weight(sigma: torch.Tensor, *, sigma_data: float) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1): unit loss at init."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -65,6 +72,14 @@ class EDMLoss:
         """Training noise levels [n] from the configured density."""
         sampler = sample_sigma_stratified if self.stratified else sample_sigma_lognormal
         return sampler(n, P_mean=self.P_mean, P_std=self.P_std, generator=generator, device=device)
+
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        """Fixed noise levels [n] float32 at the midpoint quantiles of the training density (see ``midpoint_quantiles``).
+
+        Their mean loss approximates the training objective; each is the centre of one equal-mass sigma bin.
+        """
+        z = math.sqrt(2) * torch.erfinv(2 * midpoint_quantiles(n) - 1)  # Phi^-1(q)
+        return (z * self.P_std + self.P_mean).exp().to(torch.float32)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sigma loss weight lambda(sigma), any shape."""
@@ -119,6 +134,10 @@ class DDPMLoss(EDMLoss):
         t = sample_t_discrete(n, num_steps=self.num_steps, stratified=self.stratified, generator=generator, device=device)
         return ddpm_sigmas(num_steps=self.num_steps, device=device)[t].to(torch.float32)
 
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        t = (midpoint_quantiles(n) * self.num_steps).long().clamp(max=self.num_steps - 1)
+        return ddpm_sigmas(num_steps=self.num_steps)[t].to(torch.float32)
+
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return ddpm_loss_weight(sigma)
 
@@ -143,6 +162,11 @@ class FlowLoss(EDMLoss):
         else:
             t = torch.rand(n, generator=generator, device=device)
         return flow_t_to_sigma(t.clamp(1e-4, 1 - 1e-4))
+
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        if not self.uniform_t:
+            return super().sigma_quantiles(n)
+        return flow_t_to_sigma(midpoint_quantiles(n).clamp(1e-4, 1 - 1e-4)).to(torch.float32)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return flow_loss_weight(sigma)

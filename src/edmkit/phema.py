@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -257,46 +255,34 @@ def denoising_score(cfg: ExperimentConfig, *, n_images: int = 128, n_sigmas: int
                     device: torch.device | str = "cpu", batch: int = 256) -> Callable[[Denoiser], float]:
     """Score = EDM denoising loss on fixed images, sigmas and noise (EDM Eq. 2 with lambda(sigma)); lower is better.
 
-    The images are ``n_images`` fixed picks (``seed``) from the run's dataset (``data`` overrides it);
-    the sigmas are the ``n_sigmas`` quantiles (k + 1/2)/K of the training log-normal
-    exp(P_mean + P_std z), so the mean approximates the training objective; every image is noised
-    at every sigma with noise drawn once. The same score function returns the same number for the
-    same network. The images come from the training data (there is no held-out split), so this
-    measures fit, not generalisation; it is a stand-in until FID/KID are available.
+    The images are ``n_images`` fixed picks (``seed``) from the run's held-out images when it was trained
+    with a split (``train.val_fraction`` > 0), else from its dataset (``data`` overrides it: all its images
+    are candidates). The sigmas are the ``n_sigmas`` midpoint quantiles (k + 1/2)/K of the training
+    log-normal exp(P_mean + P_std z), so the mean approximates the training objective; every image is
+    noised at every sigma with fixed noise. It is the same loss as the training's validation loss
+    (``validation.probe_loss``), with EDM's lambda(sigma) for every formulation. Without a held-out split
+    the images are training images, so it measures fit, not generalisation.
 
     Returns:
-        A function net -> float (mean loss over images and sigmas).
+        A function net -> float (mean loss over images and sigmas), the same number for the same network.
     """
-    from edmkit.data import images_to_float, load_dataset
+    from edmkit.data import load_dataset
     from edmkit.loss import EDMLoss
+    from edmkit.validation import make_probe, probe_loss, split_dataset
 
     if n_images < 1 or n_sigmas < 1 or batch < 1:
         raise ValueError(f"the denoising score needs n_images, n_sigmas and batch >= 1, got {n_images}, {n_sigmas}, {batch}")
     n = cfg.network
     dataset = load_dataset(data or cfg.train.data, resolution=n.resolution, channels=n.channels)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:n_images]
-    y = images_to_float(dataset.images[idx])  # [n, C, H, W]
-    labels = None
-    if n.label_dim:
-        if dataset.labels is None:
-            raise ValueError(f"the network is class-conditional but {dataset.name} has no labels")
-        labels = F.one_hot(dataset.labels[idx], n.label_dim).to(torch.float32)  # [n, L]
-    normal = statistics.NormalDist()
-    sigmas = [math.exp(cfg.loss.P_mean + cfg.loss.P_std * normal.inv_cdf((k + 0.5) / n_sigmas)) for k in range(n_sigmas)]
-    noise = torch.randn((n_sigmas, *y.shape), generator=g)  # [K, n, C, H, W]
+    if data is None:
+        _, held_out = split_dataset(dataset, fraction=cfg.train.val_fraction, seed=cfg.train.seed)
+        dataset = dataset if held_out is None else held_out
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images]
     loss_fn = EDMLoss(P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std, sigma_data=n.sigma_data, uncertainty=False)
+    probe = make_probe(dataset, idx, label_dim=n.label_dim, sigmas=loss_fn.sigma_quantiles(n_sigmas), noise_seed=seed)
 
-    @torch.no_grad()
     def score(net: Denoiser) -> float:
-        total = 0.0
-        for k, sigma in enumerate(sigmas):
-            for i in range(0, len(y), batch):
-                yb, nb = y[i:i + batch].to(device), noise[k, i:i + batch].to(device)
-                lb = None if labels is None else labels[i:i + batch].to(device)
-                loss, _ = loss_fn(net, yb, lb, sigma=torch.full((len(yb),), sigma, device=device), noise=nb)
-                total += loss.double().sum().item()
-        return total / (len(sigmas) * len(y))
+        return probe_loss(net, loss_fn, probe, batch=batch, device=device).mean().item()
 
     score.__name__ = "denoising loss"
     return score

@@ -17,10 +17,14 @@ switch lives in exactly one place:
 - ``cosine_attention``: ``Block._attention``; ``adm_attention``: ``UNet.__init__`` (attention at res/2).
 - ``fourier_embedding``: ``UNet.__init__`` / ``UNet._embedding``.
 - ``mp_fixed``: ``act`` / ``add`` / ``cat`` below, and the learned gains ``emb_gain`` / ``out_gain``.
+
+Optional conditioning on augment labels (non-leaky augmentation, EDM App. C; ``augment_dim > 0``): a
+bias-free linear embedding of the labels added to the noise embedding (MP sum in G), zeros when not given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -204,6 +208,8 @@ class UNet(torch.nn.Module):
         concat_balance: float = 0.5,
         emb_mult: int = 4,
         ladder: str | LadderSwitches = "G",
+        augment_dim: int = 0,
+        augment_balance: float = 0.5,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -211,6 +217,7 @@ class UNet(torch.nn.Module):
             raise ValueError(f"resolution {resolution} is not divisible by 2^{levels - 1} ({levels} levels)")
         s = self.switches = ladder if isinstance(ladder, LadderSwitches) else ladder_switches(ladder)
         self.label_dim = label_dim
+        self.augment_dim, self.augment_balance = augment_dim, augment_balance
         self.model_channels = model_channels
         self.label_balance = label_balance
         self.concat_balance = concat_balance
@@ -224,6 +231,8 @@ class UNet(torch.nn.Module):
         self.emb_fourier = MPFourier(model_channels) if s.fourier_embedding else None
         self.emb_noise = layer(model_channels, emb_channels)
         self.emb_label = layer(label_dim, emb_channels) if label_dim else None
+        # no bias even in A-B: zero augment labels ("not augmented", as at sampling) then add exactly zero
+        self.emb_augment = learned_layer(augment_dim, emb_channels, switches=dataclasses.replace(s, biases=False)) if augment_dim else None
         self.out_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
         self.emb_mlp = None if s.fourier_embedding else layer(emb_channels, emb_channels)  # ADM's second embedding layer
 
@@ -259,8 +268,9 @@ class UNet(torch.nn.Module):
         self.out_norm = group_norm_module(c_out, switches=s)  # A-E: ADM's norm + SiLU before the output conv
         self.out_conv = layer(c_out, channels, (3, 3), zero_init=True)
 
-    def _embedding(self, c_noise: torch.Tensor, labels: torch.Tensor | None, *, batch: int, device: torch.device) -> torch.Tensor:
-        """Noise (and label) embedding [N, E]: Fourier features + linear (C+) or positional + 2-layer MLP (A-B)."""
+    def _embedding(self, c_noise: torch.Tensor, labels: torch.Tensor | None, *, batch: int, device: torch.device,
+                   augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise (label, augment) embedding [N, E]: Fourier features + linear (C+) or positional + 2-layer MLP (A-B)."""
         s, mp = self.switches, self.switches.mp_fixed
         if self.emb_fourier is not None:
             emb = self.emb_noise(self.emb_fourier(c_noise))  # [N, E]
@@ -270,12 +280,20 @@ class UNet(torch.nn.Module):
             if labels is None:
                 labels = torch.zeros(batch, self.label_dim, device=device)
             emb = add(emb, self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim)), mp=mp, t=self.label_balance)
+        if self.emb_augment is not None:  # EDM App. C: zeros (no augmentation) when not given, e.g. at sampling
+            if augment_labels is None:
+                augment_labels = torch.zeros(batch, self.augment_dim, device=device)
+            emb = add(emb, self.emb_augment(augment_labels.to(emb.dtype)), mp=mp, t=self.augment_balance)
+        elif augment_labels is not None:
+            raise ValueError("augment labels given to a network without augment conditioning (augment_dim = 0)")
         return act(emb, mp=mp)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None. Returns [N, C, H, W]."""
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None,
+        augment_labels [N, augment_dim] or None (zeros). Returns [N, C, H, W]."""
         s, mp = self.switches, self.switches.mp_fixed
-        emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device)
+        emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device, augment_labels=augment_labels)
 
         if not s.biases:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]

@@ -1,0 +1,315 @@
+"""Evaluation pipelines around the math of :mod:`edmkit.metrics.stats`.
+
+- Features of generated images are computed batch by batch, straight from the sampler (no image
+  is written to disk); the same code serves in-memory image sets (folders) and datasets
+  (reference statistics, stored by :mod:`edmkit.metrics.reference`).
+- Repeats use disjoint seed ranges (or disjoint image chunks); results report each repeat and the
+  mean, std, min and max over them.
+- Under torchrun each rank takes a slice of the seeds / images; the float64 sums are all-reduced,
+  so μ, Σ and FID do not depend on the number of ranks beyond floating-point summation order. The
+  raw features kept for KID / precision-recall are gathered in rank order and cut to the cap, so
+  with more images than the cap they are a different (equally random) subset per rank count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edmkit.data import float_to_images, images_to_float
+from edmkit.metrics.detectors import Detector
+from edmkit.metrics.memorization import Memorization, memorization
+from edmkit.metrics.reference import Reference, check_detector
+from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
+
+METRICS = ("fid", "kid", "pr")
+PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution (torchrun): rank slices, reductions.
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the [n_r, D] CPU tensors of all ranks in rank order (this tensor alone without a process group)."""
+    rank, world = rank_world()
+    if world == 1:
+        return x
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, x)
+    return torch.cat(parts)
+
+
+def sample_size_notice(n: int) -> str | None:
+    """A warning line when n differs from the 50,000 images behind published FIDs (FID is biased at small n)."""
+    if n == PUBLISHED_N:
+        return None
+    return (f"note: n = {n}; FID is biased upward at small n, so compare only with scores at the same n "
+            f"(published FIDs use {PUBLISHED_N:,})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of image streams.
+
+
+def accumulate_features(
+    batches: Iterable[torch.Tensor], *, detector: Detector, keep: int, total: int | None = None, progress: bool = False, desc: str = "features",
+) -> tuple[FeatureStats, np.ndarray]:
+    """Detector features of a stream of uint8 image batches: float64 sums plus the first `keep` raw features.
+
+    Under torch.distributed each rank passes its own slice; the sums are all-reduced and the kept
+    features of all ranks gathered (rank order), then cut to `keep`.
+
+    Args:
+        batches: uint8 images [B, C, H, W] per batch.
+        detector: the feature network.
+        keep: raw features to keep (0 for FID only).
+        total: number of images, for the progress bar.
+        progress: show a progress bar (rank 0 only).
+        desc: progress bar label.
+
+    Returns:
+        (stats over all images, float32 [min(keep, N), D]).
+    """
+    stats, kept, n_kept = None, [], 0
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress or rank_world()[0] != 0, dynamic_ncols=True) as bar:
+        for images in batches:
+            f = detector(images)  # [B, D]
+            if stats is None:  # the feature dimension is known after the first batch
+                stats = FeatureStats(f.shape[1], device=f.device)
+            stats.update(f)
+            if n_kept < keep:
+                kept.append(f[:keep - n_kept].cpu())
+                n_kept += len(kept[-1])
+            bar.update(len(images))
+    if stats is None:
+        raise ValueError("no images to evaluate")
+    stats.all_reduce()
+    features = gather_rows(torch.cat(kept) if kept else torch.zeros(0, stats.dim))[:keep]
+    return stats, features.numpy()
+
+
+def image_batches(images: torch.Tensor, *, batch: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Batches of an in-memory uint8 image tensor [N, C, H, W], optionally in the order of `indices`."""
+    order = torch.arange(len(images)) if indices is None else indices
+    for start in range(0, len(order), batch):
+        yield images[order[start:start + batch]]
+
+
+def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device: torch.device | str, generate_kw: dict) -> Iterator[torch.Tensor]:
+    """uint8 images [B, C, H, W] from ``generate_images``, one batch of seeds at a time (nothing written to disk)."""
+    from edmkit.generate import generate_images  # the sampling stack only when generating
+
+    for start in range(0, len(seeds), batch):
+        x = generate_images(net, seeds=list(seeds[start:start + batch]), batch=batch, device=device, **generate_kw)
+        yield float_to_images(x)
+
+
+def compute_reference(
+    images: torch.Tensor, *, detector: Detector, source: str, batch: int = 250, max_features: int = 10_000, seed: int = 0, progress: bool = False,
+) -> Reference:
+    """Reference statistics of a dataset: μ, Σ over all images and the raw features of a random subset.
+
+    Args:
+        images: uint8 [N, C, H, W] (all ranks pass the same tensor; each takes a slice).
+        detector: the feature network.
+        source: dataset name recorded in the file.
+        batch: images per detector batch.
+        max_features: raw features kept for KID / precision-recall (a seeded random subset).
+        seed: seed of that subset.
+        progress: show a progress bar.
+    """
+    if len(images) < 2:
+        raise ValueError(f"{source}: need at least 2 images for reference statistics, got {len(images)}")
+    rank, world = rank_world()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))  # kept features: a random subset
+    stats, features = accumulate_features(image_batches(images, batch=batch, indices=order[rank::world]), detector=detector,
+                                          keep=max_features, total=len(order[rank::world]), progress=progress, desc="reference")
+    mu, sigma = stats.mean_cov()
+    return Reference(mu=mu, sigma=sigma, n=stats.n, features=features, detector=detector.spec.name, detector_sha256=detector.sha256,
+                     source=source, resolution=int(images.shape[-1]), channels=int(images.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores, repeats, summaries.
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """``"fid,kid,pr"`` -> ("fid", "kid", "pr"); unknown names raise ValueError."""
+    names = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metrics {', '.join(unknown) or text!r}; valid: {', '.join(METRICS)}")
+    return names
+
+
+def score(stats: FeatureStats, features: np.ndarray, ref: Reference, *, metrics: Sequence[str], kid_subsets: int = 100,
+          kid_subset_size: int = 1000, pr_k: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
+    """FID, KID (mean and std over subsets) and precision / recall of evaluated features against a reference."""
+    out: dict[str, float] = {}
+    if {"kid", "pr"} & set(metrics) and min(len(features), len(ref.features)) <= pr_k:
+        raise ValueError(f"KID and precision/recall need more than {pr_k} raw features, but the reference keeps {len(ref.features)} and "
+                         f"{len(features)} images were evaluated: use more images, recompute the reference with a larger --max-features, "
+                         "or --metrics fid")
+    if "fid" in metrics:
+        mu, sigma = stats.mean_cov()
+        out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    if "kid" in metrics:
+        out["kid"], out["kid_std"] = kid(features, ref.features, subsets=kid_subsets, subset_size=kid_subset_size, device=device)
+    if "pr" in metrics:
+        m = min(len(features), len(ref.features))  # equal set sizes: k-NN radii depend on them
+        out["precision"], out["recall"] = precision_recall(ref.features[:m], features[:m], k=pr_k, device=device)
+        out["pr_n"] = m
+    return out
+
+
+def seed_ranges(seeds: Sequence[int], repeats: int) -> list[list[int]]:
+    """Disjoint copies of a seed list for repeats: repeat r adds r·(max − min + 1) to every seed."""
+    if repeats < 1 or not seeds:
+        raise ValueError(f"need repeats >= 1 and at least one seed, got {repeats} and {len(seeds)} seeds")
+    span = max(seeds) - min(seeds) + 1
+    return [[s + r * span for s in seeds] for r in range(repeats)]
+
+
+def describe_seeds(seeds: Sequence[int]) -> str:
+    """``"0-49999"`` for a contiguous range, else a short description."""
+    s = list(seeds)
+    if s == list(range(s[0], s[0] + len(s))):
+        return f"{s[0]}-{s[-1]}"
+    return f"{len(s)} seeds in {min(s)}-{max(s)}"
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean, std (n − 1 divisor; 0 for one repeat), min and max of each numeric score over repeats."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in rows], dtype=np.float64)
+        out[k] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, min=float(v.min()), max=float(v.max()))
+    return out
+
+
+def result_info(ref: Reference, ref_path: str | os.PathLike, detector: Detector) -> dict:
+    """What a results file records about the reference and the detector."""
+    return dict(ref=str(ref_path), ref_n=ref.n, ref_source=ref.source, detector=detector.spec.name, detector_path=str(detector.path),
+                detector_sha256=detector.sha256)
+
+
+def format_results(result: dict) -> list[str]:
+    """Human-readable lines: one per score, mean ± std with min / max over repeats."""
+    rows, lines = result["repeats"], []
+    for key, s in result["summary"].items():
+        if key == "kid_std":
+            continue
+        if len(rows) == 1:
+            extra = f" ± {rows[0]['kid_std']:.6f} (std over KID subsets)" if key == "kid" else ""
+            lines.append(f"{key:<10} {s['mean']:.6f}{extra}")
+        else:
+            lines.append(f"{key:<10} {s['mean']:.6f} ± {s['std']:.6f}  (min {s['min']:.6f}, max {s['max']:.6f}; std over {len(rows)} repeats)")
+    return lines
+
+
+def evaluate_generator(
+    net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = METRICS,
+    batch: int = 64, device: torch.device | str = "cpu", generate_kw: dict | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
+    pr_k: int = 3, progress: bool = False,
+) -> dict:
+    """Score a generator against a reference over `repeats` disjoint seed ranges.
+
+    Args:
+        net: the denoiser.
+        ref: reference statistics (same detector file as `detector`; see :func:`check_detector`).
+        detector: the feature network.
+        seeds: seeds of the first repeat; repeat r shifts them by r·(max − min + 1).
+        repeats: number of disjoint seed ranges.
+        metrics: subset of ("fid", "kid", "pr").
+        batch: images per sampling / detector batch.
+        device: where sampling runs.
+        generate_kw: keyword arguments of ``generate_images`` (resolution, channels, label_dim, sampler, steps, ...).
+        kid_subsets, kid_subset_size, pr_k: KID and precision/recall settings.
+        progress: show a progress bar per repeat.
+
+    Returns:
+        ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``.
+    """
+    check_detector(ref, detector)
+    rank, world = rank_world()
+    keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
+    rows = []
+    for r, rseeds in enumerate(seed_ranges(seeds, repeats)):
+        mine = rseeds[rank::world]
+        if not mine:
+            raise ValueError(f"{len(rseeds)} seeds cannot be split over {world} ranks")
+        batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {})
+        stats, features = accumulate_features(batches, detector=detector, keep=keep, total=len(mine), progress=progress,
+                                              desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
+        rows.append(dict(seeds=describe_seeds(rseeds), n=len(rseeds), **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets,
+                                                                               kid_subset_size=kid_subset_size, pr_k=pr_k, device=detector.device)))
+    return {"repeats": rows, "summary": summarize(rows)}
+
+
+def memorization_check(samples: torch.Tensor, train: torch.Tensor, *, space: str = "pixels", detector: Detector | None = None, batch: int = 250,
+                       ratio: float = 1 / 3, top: int = 16, device: torch.device | str = "cpu") -> Memorization:
+    """Near-copies among generated images: ℓ2 in pixels ([-1, 1]) or cosine distance of detector features.
+
+    Args:
+        samples: uint8 [N, C, H, W] generated images.
+        train: uint8 [M, C, H, W] training images of the same size and channels.
+        space: "pixels" or "features" (needs `detector`).
+        Others: as :func:`edmkit.metrics.memorization.memorization`.
+    """
+    if space == "pixels":
+        return memorization(images_to_float(samples), images_to_float(train), metric="l2", ratio=ratio, top=top, device=device)
+    if space != "features" or detector is None:
+        raise ValueError(f"space must be 'pixels' or 'features' (with a detector), got {space!r}")
+    a, b = (torch.cat([detector(x) for x in image_batches(images, batch=batch)]) for images in (samples, train))
+    return memorization(a, b, metric="cosine", ratio=ratio, top=top, device=device)
+
+
+def evaluate_images(
+    images: torch.Tensor, *, ref: Reference, detector: Detector, n: int | None = None, repeats: int = 1, metrics: Sequence[str] = METRICS,
+    batch: int = 250, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3, progress: bool = False,
+) -> dict:
+    """Score an in-memory image set (e.g. a folder) against a reference; repeat r uses images [r·n, (r+1)·n).
+
+    Args:
+        images: uint8 [N, C, H, W], N >= n · repeats.
+        n: images per repeat (default: all of them / repeats).
+        Others: as :func:`evaluate_generator`.
+    """
+    check_detector(ref, detector)
+    n = len(images) // repeats if n is None else n
+    if n < 2 or n * repeats > len(images):
+        raise ValueError(f"need {n * repeats} images ({repeats} repeats of n = {n}, n >= 2), but only {len(images)} were found")
+    rank, world = rank_world()
+    keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
+    rows = []
+    for r in range(repeats):
+        mine = torch.arange(r * n, (r + 1) * n)[rank::world]
+        stats, features = accumulate_features(image_batches(images, batch=batch, indices=mine), detector=detector, keep=keep, total=len(mine),
+                                              progress=progress, desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
+        rows.append(dict(images=f"{r * n}-{(r + 1) * n - 1}", n=n, **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets,
+                                                                           kid_subset_size=kid_subset_size, pr_k=pr_k, device=detector.device)))
+    return {"repeats": rows, "summary": summarize(rows)}

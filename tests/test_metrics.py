@@ -1,0 +1,315 @@
+"""Metrics: FID / KID / precision-recall math against closed forms and SciPy, memorization, detector
+loading (a tiny TorchScript detector through the real loading code; nothing is downloaded), and the
+`edmkit metrics` commands end to end."""
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+from edmkit import checkpoint as ckpt
+from edmkit.cli import main
+from edmkit.config import get_preset
+from edmkit.data import save_images
+from edmkit.metrics import DETECTORS, DetectorError, FeatureStats, feature_stats, frechet_distance, kid, load_detector, memorization, precision_recall
+from edmkit.metrics import evaluate as ev, reference as rf
+from edmkit.metrics.detectors import DINOV2, INCEPTION, detector_input, file_sha256, generic_spec
+
+
+def gaussian(n, d, *, seed, shift=0.0, scale=1.0):
+    return np.random.default_rng(seed).normal(shift, scale, size=(n, d))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance and streaming statistics.
+
+
+@pytest.mark.parametrize("n, d", [(400, 16), (20, 64)])  # full-rank and singular (N < D) covariances
+def test_fid_of_a_set_with_itself_is_zero(n, d):
+    mu, sigma = feature_stats(gaussian(n, d, seed=1) @ gaussian(d, d, seed=2))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+
+
+def test_fid_of_diagonal_gaussians_equals_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    s1, s2 = rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_matches_a_scipy_sqrtm_reference_on_random_features():
+    a = gaussian(300, 24, seed=3) @ gaussian(24, 24, seed=4)
+    b = gaussian(300, 24, seed=5, shift=0.3) @ gaussian(24, 24, seed=6)
+    (mu1, s1), (mu2, s2) = feature_stats(a), feature_stats(b)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-8)
+
+
+def test_streamed_and_merged_stats_equal_numpy():
+    x = gaussian(103, 5, seed=7, shift=2.0)
+    one, two = FeatureStats(5), FeatureStats(5)
+    for start in range(0, 60, 16):  # uneven batches, split over two accumulators ("ranks")
+        one.update(x[start:min(start + 16, 60)])
+    two.update(torch.from_numpy(x[60:]))  # tensors and arrays alike
+    mu, sigma = one.merge(two).mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10)
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStats(5).mean_cov()
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="sigma2"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# KID, precision / recall.
+
+
+def test_kid_is_unbiased_on_identical_distributions_and_positive_on_shifted_ones():
+    same = [kid(gaussian(60, 8, seed=s), gaussian(60, 8, seed=1000 + s), subsets=5, subset_size=50, seed=s)[0] for s in range(30)]
+    shifted, _ = kid(gaussian(60, 8, seed=1), gaussian(60, 8, seed=2, shift=1.0), subsets=5, subset_size=50)
+    assert min(same) < 0 < max(same)  # unbiased: no clamping, negative values happen
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    assert shifted > 10 * np.std(same)
+
+
+def test_precision_recall_on_identical_disjoint_and_half_covered_sets():
+    real = gaussian(200, 6, seed=1)
+    assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+    assert precision_recall(real, gaussian(200, 6, seed=2, shift=50.0), k=3) == (0.0, 0.0)
+    half = np.concatenate([gaussian(100, 6, seed=3), gaussian(100, 6, seed=4, shift=50.0)])
+    precision, recall = precision_recall(real, half, k=3)
+    assert 0.4 <= precision <= 0.5 and recall > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Memorization.
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_memorization_flags_planted_copies_and_not_fresh_samples(metric):
+    train = torch.rand(300, 1, 8, 8)
+    fresh = torch.rand(20, 1, 8, 8)
+    copies = train[[5, 77, 123]] + 0.01 * torch.randn(3, 1, 8, 8)
+    result = memorization(torch.cat([fresh, copies]), train, metric=metric, top=3)
+    assert result.flagged.tolist() == [False] * 20 + [True] * 3
+    assert result.rate == pytest.approx(3 / 23)
+    assert sorted(result.top.tolist()) == [20, 21, 22]
+    assert sorted(j for _, j in result.pairs()) == [5, 77, 123]
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors: a tiny TorchScript network through the real loading code.
+
+
+class TinyDetector(torch.nn.Module):
+    """Two convolutions and mean / max pooling, with the inception convention (pixels in [0, 255], return_features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x / 127.5 - 1)))
+        features = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # [N, 16]
+        return features if return_features else features.softmax(dim=1)
+
+
+def save_tiny_detector(path, seed):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; the standard FID file still uses it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyDetector().eval()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("detectors")
+    return {"a": save_tiny_detector(d / "tiny.pt", 0), "b": save_tiny_detector(d / "other.pt", 1)}
+
+
+def test_detector_loads_from_a_file_path_and_from_the_cache_folder(tiny, tmp_path, monkeypatch):
+    images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
+    det = load_detector(tiny["a"])
+    assert det.spec.name == "torchscript" and det.sha256 == file_sha256(tiny["a"])
+    features = det(images)
+    assert features.shape == (5, 16) and features.dtype == torch.float32
+    monkeypatch.setenv("EDMKIT_CACHE", str(tmp_path))
+    shutil.copy(tiny["a"], tmp_path / INCEPTION.filename)  # stands in for the real file, same code path
+    cached = DETECTORS["inception"](allow_download=False)
+    assert cached.spec is INCEPTION and cached.path == tmp_path / INCEPTION.filename
+    torch.testing.assert_close(cached(images), features)
+
+
+def test_missing_detector_names_the_file_the_folder_and_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDMKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DetectorError) as e:
+        load_detector("inception", allow_download=False)
+    msg = str(e.value)
+    assert INCEPTION.filename in msg and str(tmp_path / "cache" / INCEPTION.filename) in msg and INCEPTION.url in msg
+    with pytest.raises(DetectorError, match="export it once"):
+        load_detector("dinov2")  # no download source: instructions instead
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DetectorError, match="could not download .* put it at"):
+        load_detector("inception", cache=tmp_path)
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+
+
+def test_detector_hash_mismatch_and_non_torchscript_files_are_errors(tiny, tmp_path):
+    with pytest.raises(DetectorError, match="sha256 .* expected 00ff"):
+        load_detector(tiny["a"], sha256="00ff")
+    junk = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"w": torch.zeros(2)}, junk)
+    with pytest.raises(DetectorError, match="not a loadable TorchScript file.*state dict"):
+        load_detector(junk)
+    with pytest.raises(DetectorError, match="unknown detector 'nope'"):
+        load_detector("nope")
+
+
+def test_detector_input_conversion():
+    gray = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
+    x = detector_input(gray, spec=INCEPTION)  # the network resizes to 299 itself: only channels change here
+    assert x.shape == (2, 3, 28, 28) and float(x.min()) == 255.0
+    y = detector_input(gray, spec=DINOV2)
+    assert y.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    with pytest.raises(ValueError, match="uint8"):
+        detector_input(gray.float(), spec=generic_spec(Path("x.pt")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference files and repeats.
+
+
+def make_reference(tiny_path, n=40, seed=0):
+    images = torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return ev.compute_reference(images, detector=load_detector(tiny_path), source="random", batch=16, max_features=24)
+
+
+def test_reference_round_trip_and_corrupt_files(tiny, tmp_path):
+    ref = make_reference(tiny["a"])
+    assert ref.n == 40 and ref.features.shape == (24, 16) and ref.resolution == 16 and ref.channels == 1
+    rf.save_reference(tmp_path / "ref.npz", ref)
+    back = rf.load_reference(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(back.sigma, ref.sigma)
+    assert back.detector_sha256 == ref.detector_sha256 and back.source == "random"
+    data = (tmp_path / "ref.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        rf.load_reference(tmp_path / "cut.npz")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="not an edmkit reference"):
+        rf.load_reference(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="hash mismatch"):
+        rf.check_detector(ref, load_detector(tiny["b"]))
+
+
+def test_seed_ranges_are_disjoint_and_summaries_use_all_repeats():
+    ranges = ev.seed_ranges(list(range(10, 20)), 3)
+    assert [ev.describe_seeds(r) for r in ranges] == ["10-19", "20-29", "30-39"]
+    s = ev.summarize([{"fid": 1.0, "n": 5}, {"fid": 3.0, "n": 5}])
+    assert s == {"fid": {"mean": 2.0, "std": pytest.approx(np.sqrt(2)), "min": 1.0, "max": 3.0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI end to end on the tiny preset with the tiny detector.
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_of(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    net = ckpt.build_denoiser(cfg)
+    ckpt.save_network(d / "net.safetensors", net.state_dict(), cfg=cfg, nimg=0, ema_std=0.0)
+    data = np.random.default_rng(0).integers(0, 256, size=(48, 28, 28), dtype=np.uint8)
+    np.savez(d / "data.npz", images=data)
+    res = run("metrics", "ref", "--data", d / "data.npz", "--out", d / "ref.npz", "--detector", tiny["a"], "--max-features", "32",
+              "--batch", "16", "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def test_cli_ref_then_gen_with_repeats(setup, tiny):
+    d = setup
+    res = run("metrics", "gen", "--checkpoint", d / "net.safetensors", "--ref", d / "ref.npz", "--n", "8", "--repeats", "2", "--steps", "2",
+              "--detector", tiny["a"], "--batch", "4", "--device", "cpu", "--quiet", "--out", d / "gen.json")
+    assert res.exit_code == 0, res.output
+    result = json.loads((d / "gen.json").read_text())
+    assert [r["seeds"] for r in result["repeats"]] == ["0-7", "8-15"]
+    fids = [r["fid"] for r in result["repeats"]]
+    assert all(f > 0 for f in fids) and result["summary"]["fid"]["mean"] == pytest.approx(np.mean(fids))
+    assert {"kid", "precision", "recall"} <= set(result["summary"]) and result["detector_sha256"] == file_sha256(tiny["a"])
+    assert "note: n = 8" in res.output and "fid" in res.output
+
+
+def test_cli_folder_scores_images_and_itself_scores_zero(setup, tiny):
+    d = setup
+    images = torch.from_numpy(np.load(d / "data.npz")["images"])[:, None]
+    save_images(images, d / "real")
+    res = run("metrics", "folder", "--images", d / "real", "--ref", d / "ref.npz", "--detector", tiny["a"], "--metrics", "fid,pr",
+              "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    result = json.loads((d / "real-metrics.json").read_text())["repeats"][0]
+    assert result["n"] == 48 and abs(result["fid"]) < 1e-6 and "kid" not in result
+    assert "only 48" in error_of("metrics", "folder", "--images", d / "real", "--ref", d / "ref.npz", "--detector", tiny["a"], "--n", "30",
+                                 "--repeats", "2", "--device", "cpu")
+
+
+def test_cli_bad_inputs_give_one_line_errors(setup, tiny):
+    d = setup
+    (d / "bad.npz").write_bytes((d / "ref.npz").read_bytes()[:200])
+    gen = ["metrics", "gen", "--checkpoint", d / "net.safetensors", "--n", "4", "--steps", "2", "--device", "cpu"]
+    assert "corrupt" in error_of(*gen, "--ref", d / "bad.npz", "--detector", tiny["a"])
+    assert "hash mismatch" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["b"])
+    assert "expected 1234" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["a"], "--detector-sha256", "1234")
+    assert "user TorchScript detector" in error_of(*gen, "--ref", d / "ref.npz")
+    assert "unknown metrics" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["a"], "--metrics", "fid,is")
+
+
+def test_cli_memorization_flags_copied_training_images(setup):
+    d = setup
+    train = torch.from_numpy(np.load(d / "data.npz")["images"])[:, None]
+    save_images(train[:6], d / "copies")
+    res = run("metrics", "memorization", "--images", d / "copies", "--data", d / "data.npz", "--n", "6", "--top", "4", "--out", d / "pairs.png",
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    info = json.loads((d / "pairs.json").read_text())
+    assert info["rate"] == 1.0 and len(info["pairs"]) == 4 and all(p["sample"] == p["train"] for p in info["pairs"])
+    assert (d / "pairs.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("cmd", [["metrics"], ["metrics", "ref"], ["metrics", "gen"], ["metrics", "folder"], ["metrics", "memorization"]])
+def test_metrics_help(cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0 and "Usage" in res.output
