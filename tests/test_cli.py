@@ -61,3 +61,17 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert "no such checkpoint" in error_of("generate", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "x.png")
     assert "cannot parse image count" in error_of("train", "--duration", "lots")
     assert "divisible" in error_of("train", "--preset", "cifar10-small", "--data", "mnist5k", "--resolution", "30", "--dry-run")
+
+
+def test_class_subset_reaches_training_data():
+    from edmkit.train import dataset_of
+
+    res = run("train", "--preset", "tiny", "--classes", "3,5", "--cond", "--dry-run")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)
+    assert cfg["train"]["classes"] == [3, 5] and cfg["network"]["label_dim"] == 2
+    from edmkit.config import ExperimentConfig
+
+    data = dataset_of(ExperimentConfig.from_dict(cfg))
+    assert len(data) == 1000 and set(data.labels.tolist()) == {0, 1}  # 500 threes -> 0, 500 fives -> 1
+    assert "class index 12 out of range" in error_of("train", "--preset", "tiny", "--classes", "12", "--cond", "--dry-run")

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import torch
 
+from edmkit import dist
 from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRESETS, ExperimentConfig, get_preset, parse_nimg, resolve_formulation, resolve_ladder
 
 
@@ -77,6 +78,8 @@ def main() -> None:
 @click.option("--formulation", default=None, help=f"Diffusion formulation: {', '.join(FORMULATIONS)} (default: the preset's, edm). flow also sets logit-normal(0, 1) t.")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state. Under torchrun spell it --run-dir (torchrun's parser takes --run for its --run-path).")
 @click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball).')
+@click.option("--classes", default=None, help="Train on these classes only, e.g. 1 or 3,5 (relabelled 0..k-1 in this order).")
+@click.option("--center-crop", is_flag=True, default=None, help="Crop non-square images to a centred square before resizing.")
 @click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")
 @click.option("--batch", type=int, default=None, help="Global batch size.")
 @click.option("--duration", "total_nimg", type=NIMG, default=None, help="Training length in images, e.g. 80k, 2Mi.")
@@ -99,7 +102,7 @@ def main() -> None:
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
 @click.option("--augment", "augment_p", type=float, default=None, help="Non-leaky augmentation (EDM App. C): probability of each transform (flip, translation, scaling, rotation), e.g. 0.12; adds augment-label conditioning to the network.")
 @user_errors
-def train(preset, ladder, formulation, run_dir, data, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
+def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
           val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps, augment_p) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
 
@@ -108,6 +111,7 @@ def train(preset, ladder, formulation, run_dir, data, resolution, batch, total_n
       torchrun --nproc_per_node=4 -m edmkit train --preset cifar10 --batch 512 --run-dir runs/c10
     """
     cfg = resolve_train_config(get_preset(preset), ladder=ladder, formulation=formulation, data=data, resolution=resolution, batch=batch,
+                               classes=parse_int_list(classes, name="--classes"), center_crop=center_crop,
                                total_nimg=total_nimg, lr=lr, seed=seed, cond=cond, p_uncond=p_uncond)
     cfg = resolve_diagnostics(cfg, val_fraction=val_fraction, val_nimg=val_nimg, grad_clip=grad_clip)
     execution = dict(batch_per_device=batch_per_device, precision=precision, compile=compile_net, keep_states=keep_states, max_bad_steps=max_bad_steps)
@@ -118,7 +122,6 @@ def train(preset, ladder, formulation, run_dir, data, resolution, batch, total_n
     if dry_run:
         click.echo(cfg.to_json())
         return
-    from edmkit import dist
     from edmkit.train import train as run_training  # heavy imports only when training
 
     run_dir = Path(run_dir or Path("runs") / "-".join([preset] + [v for v in (ladder, formulation) if v]))
@@ -153,7 +156,7 @@ def resolve_diagnostics(cfg: ExperimentConfig, *, val_fraction=None, val_nimg=No
 
 
 def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None, data=None, resolution=None, batch=None, total_nimg=None, lr=None,
-                         seed=None, cond=None, p_uncond=None) -> ExperimentConfig:
+                         seed=None, cond=None, p_uncond=None, classes=None, center_crop=None) -> ExperimentConfig:
     """Apply command-line overrides (``None`` = keep the preset's value).
 
     The rung and formulation go first, so the values they derive (uncertainty weighting, lr, lr decay, t density)
@@ -165,7 +168,8 @@ def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None
         cfg = resolve_formulation(cfg, formulation)
     if resolution is not None:
         cfg = cfg.override("network", resolution=resolution)
-    train_kw = {k: v for k, v in dict(data=data, batch=batch, total_nimg=total_nimg, seed=seed).items() if v is not None}
+    train_kw = {k: v for k, v in dict(data=data, batch=batch, total_nimg=total_nimg, seed=seed, center_crop=center_crop,
+                                      classes=tuple(classes) if classes is not None else None).items() if v is not None}
     if train_kw:
         cfg = cfg.override("train", **train_kw)
     if lr is not None:
@@ -173,9 +177,9 @@ def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None
     if cond is not None:
         label_dim = 0
         if cond:
-            from edmkit.data import load_dataset
+            from edmkit.train import dataset_of
 
-            label_dim = load_dataset(cfg.train.data).num_classes
+            label_dim = dataset_of(cfg).num_classes
             if not label_dim:
                 raise ValueError(f"--cond needs labels, but {cfg.train.data} has none")
         cfg = cfg.override("network", label_dim=label_dim)
@@ -380,16 +384,15 @@ def score_options(fn):
 
 def metrics_echo():
     """click.echo on rank 0, silence on the other torchrun ranks."""
-    from edmkit.metrics.evaluate import rank_world
 
-    return click.echo if rank_world()[0] == 0 else (lambda *args, **kwargs: None)
+    return click.echo if dist.is_main() else (lambda *args, **kwargs: None)
 
 
 def finish_metrics(result: dict, out: Path, echo) -> None:
     from edmkit.checkpoint import write_json
-    from edmkit.metrics.evaluate import format_results, rank_world
+    from edmkit.metrics.evaluate import format_results
 
-    if rank_world()[0] == 0:
+    if dist.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)
     for line in format_results(result):
@@ -428,7 +431,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
     if max_features < 0:
         raise ValueError("--max-features must be >= 0")
     check_output_target(Path(out))
-    dev = ev.init_distributed(pick_device(device))
+    dev = dist.init(pick_device(device))
     echo = metrics_echo()
     ds = load_dataset(data)
     det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=echo)
@@ -436,7 +439,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
     if notice:
         echo(notice)
     ref = ev.compute_reference(ds.images, detector=det, source=str(data), batch=batch, max_features=max_features, progress=not quiet)
-    if ev.rank_world()[0] == 0:
+    if ev.dist.is_main():
         rf.save_reference(out, ref)
     echo(f"wrote {out}: {ref.n} images of {ds.name}, {ref.features.shape[1]}-d {ref.detector} features ({len(ref.features)} kept), "
          f"detector sha256 {ref.detector_sha256}")
@@ -479,7 +482,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     path = find_network(checkpoint, ema_std=ema_std)
     out_path = Path(out) if out else path.with_name(f"{path.stem}-metrics.json")
     check_output_target(out_path)
-    dev = ev.init_distributed(pick_device(device))
+    dev = dist.init(pick_device(device))
     echo = metrics_echo()
     det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
     net, meta = load_network(path, device=dev)
@@ -518,7 +521,7 @@ def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, de
     src = Path(source)
     out_path = Path(out) if out else src.with_name(f"{src.stem}-metrics.json")
     check_output_target(out_path)
-    dev = ev.init_distributed(pick_device(device))
+    dev = dist.init(pick_device(device))
     echo = metrics_echo()
     det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
     images = load_dataset(source).images

@@ -166,6 +166,8 @@ def snapshot_disk_estimate(*, n_params: int, n_stds: int, snapshot_nimg: int, to
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "mnist5k"                       # dataset source: "mnist5k" (embedded) or a path
+    classes: tuple[int, ...] = ()               # train on these classes only (relabelled 0..k-1 in this order); () = all
+    center_crop: bool = False                   # crop non-square images to a centred square before resizing
     batch: int = 32                             # global batch size
     total_nimg: int = 80_000                    # training length in images
     seed: int = 0                               # seed for init, data order and noise

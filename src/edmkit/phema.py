@@ -266,14 +266,14 @@ def denoising_score(cfg: ExperimentConfig, *, n_images: int = 128, n_sigmas: int
     Returns:
         A function net -> float (mean loss over images and sigmas), the same number for the same network.
     """
-    from edmkit.data import load_dataset
+    from edmkit.train import dataset_of
     from edmkit.loss import EDMLoss
     from edmkit.validation import make_probe, probe_loss, split_dataset
 
     if n_images < 1 or n_sigmas < 1 or batch < 1:
         raise ValueError(f"the denoising score needs n_images, n_sigmas and batch >= 1, got {n_images}, {n_sigmas}, {batch}")
     n = cfg.network
-    dataset = load_dataset(data or cfg.train.data, resolution=n.resolution, channels=n.channels)
+    dataset = dataset_of(cfg, data)
     if data is None:
         _, held_out = split_dataset(dataset, fraction=cfg.train.val_fraction, seed=cfg.train.seed)
         dataset = dataset if held_out is None else held_out

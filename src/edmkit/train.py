@@ -346,9 +346,15 @@ def due(prev_nimg: int, nimg: int, every: int) -> bool:
     return nimg // every > prev_nimg // every
 
 
+def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset:
+    """The images a config trains on (or ``source`` prepared the same way): resolution, channels, classes, crop."""
+    n, t = cfg.network, cfg.train
+    return load_dataset(source or t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)
+
+
 def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
     n = cfg.network
-    data = load_dataset(cfg.train.data, resolution=n.resolution, channels=n.channels)
+    data = dataset_of(cfg)
     if n.label_dim and (data.labels is None or data.num_classes > n.label_dim):
         raise RunError(f"network has {n.label_dim} classes but the data has {data.num_classes or 'no'} labels")
     if cfg.loss.p_uncond > 0 and not n.label_dim:

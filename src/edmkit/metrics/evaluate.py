@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from edmkit import dist
 from tqdm.auto import tqdm
 
 from edmkit.data import float_to_images, images_to_float
@@ -34,30 +36,11 @@ PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
 # Distribution (torchrun): rank slices, reductions.
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate the [n_r, D] CPU tensors of all ranks in rank order (this tensor alone without a process group)."""
-    rank, world = rank_world()
-    if world == 1:
+    if dist.world_size() == 1:
         return x
-    parts: list = [None] * world
+    parts: list = [None] * dist.world_size()
     torch.distributed.all_gather_object(parts, x)
     return torch.cat(parts)
 
@@ -94,7 +77,7 @@ def accumulate_features(
         (stats over all images, float32 [min(keep, N), D]).
     """
     stats, kept, n_kept = None, [], 0
-    with tqdm(total=total, unit="img", desc=desc, disable=not progress or rank_world()[0] != 0, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress or (dist.rank(), dist.world_size())[0] != 0, dynamic_ncols=True) as bar:
         for images in batches:
             f = detector(images)  # [B, D]
             if stats is None:  # the feature dimension is known after the first batch
@@ -143,7 +126,7 @@ def compute_reference(
     """
     if len(images) < 2:
         raise ValueError(f"{source}: need at least 2 images for reference statistics, got {len(images)}")
-    rank, world = rank_world()
+    rank, world = dist.rank(), dist.world_size()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))  # kept features: a random subset
     stats, features = accumulate_features(image_batches(images, batch=batch, indices=order[rank::world]), detector=detector,
                                           keep=max_features, total=len(order[rank::world]), progress=progress, desc="reference")
@@ -255,7 +238,7 @@ def evaluate_generator(
         ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``.
     """
     check_detector(ref, detector)
-    rank, world = rank_world()
+    rank, world = dist.rank(), dist.world_size()
     keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
     rows = []
     for r, rseeds in enumerate(seed_ranges(seeds, repeats)):
@@ -303,7 +286,7 @@ def evaluate_images(
     n = len(images) // repeats if n is None else n
     if n < 2 or n * repeats > len(images):
         raise ValueError(f"need {n * repeats} images ({repeats} repeats of n = {n}, n >= 2), but only {len(images)} were found")
-    rank, world = rank_world()
+    rank, world = dist.rank(), dist.world_size()
     keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
     rows = []
     for r in range(repeats):

@@ -271,7 +271,7 @@ class UNet(torch.nn.Module):
     def _embedding(self, c_noise: torch.Tensor, labels: torch.Tensor | None, *, batch: int, device: torch.device,
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Noise (label, augment) embedding [N, E]: Fourier features + linear (C+) or positional + 2-layer MLP (A-B)."""
-        s, mp = self.switches, self.switches.mp_fixed
+        mp = self.switches.mp_fixed
         if self.emb_fourier is not None:
             emb = self.emb_noise(self.emb_fourier(c_noise))  # [N, E]
         else:
