@@ -89,3 +89,12 @@ def test_sigterm_saves_a_loadable_state(tmp_path):
     assert proc.returncode != 0 and "state saved" in out, out
     states = ckpt.list_states(run)
     assert states and ckpt.load_state(states[-1])["nimg"] > 0
+
+
+def test_snapshot_budget_refuses_before_training(tmp_path, cfg):
+    tight = cfg.override("ema", snapshot_budget_mb=0.01)  # tiny preset: ~0.2 MB per snapshot file
+    with pytest.raises(RunError, match="over the 0.01 MB budget"):
+        train(tight, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not ckpt.list_states(tmp_path / "run")
+    state = train(cfg.override("ema", snapshot_budget_mb=1000.0), tmp_path / "run2", stop_nimg=16, progress=False, log=lambda s: None)
+    assert state.nimg == 16

@@ -96,6 +96,7 @@ class NetworkConfig:
     sigma_data: float = 0.5                     # data std in [-1, 1] pixel units
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
     augment_dim: int = 0                        # augment-label conditioning width (EDM App. C; augment.AUGMENT_DIM = 7); 0 = none
+    cond_channels: int = 0                      # conditioning-image channels concatenated to the input (cascade SR, SR3); 0 = none
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -108,6 +109,7 @@ class NetworkConfig:
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.sigma_data > 0, "sigma_data must be positive")
         _check(self.augment_dim >= 0, f"augment_dim must be >= 0 (0 = no augment conditioning), got {self.augment_dim}")
+        _check(self.cond_channels >= 0, f"cond_channels must be >= 0 (0 = no conditioning image), got {self.cond_channels}")
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,14 @@ class EMAConfig:
     sample_std: float = 0.05                    # which one grids and `generate` use by default (0 = raw weights)
     snapshot_nimg: int = 32_000                 # save EMA snapshots (for post-hoc EMA) every this many images
     snapshot_dtype: str = "float32"             # storage dtype of snapshot files: "float32" or "float16" (half the disk)
+    snapshot_budget_mb: float = 0.0             # refuse to start when the expected snapshot disk use exceeds this (0 = no limit)
 
     def __post_init__(self) -> None:
         _check(all(0 < s < 0.28 for s in self.stds), f"EMA stds must be in (0, 0.28), got {self.stds}")
         _check(self.sample_std == 0 or self.sample_std in self.stds, f"sample_std {self.sample_std} must be 0 or one of {self.stds}")
         _check(self.snapshot_nimg > 0, f"snapshot_nimg must be positive, got {self.snapshot_nimg}")
         _check(self.snapshot_dtype in ("float32", "float16"), f"snapshot_dtype must be 'float32' or 'float16', got {self.snapshot_dtype!r}")
+        _check(self.snapshot_budget_mb >= 0, f"snapshot_budget_mb must be >= 0 (0 = no limit), got {self.snapshot_budget_mb}")
 
 
 def snapshot_disk_estimate(*, n_params: int, n_stds: int, snapshot_nimg: int, total_nimg: int, dtype: str = "float32") -> tuple[int, int]:
@@ -186,6 +190,10 @@ class TrainConfig:
     max_bad_steps: int = 20                     # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
     keep_states: int = 2                        # resumable training states kept in the run folder (the newest)
     augment_p: float = 0.0                      # non-leaky augmentation: probability of each transform (EDM App. C); 0 = off
+    task: str = "generate"                      # "generate" (p(y)) or "sr": cascade super-resolution stage p(y | low-res y), edmkit.cascade
+    sr_scale: int = 2                           # sr: the low-res input is y box-downsampled by this factor (then nearest-upsampled)
+    sr_aug_max: float = 0.5                     # sr: noise-conditioning augmentation sigma_aug ~ U[0, sr_aug_max] in training (pixel units)
+    sr_aug_sample: float = 0.1                  # sr: the fixed sigma_aug of the conditioning image at sampling (grids, restore default)
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
@@ -199,6 +207,10 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         _check(self.max_bad_steps >= 1 and self.keep_states >= 1, "max_bad_steps and keep_states must be >= 1")
         _check(0 <= self.augment_p <= 1, f"augment_p must be in [0, 1], got {self.augment_p}")
+        _check(self.task in ("generate", "sr"), f"unknown task {self.task!r}; valid: generate, sr")
+        _check(self.sr_scale >= 1, f"sr_scale must be an integer >= 1, got {self.sr_scale}")
+        _check(self.sr_aug_max >= 0 and 0 <= self.sr_aug_sample <= max(self.sr_aug_max, 0),
+               f"need 0 <= sr_aug_sample <= sr_aug_max, got {self.sr_aug_sample}, {self.sr_aug_max}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from edmkit import checkpoint as ckpt
 from edmkit.augment import AUGMENT_DIM, apply_augment, augment_params
+from edmkit.cascade import check_sr_config, training_condition
 from edmkit import dist
 from edmkit.config import ExperimentConfig, config_diff, snapshot_disk_estimate
 from edmkit.data import ImageDataset, images_to_float, load_dataset, sample_order, save_image_grid
@@ -48,6 +49,7 @@ RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg",
                      "train.val_nimg", "train.val_sigmas", "train.val_patience"}
 # ... and how the work is split or run, not what it computes (a run may resume on another number of processes).
 RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
+RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 
 
@@ -197,6 +199,21 @@ def step_augment(cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor
     return apply_augment(y, params), params
 
 
+SR_CHUNK = AUGMENT_CHUNK - 1  # step_seed chunk of the cascade SR generator (noise-conditioning augmentation)
+
+
+def step_sr_condition(cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor,
+                      augment_labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Cascade SR (``train.task == "sr"``): the noise-augmented low-res conditioning image [n, C, H, W] of this rank's rows
+    ``y`` and the augment labels with the sigma_aug column appended (``cascade.training_condition``), from their own generator
+    of (seed, step) so the other draws are unchanged and resume stays exact. Task generate: (None, augment_labels)."""
+    if cfg.train.task != "sr":
+        return None, augment_labels
+    g = torch.Generator(device=y.device).manual_seed(step_seed(cfg.train.seed, step, SR_CHUNK))
+    return training_condition(y, scale=cfg.train.sr_scale, sigma_max=cfg.train.sr_aug_max, generator=g, batch=shard.batch,
+                              rows=shard.rows().to(y.device), augment_labels=augment_labels)
+
+
 def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: torch.Tensor, labels: torch.Tensor | None,
                *, shard: Shard | None = None) -> dict[str, float]:
     """One optimizer step on this rank's rows ``y`` of the global batch (``shard``; default: ``y`` is the whole batch):
@@ -205,10 +222,11 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     shard = shard or Shard(batch=y.shape[0], size=y.shape[0])
     sigma, noise, labels = step_noise(loss_fn, cfg, state.step, shard, y, labels)
     y, augment_labels = step_augment(cfg, state.step, shard, y)
+    cond, augment_labels = step_sr_condition(cfg, state.step, shard, y, augment_labels)
     lr = learning_rate(state.nimg + shard.batch, lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels)  # [2]: loss, mse summed over the batch
+    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond)  # [2]: loss, mse summed over the batch
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before the norm, clipping and the finiteness check
     grad_norm = clip_grad_norm(state.net, max_norm=cfg.optim.grad_clip)
     applied = apply_update(state, finite=math.isfinite(grad_norm) and bool(sums.isfinite().all()))
@@ -222,7 +240,7 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
 
 def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, shard: Shard, y: torch.Tensor,
                          labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor,
-                         augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, leaving in ``.grad`` the gradient of the global batch's mean loss.
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
@@ -238,7 +256,8 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
         part = slice(r * shard.size, (r + 1) * shard.size)
         torch.manual_seed(step_seed(cfg.train.seed, state.step, r * shard.world + shard.rank))  # dropout: per micro-batch
         with dist.ddp_sync(model, sync=r == shard.rounds - 1):
-            net = model if augment_labels is None else functools.partial(model, augment_labels=augment_labels[part])
+            extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond)) if v is not None}
+            net = functools.partial(model, **extra) if extra else model
             loss, mse = loss_fn(net, y[part], None if labels is None else labels[part], sigma=sigma[part], noise=noise[part])
             state.scaler.scale(loss.sum() * (shard.world / shard.batch)).backward()
         sums += torch.stack([loss.detach().sum(), mse.sum()])
@@ -359,8 +378,12 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
         raise RunError(f"network has {n.label_dim} classes but the data has {data.num_classes or 'no'} labels")
     if cfg.loss.p_uncond > 0 and not n.label_dim:
         raise RunError(f"p_uncond = {cfg.loss.p_uncond} needs a class-conditional network (label_dim > 0)")
-    if cfg.train.augment_p > 0 and n.augment_dim != AUGMENT_DIM:
+    if cfg.train.augment_p > 0 and cfg.train.task != "sr" and n.augment_dim != AUGMENT_DIM:  # sr: check_sr_config
         raise RunError(f"augment_p = {cfg.train.augment_p} needs augment conditioning: network.augment_dim = {AUGMENT_DIM} (got {n.augment_dim})")
+    try:
+        check_sr_config(cfg)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     return data
 
 
@@ -391,6 +414,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     n_files, n_bytes = snapshot_disk_estimate(n_params=sum(v.numel() for v in net.state_dict().values() if v.is_floating_point()), n_stds=len(cfg.ema.stds),
                                               snapshot_nimg=cfg.ema.snapshot_nimg, total_nimg=end_nimg, dtype=cfg.ema.snapshot_dtype)
     log(f"EMA snapshots: {n_files} files, ~{n_bytes / 1e6:.1f} MB ({cfg.ema.snapshot_dtype}, every {cfg.ema.snapshot_nimg} images)")
+    budget_mb = cfg.ema.snapshot_budget_mb
+    if budget_mb and n_bytes / 1e6 > budget_mb:
+        raise RunError(f"EMA snapshots would take ~{n_bytes / 1e6:.0f} MB, over the {budget_mb:g} MB budget: snapshot less often "
+                       f"(ema.snapshot_nimg, now {cfg.ema.snapshot_nimg}), store float16, or raise the budget")
     if shard.world > 1 or shard.rounds > 1 or cfg.train.precision != "fp32":
         log(f"{shard.world} process(es) on {device.type}, {shard.rounds} micro-batch(es) of {shard.size} per process per step of "
             f"{shard.batch} images, backbone in {cfg.train.precision}")
