@@ -14,7 +14,8 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["generate"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["generate"], ["phema"], ["restore"], ["report"], ["dataset", "convert"], ["dataset", "info"],
+                                 ["metrics", "ref"], ["metrics", "gen"], ["metrics", "folder"], ["metrics", "memorization"], ["metrics", "probe"]])
 def test_help(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output

@@ -39,7 +39,8 @@ def build_denoiser(cfg: ExperimentConfig) -> Denoiser:
     n = cfg.network
     net = UNet(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, model_channels=n.model_channels,
                channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
-               channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder, augment_dim=n.augment_dim)
+               channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder, augment_dim=n.augment_dim,
+               cond_channels=n.cond_channels)
     return Denoiser(net, sigma_data=n.sigma_data, formulation=n.formulation, logvar_channels=n.logvar_channels)
 
 
@@ -58,17 +59,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         raise
 
 
-def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, cfg: ExperimentConfig, nimg: int, ema_std: float) -> None:
-    """Write a network (safetensors) whose metadata carries everything needed to rebuild it."""
+def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, cfg: ExperimentConfig, nimg: int, ema_std: float,
+                 kind: str = "denoiser") -> None:
+    """Write a network (safetensors) whose metadata carries everything needed to rebuild it.
+
+    ``kind`` is ``denoiser`` (read by ``load_network``) or ``classifier`` (``edmkit.classifier.load_classifier``);
+    denoiser files leave the ``kind`` entry out, as files written before it existed do.
+    """
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
                 "nimg": str(int(nimg)), "ema_std": repr(float(ema_std))}
+    if kind != "denoiser":
+        metadata["kind"] = kind
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
 
 
 def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Metadata of a network file: ``config`` (ExperimentConfig), ``nimg`` (int), ``ema_std`` (float)."""
+    """Metadata of a network file: ``config`` (ExperimentConfig), ``nimg`` (int), ``ema_std`` (float), ``kind`` (str)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -81,12 +89,15 @@ def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not an edmkit checkpoint (no edmkit metadata)")
     if int(meta.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this edmkit ({FORMAT_VERSION})")
-    return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"])}
+    return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]),
+            "kind": meta.get("kind", "denoiser")}
 
 
 def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[Denoiser, dict[str, Any]]:
     """Rebuild the denoiser from a network file's config and load its weights strictly; returns (net in eval mode, metadata)."""
     meta = read_network_metadata(path)
+    if meta["kind"] != "denoiser":
+        raise CheckpointError(f"{path}: a {meta['kind']} file, not a denoiser (load a classifier with edmkit.classifier.load_classifier)")
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

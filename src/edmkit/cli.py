@@ -100,10 +100,17 @@ def main() -> None:
 @click.option("--compile/--no-compile", "compile_net", default=None, help="torch.compile the backbone (slow first steps; off by default).")
 @click.option("--keep-states", type=int, default=None, help="Resumable training states kept in the run folder (default 2).")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
+@click.option("--snapshot-every", "snapshot_nimg", type=NIMG, default=None, help="Save EMA snapshots (for post-hoc EMA) every this many images.")
+@click.option("--snapshot-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Storage type of EMA snapshots (float16 halves the disk).")
+@click.option("--snapshot-budget", "snapshot_budget_mb", type=float, default=None, help="Refuse to start when the snapshots would exceed this many MB.")
 @click.option("--augment", "augment_p", type=float, default=None, help="Non-leaky augmentation (EDM App. C): probability of each transform (flip, translation, scaling, rotation), e.g. 0.12; adds augment-label conditioning to the network.")
+@click.option("--task", type=click.Choice(["generate", "sr"]), default=None, help="generate (default) or sr: a cascade super-resolution stage conditioned on the low-res image (noise-conditioning augmentation).")
+@click.option("--sr-scale", type=int, default=None, help="sr: low-res factor (must divide the image size; default 2).")
+@click.option("--sr-aug-max", type=float, default=None, help="sr: conditioning noise sigma_aug ~ U[0, this] in training (default 0.5).")
 @user_errors
 def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
-          val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps, augment_p) -> None:
+          val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps,
+          snapshot_nimg, snapshot_dtype, snapshot_budget_mb, augment_p, task, sr_scale, sr_aug_max) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
 
     \b
@@ -117,8 +124,12 @@ def train(preset, ladder, formulation, run_dir, data, classes, center_crop, reso
     execution = dict(batch_per_device=batch_per_device, precision=precision, compile=compile_net, keep_states=keep_states, max_bad_steps=max_bad_steps)
     if any(v is not None for v in execution.values()):
         cfg = cfg.override("train", **{k: v for k, v in execution.items() if v is not None})
+    snapshots = dict(snapshot_nimg=snapshot_nimg, snapshot_dtype=snapshot_dtype, snapshot_budget_mb=snapshot_budget_mb)
+    if any(v is not None for v in snapshots.values()):
+        cfg = cfg.override("ema", **{k: v for k, v in snapshots.items() if v is not None})
     if augment_p is not None:
         cfg = resolve_augment(cfg, augment_p)
+    cfg = resolve_task(cfg, task=task, sr_scale=sr_scale, sr_aug_max=sr_aug_max)
     if dry_run:
         click.echo(cfg.to_json())
         return
@@ -135,6 +146,19 @@ def train(preset, ladder, formulation, run_dir, data, classes, center_crop, reso
         return
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
+
+
+def resolve_task(cfg: ExperimentConfig, *, task=None, sr_scale=None, sr_aug_max=None) -> ExperimentConfig:
+    """``--task sr --sr-scale S --sr-aug-max A``: the cascade SR stage and the network inputs it needs (after ``--augment``)."""
+    if task is None and (sr_scale is not None or sr_aug_max is not None):
+        raise ValueError("--sr-scale / --sr-aug-max are for --task sr")
+    if task != "sr":
+        return cfg if task is None else cfg.override("train", task=task)
+    from edmkit.cascade import resolve_sr
+
+    if sr_aug_max is not None:
+        cfg = cfg.override("train", sr_aug_max=sr_aug_max, sr_aug_sample=min(cfg.train.sr_aug_sample, sr_aug_max))
+    return resolve_sr(cfg, scale=cfg.train.sr_scale if sr_scale is None else sr_scale)
 
 
 def resolve_augment(cfg: ExperimentConfig, p: float) -> ExperimentConfig:
@@ -214,11 +238,16 @@ def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None
 @click.option("--gif", type=click.Path(dir_okay=False), default=None, help="Also write the reverse process (noisy state | denoised) of the first seeds as an animated GIF.")
 @click.option("--gif-n", type=int, default=4, show_default=True, help="Number of seeds shown in the --gif.")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
+@click.option("--classifier", "classifier_path", default=None, type=click.Path(dir_okay=False), help="Noise-aware classifier file (from edmkit train-classifier) for --classifier-scale / --reject-threshold.")
+@click.option("--classifier-scale", type=float, default=0.0, show_default=True, help="Classifier guidance scale s: D + s*sigma^2*grad log p(class | x, sigma) (needs --classifier; --class for unconditional models).")
+@click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: keep only images the classifier assigns to --class with confidence >= this, in (0, 1].")
+@click.option("--max-tries", type=int, default=None, help="With --reject-threshold: at most this many candidates (default 10 x the images asked for).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch (does not change the images).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @user_errors
 def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmin, S_tmax, S_noise, eta, class_idx, guidance,
-             guide_checkpoint, guide_ema, interval, oscillate, oscillate_warmup, threshold, gif, gif_n, ema_std, batch, device) -> None:
+             guide_checkpoint, guide_ema, interval, oscillate, oscillate_warmup, threshold, gif, gif_n, ema_std,
+             classifier_path, classifier_scale, reject_threshold, max_tries, batch, device) -> None:
     """Sample images; image k depends only on its seed, whatever the batch size.
 
     \b
@@ -226,6 +255,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
       edmkit generate --checkpoint runs/mnist --out grid.png --sampler heun --steps 18 --churn 10
       edmkit generate --checkpoint runs/cond --out grid.png --class 3 --guidance 2 --interval 0.3,5
       edmkit generate --checkpoint runs/big --guide-checkpoint runs/small --guidance 1.5 --out grid.png --gif reverse.gif
+      edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 7 --classifier-scale 2 --reject-threshold 0.9 --out grid.png
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.generate import generate_images, load_guide, parse_pair, parse_seeds
@@ -255,15 +285,67 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev) if guide_checkpoint else None
     if guide is None and (guidance not in (None, 1) or oscillate) and c.label_dim and cfg.loss.p_uncond == 0:
         click.echo("warning: this model was trained without label dropout (p_uncond = 0): its unconditional branch is untrained", err=True)
+    clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
+                                   gif=gif, device=dev)
+    if clf is not None:  # the class is the classifier's; an unconditional model takes none itself
+        guidance_kw.update(classifier=clf, classifier_scale=classifier_scale, classifier_class=class_idx)
+        class_idx = class_idx if c.label_dim else None
     recorder = ReverseProcessRecorder(num=min(gif_n, len(seed_list)), sigma_data=c.sigma_data) if gif else None
-    x = generate_images(net, seeds=seed_list, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
-                        class_idx=class_idx, sampler=sampler, steps=steps, schedule=schedule, guide=guide, batch=batch,
-                        device=dev, progress=True, callback=recorder, **guidance_kw, **sampler_kw)
+    sample = functools.partial(generate_images, net, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
+                               class_idx=class_idx, sampler=sampler, steps=steps, schedule=schedule, guide=guide, batch=batch,
+                               device=dev, **guidance_kw, **sampler_kw)
+    if reject_threshold is not None:
+        seed_list, x = rejection_generate(sample, clf, seed_list=seed_list, class_idx=guidance_kw["classifier_class"],
+                                          threshold=reject_threshold, batch=batch, max_tries=max_tries)
+    else:
+        x = sample(seeds=seed_list, progress=True, callback=recorder)
     write_images(x, Path(out), seeds=seed_list)
     click.echo(f"wrote {len(seed_list)} images to {out}")
     if recorder is not None:
         recorder.save(gif)
         click.echo(f"wrote the reverse process of {recorder.num} images ({len(recorder.steps)} steps) to {gif}")
+
+
+def load_generate_classifier(path, model, *, class_idx, scale, reject_threshold, gif, device):
+    """The classifier of ``generate`` (or None), checked against the model and the classifier options."""
+    from edmkit.classifier import check_classifier, check_threshold, load_classifier
+
+    if scale < 0:
+        raise ValueError(f"--classifier-scale must be >= 0, got {scale}")
+    if reject_threshold is not None:
+        check_threshold(reject_threshold)
+        if class_idx is None:
+            raise ValueError("--reject-threshold needs --class (the class to keep)")
+        if gif:
+            raise ValueError("--gif is not available with --reject-threshold")
+    if path is None:
+        if scale > 0 or reject_threshold is not None:
+            raise ValueError("--classifier-scale and --reject-threshold need --classifier")
+        return None
+    if scale > 0 and class_idx is None and not model.label_dim:
+        raise ValueError("classifier guidance of an unconditional model needs --class")
+    clf, meta = load_classifier(path, device=device)
+    check_classifier(model, meta["config"].network, class_idx=class_idx)
+    return clf
+
+
+def rejection_generate(sample, clf, *, seed_list, class_idx, threshold, batch, max_tries):
+    """Rejection sampling for ``generate``: consecutive seeds from the first asked for, until len(seed_list) are accepted."""
+    from edmkit.classifier import rejection_sample
+
+    n = len(seed_list)
+    max_tries = 10 * n if max_tries is None else max_tries
+    candidates = range(seed_list[0], seed_list[0] + max_tries)
+    result = rejection_sample(lambda s: sample(seeds=s), clf, n=n, class_idx=class_idx, threshold=threshold,
+                              seeds=candidates, batch=batch, max_tries=max_tries)
+    click.echo(f"rejection sampling: accepted {result.accepted} of {result.tried} candidates (rate {result.rate:.1%})")
+    if not result.seeds:
+        raise ValueError(f"no image of class {class_idx} reached confidence {threshold} in {result.tried} candidates; "
+                         "lower --reject-threshold or raise --max-tries")
+    if len(result.seeds) < n:
+        click.echo(f"warning: only {len(result.seeds)} of {n} images accepted within --max-tries {max_tries}; "
+                   "lower --reject-threshold or raise --max-tries", err=True)
+    return result.seeds, result.images
 
 
 def check_output_target(out: Path) -> None:
@@ -402,7 +484,7 @@ def finish_metrics(result: dict, out: Path, echo) -> None:
 
 @main.group("metrics")
 def metrics_group() -> None:
-    """Evaluate: FID, KID, precision/recall against reference statistics; memorization.
+    """Evaluate: FID, KID, precision/recall against reference statistics; memorization; linear probe.
 
     \b
     The standard detector is the FID Inception network (inception-2015-12-05.pt), looked up in
@@ -411,6 +493,7 @@ def metrics_group() -> None:
       edmkit metrics ref --data cifar-10-python.tar.gz --out refs/cifar10.npz
       edmkit metrics gen --checkpoint runs/cifar10 --ref refs/cifar10.npz --n 50000 --repeats 3
       edmkit metrics folder --images samples/ --ref refs/cifar10.npz
+      edmkit metrics probe --checkpoint runs/mnist --data mnist5k --sigma 0.5
       edmkit metrics memorization --checkpoint runs/mnist --n 1000 --out pairs.png
       torchrun --nproc_per_node 8 -m edmkit metrics gen --seeds 0-49999 ...   (each rank a slice; torchrun mistakes --n for its own options)
     """
@@ -586,6 +669,39 @@ def metrics_memorization(checkpoint, source, data, n, space, top, steps, out, de
     click.echo(f"near-copies: {int(mem.flagged.sum())} of {len(samples)} ({mem.rate:.2%}); most copy-like pairs in {out}, details in {out.with_suffix('.json')}")
 
 
+@metrics_group.command("probe")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--data", required=True, help='Labelled dataset: "mnist5k" or a path (converted to the network\'s resolution and channels).')
+@click.option("--sigma", type=float, default=0.5, show_default=True, help="Noise level the features are taken at.")
+@click.option("--block", default=None, help="U-Net block whose pooled output is probed, e.g. dec.7x7_in0 (default: the first decoder block).")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Fraction of the images held out for the test accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split and the fixed noise.")
+@click.option("--n", "n", type=int, default=None, help="Use only n images, a random subset drawn with --seed (default: all).")
+@click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
+@click.option("--batch", type=int, default=256, show_default=True, help="Images per forward pass (does not change the result).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@user_errors
+def metrics_probe(checkpoint, data, sigma, block, test_fraction, seed, n, ema_std, batch, device) -> None:
+    """Linear probe: test accuracy of a ridge classifier on frozen, pooled denoiser features at a fixed sigma.
+
+    \b
+    Example:
+      edmkit metrics probe --checkpoint runs/mnist --data mnist5k --sigma 0.5 --block dec.7x7_in0
+    """
+    from edmkit.checkpoint import find_network, load_network
+    from edmkit.data import load_dataset
+    from edmkit.metrics.probe import linear_probe, resolve_block
+
+    dev = pick_device(device)
+    net, meta = load_network(find_network(checkpoint, ema_std=ema_std), device=dev)
+    resolve_block(net, block)  # an unknown block fails before the dataset is read
+    c = meta["config"].network
+    ds = load_dataset(data, resolution=c.resolution, channels=c.channels)
+    r = linear_probe(net, ds, block=block, sigma=sigma, test_fraction=test_fraction, seed=seed, max_images=n, label_dim=c.label_dim, batch=batch)
+    click.echo(f"linear probe {r.block} at sigma {r.sigma:g} ({r.feature_dim} features): test accuracy {r.test_accuracy:.2%} "
+               f"on {r.n_test} images (train {r.train_accuracy:.2%} on {r.n_train}; chance {r.chance:.2%})")
+
+
 @main.group("dataset")
 def dataset_group() -> None:
     """Prepare datasets: convert any source to the checked zip format, or summarize one.
@@ -650,7 +766,8 @@ def dataset_info(source) -> None:
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="inpaint: the image (model size); sr: the low-res image (model size / scale).")
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None, help="inpaint: PNG of the image's size, white (nonzero) = known pixel; 1 channel or the image's.")
 @click.option("--scale", type=int, default=2, show_default=True, help="sr: upsampling factor (must divide the model's image size).")
-@click.option("--method", default=None, help="inpaint: replace (default) or dps; sr: ilvr (default), ccdf or dps.")
+@click.option("--method", default=None, help="inpaint: replace (default) or dps; sr: ilvr (default), ccdf, dps, or cascade (a model trained with --task sr).")
+@click.option("--sr-aug", "sr_aug", type=float, default=None, help="cascade: fixed noise level of the conditioning image (default: the model's train.sr_aug_sample).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Result PNG; the side-by-side (input | result | truth) goes to <out>-compare.png.")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Ground-truth image to show in the side-by-side.")
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (ccdf: only those below --sigma-start are taken).")
@@ -664,7 +781,7 @@ def dataset_info(source) -> None:
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @user_errors
-def restore(checkpoint, task, image, mask, scale, method, out, truth, steps, sampler, schedule, resample, zeta, sigma_start, seed, class_idx, ema_std, device) -> None:
+def restore(checkpoint, task, image, mask, scale, method, sr_aug, out, truth, steps, sampler, schedule, resample, zeta, sigma_start, seed, class_idx, ema_std, device) -> None:
     """Inpaint or super-resolve an image zero-shot with any trained model and sampler.
 
     \b
@@ -692,8 +809,16 @@ def restore(checkpoint, task, image, mask, scale, method, out, truth, steps, sam
     m = read_image_file(mask).to(dev) if task == "inpaint" else None
     rnd = SeededRandn([seed], device=dev)
     labels = class_labels([seed], label_dim=c.label_dim, class_idx=class_idx, device=dev) if c.label_dim else None
-    x = restore_images(net, y, task=task, sample=sample, sigmas=sampling_sigmas(schedule, steps, device=dev), noise=rnd.randn([c.channels, c.resolution, c.resolution]),
-                       mask=m, scale=scale, method=method, labels=labels, randn=rnd, resample=resample, zeta=zeta, sigma_start=sigma_start)
+    if method == "cascade":  # a trained SR stage (edmkit.cascade), not a zero-shot method
+        from edmkit.cascade import super_resolve
+
+        if task != "sr" or scale != meta["config"].train.sr_scale:
+            raise ValueError(f"--method cascade is for --task sr with the model's --scale {meta['config'].train.sr_scale}")
+        x = super_resolve(net, y, cfg=meta["config"], sample=sample, sigmas=sampling_sigmas(schedule, steps, device=dev),
+                          noise=rnd.randn([c.channels, c.resolution, c.resolution]), sigma_aug=sr_aug, labels=labels, randn=rnd)
+    else:
+        x = restore_images(net, y, task=task, sample=sample, sigmas=sampling_sigmas(schedule, steps, device=dev), noise=rnd.randn([c.channels, c.resolution, c.resolution]),
+                           mask=m, scale=scale, method=method, labels=labels, randn=rnd, resample=resample, zeta=zeta, sigma_start=sigma_start)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_image_file(x, out)
     shown = [check_mask(m, y) * y if task == "inpaint" else upsample(y, scale=scale), x]
@@ -706,6 +831,58 @@ def restore(checkpoint, task, image, mask, scale, method, out, truth, steps, sam
     save_image_grid(torch.cat(shown), compare, nrow=len(shown))
     click.echo(f"wrote {out} and {compare} (input | result{' | truth' if truth else ''})")
 
+
+@main.command("train-classifier")
+@click.option("--data", default=None, help='Labelled dataset: "mnist5k" (embedded) or a path (default: the preset\'s).')
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Classifier file to write, e.g. clf.safetensors.")
+@click.option("--duration", "nimg", type=NIMG, default="20k", show_default=True, help="Training length in images, e.g. 20k.")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Network size and sigma density of the preset: {', '.join(PRESETS)}.")
+@click.option("--classes", default=None, help="Train on these classes only, e.g. 3,5 (relabelled 0..k-1), as the diffusion model was.")
+@click.option("--batch", type=int, default=None, help="Batch size (default: the preset's).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default: the preset's).")
+@click.option("--seed", type=int, default=None, help="Seed for initialization, data order and noise.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def train_classifier_cmd(data, out, nimg, preset, classes, batch, lr, seed, device, quiet) -> None:
+    """Train a noise-aware classifier p(class | x, sigma) for classifier guidance and rejection sampling.
+
+    \b
+    Example:
+      edmkit train-classifier --data mnist5k --out clf.safetensors --duration 20k --preset mnist
+      edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 3 --classifier-scale 1 --out grid.png
+    """
+    from edmkit.classifier import train_classifier
+
+    check_output_target(Path(out))
+    changes = {k: v for k, v in dict(data=data, batch=batch, seed=seed, classes=tuple(parse_int_list(classes, name="--classes") or ()) if classes else None).items()
+               if v is not None}
+    cfg = get_preset(preset)
+    cfg = cfg.override("train", **changes) if changes else cfg
+    train_classifier(cfg, out, nimg=nimg, lr=lr, device=pick_device(device), progress=not quiet, log=click.echo)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default RUN/report): index.html with its PNGs and GIF.")
+@click.option("--gif-n", type=int, default=4, show_default=True, help="Images in the reverse-diffusion GIF (0: none).")
+@click.option("--gif-steps", type=int, default=None, help="Sampler steps of the GIF (default: the run's sample_steps).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (for the GIF).")
+@user_errors
+def report(run_dir, out, gif_n, gif_steps, device) -> None:
+    """HTML report of a training run: loss, learning rate, gradient norm, validation and metric curves, sample grids, reverse-diffusion GIF.
+
+    \b
+    Example:
+      edmkit report runs/mnist            # writes runs/mnist/report/index.html
+    """
+    from edmkit.report import write_report
+
+    if gif_n < 0:
+        raise ValueError("--gif-n must be >= 0")
+    page = write_report(run_dir, out, gif_n=gif_n, gif_steps=gif_steps, device=pick_device(device))
+    click.echo(f"wrote {page}")
 
 if __name__ == "__main__":
     main()

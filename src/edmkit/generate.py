@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from edmkit.checkpoint import find_network, load_network, read_network_metadata
 from edmkit.config import NetworkConfig
-from edmkit.guidance import classifier_free, dynamic_threshold, guidance_interval, guided, oscillating
+from edmkit.guidance import classifier_free, classifier_guided, dynamic_threshold, guidance_interval, guided, oscillating
 from edmkit.samplers import Denoiser, SeededRandn, get_sampler
 from edmkit.schedules import sigma_schedule
 
@@ -111,6 +111,9 @@ def guided_denoiser(
     oscillate: tuple[float, float] | None = None,
     oscillate_warmup: int = 0,
     threshold: float | None = None,
+    classifier: Callable | None = None,
+    classifier_scale: float = 0.0,
+    classifier_class: int | None = None,
 ) -> Denoiser:
     """The denoiser a sampler runs, built from the guidance options (the one place they are combined).
 
@@ -121,6 +124,9 @@ def guided_denoiser(
     `oscillate_warmup` steps at the higher one; `interval` = (σ_lo, σ_hi] restricts it to those
     noise levels (Kynkäänniemi et al. 2024). `threshold` applies dynamic thresholding (Imagen) to
     the result. Without guidance (w = 1, no oscillation) the model itself is used, bit-exactly.
+    `classifier` adds classifier guidance D + s·σ²·∇_x log p(y | x, σ) (Dhariwal & Nichol 2021) on top
+    of the (CFG / autoguided) denoiser, before thresholding; s = `classifier_scale`, y = `classifier_class`
+    or the labels' class.
 
     Args:
         denoiser: the model D(x; σ, labels).
@@ -132,6 +138,9 @@ def guided_denoiser(
         oscillate: (w_high, w_low) or None; excludes `guidance`.
         oscillate_warmup: number of initial steps at max(oscillate).
         threshold: dynamic-thresholding percentile p in (0, 1], or None.
+        classifier: (x, sigma) -> logits [N, K] of a noise-aware classifier, or None.
+        classifier_scale: s >= 0 (0 = no classifier guidance).
+        classifier_class: class y of every image; None = the labels' class (needs a conditional model).
 
     Returns:
         Denoiser ``(x [N,C,H,W], sigma [N], labels [N,L] | None) -> [N,C,H,W]``.
@@ -150,6 +159,14 @@ def guided_denoiser(
         raise ValueError("guidance needs a class-conditional model (for its unconditional branch) or a guide model (autoguidance)")
     if guiding:
         denoiser = guided(denoiser, guide, weight) if guide is not None else classifier_free(denoiser, weight)
+    if classifier_scale < 0:
+        raise ValueError(f"classifier guidance scale must be >= 0, got {classifier_scale}")
+    if classifier_scale > 0:
+        if classifier is None:
+            raise ValueError("classifier guidance (classifier_scale > 0) needs a classifier")
+        if classifier_class is None and not label_dim:
+            raise ValueError("classifier guidance of an unconditional model needs a class (classifier_class / --class)")
+        denoiser = classifier_guided(denoiser, classifier, scale=classifier_scale, class_idx=classifier_class)
     if threshold is not None:
         denoiser = dynamic_threshold(denoiser, percentile=threshold)
     return denoiser
@@ -194,6 +211,9 @@ def generate_images(
     oscillate: tuple[float, float] | None = None,
     oscillate_warmup: int = 0,
     threshold: float | None = None,
+    classifier: Callable | None = None,
+    classifier_scale: float = 0.0,
+    classifier_class: int | None = None,
     batch: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -204,7 +224,8 @@ def generate_images(
 
     Labels: with ``label_dim > 0`` and ``class_idx=None`` each image draws its class from its own seed.
     Guidance options are those of :func:`guided_denoiser`; a `guide` passed here is not checked
-    against the model (use :func:`load_guide`, which is). `callback` gets the sampler's step dict
+    against the model (use :func:`load_guide`, which is), nor is a `classifier` (use
+    ``edmkit.classifier.check_classifier``). `callback` gets the sampler's step dict
     plus ``start``, the index of the batch's first image in `seeds`. `sampler_kw` are options of
     the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta).
     """
@@ -217,7 +238,8 @@ def generate_images(
     _check_sampler_options(sample, sampler, sampler_kw)
     sigmas = sampling_sigmas(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)
     denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, guide=guide, guidance=guidance, interval=interval,
-                              oscillate=oscillate, oscillate_warmup=oscillate_warmup, threshold=threshold)
+                              oscillate=oscillate, oscillate_warmup=oscillate_warmup, threshold=threshold,
+                              classifier=classifier, classifier_scale=classifier_scale, classifier_class=classifier_class)
     out = []
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         batch_seeds = list(seeds[start:start + batch])

@@ -1,4 +1,4 @@
-"""Reports: pictures of what a model does. For now, the reverse-diffusion process as an animated GIF.
+"""Reports: the reverse-diffusion process as an animated GIF, and ``edmkit report RUN`` (HTML + PNG plots of a run).
 
 Symbols (EDM Table 1): x_i is the sampler's noisy state at noise level σ_i (x = y + σ·n), and
 D = D(x_i; σ_i) the denoised estimate of the clean image y. For display, x_i is scaled by
@@ -117,3 +117,155 @@ class ReverseProcessRecorder:
         if not self.steps:
             raise ValueError("nothing recorded: the recorder was never called by a sampler")
         save_gif(self.frames(), path, duration_ms=duration_ms, hold_ms=hold_ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# `edmkit report RUN`: a self-contained HTML page (relative links) with PNG plots of stats.jsonl,
+# the run's sample grids over time and a reverse-process GIF of its newest network.
+
+RUN_FILES = ("stats.jsonl", "config.json", "grid-*.png", "network-*.safetensors")
+
+
+def read_stats(path: str | Path) -> list[dict]:
+    """Records of a ``stats.jsonl`` (one JSON object per line); a torn last line of a live run is skipped."""
+    import json
+
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written by the training process right now
+        if isinstance(rec, dict) and isinstance(rec.get("nimg"), (int, float)):
+            records.append(rec)
+    return records
+
+
+def plot_series(path: Path, series: dict[str, tuple[list, list]], *, title: str, ylabel: str, log_y: bool = False,
+                marks: tuple[list, list] | None = None, marks_label: str = "") -> None:
+    """Write a line plot PNG of named (nimg, value) series (None values dropped); optional red markers."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no pyplot global state
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if isinstance(y, (int, float)) and math.isfinite(y)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="." if len(pts) < 50 else None)
+    if marks and marks[0]:
+        ax.scatter(marks[0], marks[1], color="red", marker="x", s=60, zorder=3, label=marks_label)
+    if log_y and all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel="training images (nimg)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or marks_label:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _column(records: list[dict], key: str) -> tuple[list, list]:
+    return [r["nimg"] for r in records], [r.get(key) for r in records]
+
+
+def _stats_plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
+    """Plot every available curve into `out`; returns (caption, file name) pairs."""
+    plots: list[tuple[str, str]] = []
+
+    def add(name: str, caption: str, **kw) -> None:
+        plot_series(out / name, **kw)
+        plots.append((caption, name))
+
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    if any(r.get("mse") is not None or r.get("loss") is not None for r in train):
+        add("loss.png", "Training loss", series={"mse (λ-weighted)": _column(train, "mse"), "loss (optimized)": _column(train, "loss")},
+            title="training loss", ylabel="loss", log_y=True)
+    if any(r.get("lr") is not None for r in train):
+        add("lr.png", "Learning rate", series={"lr": _column(train, "lr")}, title="learning rate", ylabel="lr")
+    if any(r.get("grad_norm") is not None for r in train):
+        add("grad_norm.png", "Gradient norm (before clipping)", series={"mean": _column(train, "grad_norm"), "max": _column(train, "grad_norm_max")},
+            title="global gradient norm", ylabel="L2 norm", log_y=True)
+    if val:
+        flagged = [r for r in val if r.get("memorization")]
+        add("val_loss.png", "Validation loss (held-out vs training images; red x: memorization flag)",
+            series={"held-out": _column(val, "loss"), "training images": _column(val, "train_loss")}, title="validation loss", ylabel="loss",
+            log_y=True, marks=([r["nimg"] for r in flagged], [r.get("loss") for r in flagged]), marks_label="memorization" if flagged else "")
+        sigmas = next((r["sigma"] for r in reversed(val) if isinstance(r.get("sigma"), list) and isinstance(r.get("loss_per_sigma"), list)), None)
+        if sigmas:
+            rows = [r for r in val if len(r.get("loss_per_sigma") or []) == len(sigmas)]  # same σ bins as the newest record
+            per = {f"σ={s:.3g}": ([r["nimg"] for r in rows], [r["loss_per_sigma"][i] for r in rows]) for i, s in enumerate(sigmas)}
+            add("val_loss_per_sigma.png", "Held-out loss per σ bin", series=per, title="held-out loss per σ bin", ylabel="loss", log_y=True)
+    for kind in sorted({str(r.get("kind")) for r in records} - {"train", "val", "None"}):
+        rows = [r for r in records if str(r.get("kind")) == kind]
+        keys = sorted({k for r in rows for k, v in r.items() if k not in ("nimg", "step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key in keys:
+            safe = "".join(c if c.isalnum() else "_" for c in f"{kind}_{key}")
+            add(f"metric_{safe}.png", f"{kind}: {key}", series={key: _column(rows, key)}, title=f"{kind}: {key}", ylabel=key)
+    return plots
+
+
+def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> str:
+    """Sample `num` images from the run's newest network, recording the reverse process; returns a note."""
+    from edmkit.checkpoint import find_network, load_network
+    from edmkit.generate import generate_images
+
+    path = find_network(run_dir)
+    net, meta = load_network(path, device=device)
+    c, steps = meta["config"].network, steps or meta["config"].train.sample_steps
+    recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)
+    generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, steps=steps,
+                    device=device, callback=recorder)
+    recorder.save(out)
+    return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), Heun {steps} steps, seeds 0-{num - 1}"
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: int = 4, gif_steps: int | None = None,
+                 device: torch.device | str = "cpu") -> Path:
+    """Write ``index.html`` and its PNG/GIF files for a training run folder; returns the page's path.
+
+    Args:
+        run_dir: a run folder of ``edmkit train`` (stats.jsonl, grid-*.png, network-*.safetensors;
+            each is optional, at least one must be there).
+        out: output folder (default ``RUN/report``); self-contained, links are relative.
+        gif_n: images in the reverse-process GIF (0: no GIF).
+        gif_steps: sampler steps of the GIF (default: the run's ``sample_steps``).
+        device: where the GIF is sampled.
+    """
+    import html
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
+    if not any(any(run_dir.glob(pattern)) for pattern in RUN_FILES):
+        raise ValueError(f"{run_dir}: not a run folder (no {', '.join(RUN_FILES)})")
+    out = run_dir / "report" if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = run_dir / "stats.jsonl"
+    records = read_stats(stats) if stats.is_file() else []
+    parts = [f"<h1>Training report: {html.escape(run_dir.resolve().name)}</h1>",
+             f"<p>{len(records)} stats records" + (f", up to {max(r['nimg'] for r in records)} training images" if records else "") + "</p>"]
+    plots = _stats_plots(records, out)
+    parts.append("<h2>Curves</h2>" + ("".join(f'<figure><img src="{n}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+                                               for c, n in plots) or "<p>no stats.jsonl records</p>"))
+    grids = sorted(run_dir.glob("grid-*.png"))
+    if grids:
+        (out / "grids").mkdir(exist_ok=True)
+    for grid in grids:
+        shutil.copyfile(grid, out / "grids" / grid.name)
+    parts.append("<h2>Sample grids over time</h2>" + ("".join(
+        f'<figure><img src="grids/{g.name}" alt="{g.stem}"><figcaption>{int(g.stem.split("-")[-1]) if g.stem.split("-")[-1].isdigit() else g.stem} images</figcaption></figure>'
+        for g in grids) or "<p>no grid-*.png files</p>"))
+    note = "no network-*.safetensors files" if not any(run_dir.glob("network-*.safetensors")) else "not requested"
+    if gif_n > 0 and note != "no network-*.safetensors files":
+        note = _reverse_gif(run_dir, out / "reverse.gif", num=gif_n, steps=gif_steps, device=device)
+        parts.append(f'<h2>Reverse diffusion (noisy state | denoised)</h2><figure><img src="reverse.gif" alt="reverse process"><figcaption>{html.escape(note)}</figcaption></figure>')
+    else:
+        parts.append(f"<h2>Reverse diffusion</h2><p>{note}</p>")
+    style = "body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}img{image-rendering:pixelated;max-width:640px}"
+    page = f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title><style>{style}</style></head><body>\n'
+    (out / "index.html").write_text(page + "\n".join(parts) + "\n</body></html>\n", encoding="utf-8")
+    return out / "index.html"

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg",
                      "train.val_nimg", "train.val_sigmas", "train.val_patience"}
 # ... and how the work is split or run, not what it computes (a run may resume on another number of processes).
 RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
+RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
 RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 

@@ -6,6 +6,7 @@ Modules:
     detectors     TorchScript feature networks (registry DETECTORS), cache folder, sha256 checks
     reference     reference files (ref.npz): statistics, raw features, detector hash checks
     evaluate      features of generators / image sets, scores, repeats, torchrun reduction
+    probe         linear probe: ridge classifier on frozen, pooled denoiser block features at a fixed σ
 """
 
 from edmkit.metrics.detectors import DETECTORS, Detector, DetectorError, cache_dir, load_detector

@@ -20,6 +20,8 @@ switch lives in exactly one place:
 
 Optional conditioning on augment labels (non-leaky augmentation, EDM App. C; ``augment_dim > 0``): a
 bias-free linear embedding of the labels added to the noise embedding (MP sum in G), zeros when not given.
+Optional conditioning image (cascade super-resolution, SR3; ``cond_channels > 0``): concatenated to the input
+channels, zeros when not given (``edmkit.cascade``; its noise-augmentation level rides on the augment labels).
 """
 
 from __future__ import annotations
@@ -189,6 +191,30 @@ class Block(torch.nn.Module):
         return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
 
 
+def encoder_blocks(*, in_channels: int, resolution: int, block_channels: list[int], num_blocks: int, emb_channels: int,
+                   attn_resolutions: tuple[int, ...], switches: LadderSwitches, **block_kw) -> torch.nn.ModuleDict:
+    """The U-Net encoder (EDM2 Fig. 21): a 3x3 conv, then per level an optional downsampling block and ``num_blocks`` blocks.
+
+    Shared by ``UNet`` and the noise-aware classifier (``edmkit.classifier``). Keys ``{res}x{res}_conv|_down|_block{i}``;
+    the conv takes ``x`` alone, every block ``(x, emb)``. Output channels: ``block_channels[-1]``.
+    """
+    enc = torch.nn.ModuleDict()
+    c_out = in_channels
+    for level, c in enumerate(block_channels):
+        res = resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"] = learned_layer(c_out, c, (3, 3), switches=switches)
+            c_out = c
+        else:
+            enc[f"{res}x{res}_down"] = Block(c_out, c_out, emb_channels, flavor="enc", resample_mode="down", switches=switches, **block_kw)
+        for i in range(num_blocks):
+            enc[f"{res}x{res}_block{i}"] = Block(
+                c_out, c, emb_channels, flavor="enc", attention=res in attn_resolutions, switches=switches, **block_kw
+            )
+            c_out = c
+    return enc
+
+
 class UNet(torch.nn.Module):
     """EDM2 U-Net backbone F(x; c_noise, labels) for square images; ``ladder`` picks the EDM2 rung A-G (Table 1)."""
 
@@ -210,6 +236,7 @@ class UNet(torch.nn.Module):
         ladder: str | LadderSwitches = "G",
         augment_dim: int = 0,
         augment_balance: float = 0.5,
+        cond_channels: int = 0,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -218,6 +245,7 @@ class UNet(torch.nn.Module):
         s = self.switches = ladder if isinstance(ladder, LadderSwitches) else ladder_switches(ladder)
         self.label_dim = label_dim
         self.augment_dim, self.augment_balance = augment_dim, augment_balance
+        self.cond_channels = cond_channels  # cascade SR: conditioning-image channels concatenated to the input (SR3)
         self.model_channels = model_channels
         self.label_balance = label_balance
         self.concat_balance = concat_balance
@@ -236,20 +264,11 @@ class UNet(torch.nn.Module):
         self.out_gain = torch.nn.Parameter(torch.zeros([])) if s.mp_fixed else None
         self.emb_mlp = None if s.fourier_embedding else layer(emb_channels, emb_channels)  # ADM's second embedding layer
 
-        self.enc = torch.nn.ModuleDict()
-        c_out = channels + (0 if s.biases else 1)  # + constant-ones channel (C+, replaces biases)
-        for level, c in enumerate(block_channels):
-            res = resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = layer(c_out, c, (3, 3))
-                c_out = c
-            else:
-                self.enc[f"{res}x{res}_down"] = Block(c_out, c_out, emb_channels, flavor="enc", resample_mode="down", **block_kw)
-            for i in range(num_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = Block(
-                    c_out, c, emb_channels, flavor="enc", attention=res in attn_resolutions, **block_kw
-                )
-                c_out = c
+        # + conditioning image (SR3) + constant-ones channel (C+, replaces biases)
+        self.enc = encoder_blocks(in_channels=channels + cond_channels + (0 if s.biases else 1), resolution=resolution,
+                                  block_channels=block_channels, num_blocks=num_blocks, emb_channels=emb_channels,
+                                  attn_resolutions=attn_resolutions, **block_kw)
+        c_out = block_channels[-1]
         skips = [block.out_channels for block in self.enc.values()]
 
         self.dec = torch.nn.ModuleDict()
@@ -289,11 +308,20 @@ class UNet(torch.nn.Module):
         return act(emb, mp=mp)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None,
-        augment_labels [N, augment_dim] or None (zeros). Returns [N, C, H, W]."""
+        augment_labels [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] conditioning image or None
+        (zeros). Returns [N, C, H, W]."""
         s, mp = self.switches, self.switches.mp_fixed
         emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device, augment_labels=augment_labels)
+
+        if self.cond_channels:  # SR3 / cascaded diffusion: the (upsampled, noise-augmented) low-res image as extra input channels
+            cond = torch.zeros_like(x[:, :1]).expand(-1, self.cond_channels, -1, -1) if cond is None else cond.to(x.dtype)
+            if cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"conditioning image {tuple(cond.shape[1:])} does not match ({self.cond_channels}, {x.shape[-2]}, {x.shape[-1]})")
+            x = torch.cat([x, cond], dim=1)  # [N, C + C_cond, H, W]
+        elif cond is not None:
+            raise ValueError("a conditioning image given to a network without conditioning channels (cond_channels = 0)")
 
         if not s.biases:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]

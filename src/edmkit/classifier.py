@@ -1,0 +1,274 @@
+"""A noise-aware classifier p(y | x, σ) for classifier guidance and rejection sampling.
+
+Symbols: x = y_img + σ n a noisy image (EDM σ-space, data in [-1, 1]); y a class in [0, K); c_in, c_noise
+the formulation's preconditioning (``edmkit.precond.FORMULATIONS``), so the network sees unit-variance input
+and the same noise embedding as the denoiser.
+
+Network: the U-Net's encoder (``edmkit.nn.unet.encoder_blocks``, EDM2 config G: magnitude-preserving,
+forced weight normalization) conditioned on c_noise through the same Fourier embedding, then global average
+pooling, pixel normalization and an MP linear head -> K logits. Trained with cross-entropy on x + σ n, σ drawn
+from the diffusion loss's density (``make_loss(cfg).sample_sigma``), as "trained with noisy data and the class
+labels" in Dhariwal & Nichol 2021 (ADM, Sec. 4).
+
+Files: the usual network safetensors (``checkpoint.save_network``) with metadata ``kind = "classifier"``; the
+config's ``network.label_dim`` is the class count K. ``checkpoint.load_network`` refuses them;
+:func:`load_classifier` reads them.
+
+Rejection sampling: generate, classify the clean samples at the smallest σ, keep those predicted as the
+requested class with confidence ≥ τ (the seed notes' "reject generated samples if the provided conditions
+can be estimated from the generated samples").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from edmkit.checkpoint import CheckpointError, read_network_metadata, save_network
+from edmkit.config import ExperimentConfig, NetworkConfig, ladder_switches
+from edmkit.data import ImageDataset, images_to_float, load_dataset
+from edmkit.loss import make_loss
+from edmkit.nn.mp import MPFourier, mp_silu, normalize
+from edmkit.nn.unet import encoder_blocks, learned_layer
+from edmkit.precond import FORMULATIONS
+
+CLEAN_SIGMA = 0.002  # "clean" = the smallest σ of the default sampling grid (EDM σ_min)
+
+
+class NoisyClassifier(torch.nn.Module):
+    """Logits of p(y | x, σ): U-Net encoder blocks + global average pool + MP linear head (config G)."""
+
+    def __init__(self, *, resolution: int, channels: int, num_classes: int, model_channels: int = 32,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), num_blocks: int = 1, attn_resolutions: tuple[int, ...] = (),
+                 channels_per_head: int = 64, emb_mult: int = 4, sigma_data: float = 0.5, formulation: str = "edm") -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        s = ladder_switches("G")
+        self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
+        self.sigma_data = sigma_data
+        self.precond = FORMULATIONS[formulation]
+        block_channels = [model_channels * m for m in channel_mult]
+        emb_channels = model_channels * emb_mult
+        self.emb_fourier = MPFourier(model_channels)
+        self.emb_noise = learned_layer(model_channels, emb_channels, switches=s)
+        self.enc = encoder_blocks(in_channels=channels + 1, resolution=resolution, block_channels=block_channels,  # + ones channel
+                                  num_blocks=num_blocks, emb_channels=emb_channels, attn_resolutions=tuple(attn_resolutions),
+                                  switches=s, channels_per_head=channels_per_head)
+        self.head = learned_layer(block_channels[-1], num_classes, switches=s)
+        self.head_gain = torch.nn.Parameter(torch.ones([]))  # learned logit temperature
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Args: x [N, C, H, W] noisy images (σ-space), sigma [N] or scalar. Returns logits [N, K] float32."""
+        if x.shape[1:] != (self.channels, self.resolution, self.resolution):
+            raise ValueError(f"classifier takes [N, {self.channels}, {self.resolution}, {self.resolution}] images, got {list(x.shape)}")
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        _, _, c_in, c_noise = self.precond(sigma, sigma_data=self.sigma_data)
+        emb = mp_silu(self.emb_noise(self.emb_fourier(c_noise.flatten())))  # [N, E]
+        h = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
+        for name, block in self.enc.items():
+            h = block(h) if name.endswith("_conv") else block(h, emb)
+        h = normalize(h.mean(dim=(2, 3)), dim=1)  # global average pool [N, C_last], unit RMS
+        return self.head(h, gain=self.head_gain)  # [N, K]
+
+
+def build_classifier(cfg: ExperimentConfig) -> NoisyClassifier:
+    """The classifier a config describes; ``cfg.network.label_dim`` is its class count."""
+    n = cfg.network
+    return NoisyClassifier(resolution=n.resolution, channels=n.channels, num_classes=n.label_dim, model_channels=n.model_channels,
+                           channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
+                           channels_per_head=n.channels_per_head, sigma_data=n.sigma_data, formulation=n.formulation)
+
+
+def load_classifier(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[NoisyClassifier, dict[str, Any]]:
+    """Rebuild a classifier from its file's config and load its weights strictly; returns (classifier in eval mode, metadata)."""
+    from safetensors.torch import load_file
+
+    meta = read_network_metadata(path)
+    if meta["kind"] != "classifier":
+        raise CheckpointError(f"{path}: a {meta['kind']} file, not a classifier (train one with edmkit train-classifier)")
+    clf = build_classifier(meta["config"]).to(device)
+    try:
+        clf.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: classifier weights do not match its config ({str(e).splitlines()[0]})") from None
+    return clf.eval().requires_grad_(False), meta
+
+
+def check_classifier(model: NetworkConfig, classifier: NetworkConfig, *, class_idx: int | None = None) -> None:
+    """Refuse a classifier of other images than the model's: resolution, channels, class count, class index."""
+    if (model.resolution, model.channels) != (classifier.resolution, classifier.channels):
+        raise ValueError(f"classifier takes {classifier.resolution}x{classifier.resolution}x{classifier.channels} images "
+                         f"but the model makes {model.resolution}x{model.resolution}x{model.channels}")
+    if model.label_dim and model.label_dim != classifier.label_dim:
+        raise ValueError(f"classifier has {classifier.label_dim} classes but the model has {model.label_dim}")
+    if class_idx is not None and not 0 <= class_idx < classifier.label_dim:
+        raise ValueError(f"class {class_idx} out of range: the classifier has {classifier.label_dim} classes (0-{classifier.label_dim - 1})")
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+def sigma_bins(loss_fn: Any, *, num_bins: int, generator: torch.Generator, num_draws: int = 4096) -> torch.Tensor:
+    """Centres of `num_bins` equal-mass bins of the training σ density (empirical midpoint quantiles). Returns [num_bins]."""
+    draws = loss_fn.sample_sigma(num_draws, generator=generator).double()
+    q = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
+    return torch.quantile(draws, q).to(torch.float32)
+
+
+@torch.no_grad()
+def accuracy_at(classifier: Callable, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
+                generator: torch.Generator, batch: int = 256) -> float:
+    """Fraction of `images` [N, C, H, W] in [-1, 1] with noise σ·n classified as `labels` [N]."""
+    correct = 0
+    for i in range(0, len(images), batch):
+        y = images[i:i + batch]
+        x = y + sigma * torch.randn(y.shape, generator=generator).to(y.device)
+        correct += int((classifier(x, torch.full([len(y)], sigma, device=y.device)).argmax(1) == labels[i:i + batch]).sum())
+    return correct / max(len(images), 1)
+
+
+def labelled_data(cfg: ExperimentConfig, data: ImageDataset | None = None) -> ImageDataset:
+    """The config's dataset (or `data`), which must carry at least 2 classes of labels."""
+    n, t = cfg.network, cfg.train
+    if data is None:
+        data = load_dataset(t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)
+    if data.labels is None or data.num_classes < 2:
+        raise ValueError(f"{data.name}: a classifier needs labelled data with at least 2 classes")
+    if tuple(data.images.shape[1:]) != (n.channels, n.resolution, n.resolution):
+        raise ValueError(f"{data.name}: images {tuple(data.images.shape[1:])} do not match the config ({n.channels}, {n.resolution}, {n.resolution})")
+    return data
+
+
+def train_classifier(cfg: ExperimentConfig, out_path: str | os.PathLike, *, nimg: int, data: ImageDataset | None = None,
+                     device: torch.device | str = "cpu", lr: float | None = None, eval_images: int = 512, num_bins: int = 5,
+                     progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a noise-aware classifier on x + σ n (σ from the diffusion loss density) and save it to `out_path`.
+
+    Uses ``cfg.network`` for the architecture (label_dim set to the data's class count), ``cfg.loss`` for the σ
+    density, ``cfg.optim.lr`` (or `lr`; Adam, constant) and ``cfg.train`` for data, batch and seed. The last
+    `eval_images` of a seeded permutation are held out for the report.
+
+    Returns:
+        ``{"clean": accuracy at σ = 0.002, "bins": [(σ, accuracy), ...], "num_classes": K, "nimg": nimg}``.
+    """
+    if nimg < 1:
+        raise ValueError(f"nimg must be >= 1, got {nimg}")
+    data = labelled_data(cfg, data)
+    cfg = cfg.override("network", label_dim=data.num_classes)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # weight init
+    clf = build_classifier(cfg).to(device).train()
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.optim.lr if lr is None else lr, betas=(0.9, 0.99))
+    loss_fn = make_loss(cfg)
+    perm = torch.randperm(len(data.labels), generator=g)
+    n_eval = min(eval_images, len(perm) // 5)
+    train_idx, eval_idx = perm[n_eval:], perm[:n_eval]
+    batch = cfg.train.batch
+    steps = -(-nimg // batch)
+    bar = tqdm(range(steps), disable=not progress, desc="train-classifier", unit="step")
+    for _ in bar:
+        idx = train_idx[torch.randint(len(train_idx), [batch], generator=g)]
+        y = images_to_float(data.images[idx]).to(device)  # [B, C, H, W]
+        labels = data.labels[idx].to(device)
+        sigma = loss_fn.sample_sigma(batch, generator=g).to(device)  # [B]
+        x = y + sigma.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g).to(device)
+        loss = F.cross_entropy(clf(x, sigma), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    clf.eval()
+    save_network(out_path, clf.state_dict(), cfg=cfg, nimg=steps * batch, ema_std=0.0, kind="classifier")
+    report = classifier_report(clf, data, eval_idx, loss_fn, num_bins=num_bins, seed=cfg.train.seed, device=device)
+    log(format_report(report))
+    return {**report, "nimg": steps * batch}
+
+
+def classifier_report(clf: Callable, data: ImageDataset, idx: torch.Tensor, loss_fn: Any, *, num_bins: int, seed: int,
+                      device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Held-out accuracy clean (σ = 0.002) and at the centres of `num_bins` equal-mass bins of the training σ density."""
+    g = torch.Generator().manual_seed(seed + 1)
+    y, labels = images_to_float(data.images[idx]).to(device), data.labels[idx].to(device)
+    bins = sigma_bins(loss_fn, num_bins=num_bins, generator=g).tolist()
+    return {"num_classes": data.num_classes, "clean": accuracy_at(clf, y, labels, sigma=CLEAN_SIGMA, generator=g),
+            "bins": [(s, accuracy_at(clf, y, labels, sigma=s, generator=g)) for s in bins]}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One line per σ of a :func:`classifier_report`."""
+    lines = [f"held-out accuracy ({report['num_classes']} classes, chance {1 / report['num_classes']:.3f}):",
+             f"  clean (sigma {CLEAN_SIGMA:g}): {report['clean']:.3f}"]
+    lines += [f"  sigma {s:8.3f}: {a:.3f}" for s, a in report["bins"]]
+    return "\n".join(lines)
+
+
+# --- rejection sampling ------------------------------------------------------------------------------------
+
+
+def check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise ValueError(f"rejection threshold must be in (0, 1], got {threshold}")
+
+
+@torch.no_grad()
+def accept(classifier: Callable, x: torch.Tensor, *, class_idx: int, threshold: float, sigma: float = CLEAN_SIGMA) -> torch.Tensor:
+    """Rejection test of clean samples x [N, C, H, W]: predicted class == `class_idx` and p(class | x, σ) ≥ τ. Returns bool [N]."""
+    check_threshold(threshold)
+    probs = classifier(x, torch.full([len(x)], sigma, device=x.device)).float().softmax(dim=1)  # [N, K]
+    if not 0 <= class_idx < probs.shape[1]:
+        raise ValueError(f"class {class_idx} out of range: the classifier has {probs.shape[1]} classes")
+    return (probs.argmax(dim=1) == class_idx) & (probs[:, class_idx] >= threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionResult:
+    images: torch.Tensor      # [accepted, C, H, W] the accepted samples, in seed order
+    seeds: list[int]          # their seeds
+    tried: int                # candidates generated and classified
+    accepted: int             # candidates accepted (can exceed len(seeds) when the last batch overshoots n)
+
+    @property
+    def rate(self) -> float:
+        """Acceptance rate: accepted / tried."""
+        return self.accepted / max(self.tried, 1)
+
+
+def rejection_sample(sample: Callable[[list[int]], torch.Tensor], classifier: Callable, *, n: int, class_idx: int, threshold: float,
+                     seeds: Sequence[int] | None = None, batch: int = 64, max_tries: int | None = None) -> RejectionResult:
+    """Generate candidates seed by seed and keep the accepted ones (see :func:`accept`) until `n` or `max_tries`.
+
+    Args:
+        sample: seeds -> clean images [len(seeds), C, H, W] (e.g. a partial of ``generate_images``).
+        classifier: (x, sigma) -> logits [N, K].
+        n: accepted images wanted.
+        seeds: candidate seeds in order (default 0, 1, 2, ...).
+        max_tries: at most this many candidates (default 10 n).
+
+    Returns:
+        RejectionResult with at most `n` images; fewer when the cap was reached (check ``len(result.seeds)``).
+    """
+    check_threshold(threshold)
+    if n < 1 or batch < 1:
+        raise ValueError(f"n and batch must be >= 1, got {n}, {batch}")
+    max_tries = 10 * n if max_tries is None else max_tries
+    if max_tries < n:
+        raise ValueError(f"max_tries ({max_tries}) must be at least n ({n})")
+    candidates = list(seeds) if seeds is not None else list(range(max_tries))
+    candidates = candidates[:max_tries]
+    kept_x, kept_seeds, tried = [], [], 0
+    while len(kept_seeds) < n and tried < len(candidates):
+        chunk = candidates[tried:tried + batch]
+        x = sample(chunk)
+        ok = accept(classifier, x, class_idx=class_idx, threshold=threshold).cpu()
+        kept_x.append(x[ok].cpu())
+        kept_seeds += [s for s, k in zip(chunk, ok.tolist()) if k]
+        tried += len(chunk)
+    images = torch.cat(kept_x)[:n]
+    return RejectionResult(images=images, seeds=kept_seeds[:n], tried=tried, accepted=len(kept_seeds))
