@@ -15,7 +15,7 @@ from edmkit.inverse import downsample
 from edmkit.loss import EDMLoss
 from edmkit.samplers import get_sampler
 from edmkit.schedules import karras_sigmas
-from edmkit.train import RunError, train
+from edmkit.train import train
 
 QUIET = dict(progress=False, log=lambda s: None)
 

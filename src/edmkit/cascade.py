@@ -30,7 +30,7 @@ from edmkit.inverse import check_scale, downsample, upsample
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig
-    from edmkit.samplers import Denoiser, Randn
+    from edmkit.samplers import Randn
 
 SR_AUGMENT_DIM = 1  # augment-label columns the cascade stage adds: sigma_aug / sigma_aug_max
 
