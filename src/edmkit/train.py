@@ -280,10 +280,10 @@ def clip_grad_norm(net: torch.nn.Module, *, max_norm: float) -> float:
 
     Clipping is off by default (``max_norm = 0``), as in EDM, where it did not help; DDPM-style recipes use it.
     """
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    params = [p for p in net.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in net.parameters() if p.grad is not None], max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total.item()
 
 
@@ -403,22 +403,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     torch.manual_seed(cfg.train.seed)
     net = ckpt.build_denoiser(cfg).to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    end_nimg = min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg)
+    check_snapshot_budget(cfg, net, end_nimg=end_nimg, log=log)  # before anything is opened or resumed
     state = TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds),
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
     resume(state, run_dir, log)
     state.train_net = wrap_for_training(net, cfg, device)
     loss_fn = make_loss(cfg)  # the formulation's loss (EDM / DDPM / flow), uncertainty-weighted per config
     monitor = make_monitor(cfg, run_dir, state, data, val_data, loss_fn, loggers=loggers, device=device, log=log) if dist.is_main() else Monitor()
-    end_nimg = min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg)
     n_params = sum(p.numel() for p in net.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(data)} images {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
-    n_files, n_bytes = snapshot_disk_estimate(n_params=sum(v.numel() for v in net.state_dict().values() if v.is_floating_point()), n_stds=len(cfg.ema.stds),
-                                              snapshot_nimg=cfg.ema.snapshot_nimg, total_nimg=end_nimg, dtype=cfg.ema.snapshot_dtype)
-    log(f"EMA snapshots: {n_files} files, ~{n_bytes / 1e6:.1f} MB ({cfg.ema.snapshot_dtype}, every {cfg.ema.snapshot_nimg} images)")
-    budget_mb = cfg.ema.snapshot_budget_mb
-    if budget_mb and n_bytes / 1e6 > budget_mb:
-        raise RunError(f"EMA snapshots would take ~{n_bytes / 1e6:.0f} MB, over the {budget_mb:g} MB budget: snapshot less often "
-                       f"(ema.snapshot_nimg, now {cfg.ema.snapshot_nimg}), store float16, or raise the budget")
     if shard.world > 1 or shard.rounds > 1 or cfg.train.precision != "fp32":
         log(f"{shard.world} process(es) on {device.type}, {shard.rounds} micro-batch(es) of {shard.size} per process per step of "
             f"{shard.batch} images, backbone in {cfg.train.precision}")
@@ -438,6 +432,18 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
             raise KeyboardInterrupt
     dist.barrier()
     return state
+
+
+def check_snapshot_budget(cfg: ExperimentConfig, net: Denoiser, *, end_nimg: int, log: Callable[[str], None]) -> None:
+    """Log the expected EMA-snapshot disk use; RunError when it exceeds ``ema.snapshot_budget_mb`` (0 = no limit)."""
+    n_params = sum(v.numel() for v in net.state_dict().values() if v.is_floating_point())
+    n_files, n_bytes = snapshot_disk_estimate(n_params=n_params, n_stds=len(cfg.ema.stds), snapshot_nimg=cfg.ema.snapshot_nimg,
+                                              total_nimg=end_nimg, dtype=cfg.ema.snapshot_dtype)
+    log(f"EMA snapshots: {n_files} files, ~{n_bytes / 1e6:.1f} MB ({cfg.ema.snapshot_dtype}, every {cfg.ema.snapshot_nimg} images)")
+    budget_mb = cfg.ema.snapshot_budget_mb
+    if budget_mb and n_bytes / 1e6 > budget_mb:
+        raise RunError(f"EMA snapshots would take ~{n_bytes / 1e6:.0f} MB, over the {budget_mb:g} MB budget: snapshot less often "
+                       f"(ema.snapshot_nimg, now {cfg.ema.snapshot_nimg}), store float16, or raise the budget")
 
 
 def prepare_run_dir_on_main(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:
