@@ -115,13 +115,6 @@ def check_classifier(model: NetworkConfig, classifier: NetworkConfig, *, class_i
 # --- training ----------------------------------------------------------------------------------------------
 
 
-def sigma_bins(loss_fn: Any, *, num_bins: int, generator: torch.Generator, num_draws: int = 4096) -> torch.Tensor:
-    """Centres of `num_bins` equal-mass bins of the training σ density (empirical midpoint quantiles). Returns [num_bins]."""
-    draws = loss_fn.sample_sigma(num_draws, generator=generator).double()
-    q = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
-    return torch.quantile(draws, q).to(torch.float32)
-
-
 @torch.no_grad()
 def accuracy_at(classifier: Callable, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
                 generator: torch.Generator, batch: int = 256) -> float:
@@ -196,7 +189,7 @@ def classifier_report(clf: Callable, data: ImageDataset, idx: torch.Tensor, loss
     """Held-out accuracy clean (σ = 0.002) and at the centres of `num_bins` equal-mass bins of the training σ density."""
     g = torch.Generator().manual_seed(seed + 1)
     y, labels = images_to_float(data.images[idx]).to(device), data.labels[idx].to(device)
-    bins = sigma_bins(loss_fn, num_bins=num_bins, generator=g).tolist()
+    bins = loss_fn.sigma_quantiles(num_bins).tolist()  # centres of equal-mass bins of the training sigma density
     return {"num_classes": data.num_classes, "clean": accuracy_at(clf, y, labels, sigma=CLEAN_SIGMA, generator=g),
             "bins": [(s, accuracy_at(clf, y, labels, sigma=s, generator=g)) for s in bins]}
 
