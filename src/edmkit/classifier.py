@@ -8,7 +8,9 @@ Network: the U-Net's encoder (``edmkit.nn.unet.encoder_blocks``, EDM2 config G: 
 forced weight normalization) conditioned on c_noise through the same Fourier embedding, then global average
 pooling, pixel normalization and an MP linear head -> K logits. Trained with cross-entropy on x + σ n, σ drawn
 from the diffusion loss's density (``make_loss(cfg).sample_sigma``), as "trained with noisy data and the class
-labels" in Dhariwal & Nichol 2021 (ADM, Sec. 4).
+labels" in Dhariwal & Nichol 2021 (ADM, Sec. 4). Training reuses diffusion training's pieces (``edmkit.train``):
+Adam with the inverse-sqrt lr schedule (EDM2 Eq. 67), a power-function EMA (EDM2 Sec. 3) whose weights are the
+saved classifier, per-step seeded noise, and resumable states (``<out stem>-state/`` beside the file).
 
 Files: the usual network safetensors (``checkpoint.save_network``) with metadata ``kind = "classifier"``; the
 config's ``network.label_dim`` is the class count K. ``checkpoint.load_network`` refuses them;
@@ -16,13 +18,16 @@ config's ``network.label_dim`` is the class count K. ``checkpoint.load_network``
 
 Rejection sampling: generate, classify the clean samples at the smallest σ, keep those predicted as the
 requested class with confidence ≥ τ (the seed notes' "reject generated samples if the provided conditions
-can be estimated from the generated samples").
+can be estimated from the generated samples"). :func:`accepted_batches` streams them (``edmkit generate`` and
+``edmkit metrics gen`` both draw from it); candidates are consecutive seeds (:func:`candidate_seeds`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,10 +37,13 @@ from tqdm.auto import tqdm
 from edmkit.checkpoint import CheckpointError, read_network_metadata, save_network
 from edmkit.config import ExperimentConfig, NetworkConfig, ladder_switches
 from edmkit.data import ImageDataset, images_to_float, load_dataset
+from edmkit.ema import PowerFunctionEMA
 from edmkit.loss import make_loss
 from edmkit.nn.mp import MPFourier, mp_silu, normalize
 from edmkit.nn.unet import encoder_blocks, learned_layer
 from edmkit.precond import FORMULATIONS
+from edmkit.schedules import learning_rate
+from edmkit.train import RunError, StopRequest, TrainState, due, prepare_run_dir, resume, save_training_state, step_generator
 
 CLEAN_SIGMA = 0.002  # "clean" = the smallest σ of the default sampling grid (EDM σ_min)
 
@@ -139,49 +147,122 @@ def labelled_data(cfg: ExperimentConfig, data: ImageDataset | None = None) -> Im
     return data
 
 
-def train_classifier(cfg: ExperimentConfig, out_path: str | os.PathLike, *, nimg: int, data: ImageDataset | None = None,
-                     device: torch.device | str = "cpu", lr: float | None = None, eval_images: int = 512, num_bins: int = 5,
-                     progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a noise-aware classifier on x + σ n (σ from the diffusion loss density) and save it to `out_path`.
+def classifier_state_dir(out_path: str | os.PathLike) -> Path:
+    """Folder of a classifier file's resumable training states: ``<stem>-state/`` beside ``<stem>.safetensors``."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}-state")
 
-    Uses ``cfg.network`` for the architecture (label_dim set to the data's class count), ``cfg.loss`` for the σ
-    density, ``cfg.optim.lr`` (or `lr`; Adam, constant) and ``cfg.train`` for data, batch and seed. The last
-    `eval_images` of a seeded permutation are held out for the report.
+
+def classifier_ema_std(cfg: ExperimentConfig) -> float:
+    """σ_rel of the power-function EMA whose weights are the classifier file: ``ema.sample_std`` (0: the first of ``ema.stds``)."""
+    return cfg.ema.sample_std or cfg.ema.stds[0]
+
+
+def classifier_step(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, train_idx: torch.Tensor, loss_fn: Any, *,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """One Adam step of cross-entropy on x = y + σ n, σ from the diffusion loss density; lr by EDM2 Eq. 67; EMA update.
+
+    Every random number (images, σ, n) comes from the step's generator (``train.step_generator``): a pure function of
+    (seed, step), so a resumed run retraces an uninterrupted one bit for bit.
+
+    Args:
+        state: classifier (``state.net``), Adam, EMA and counters; advanced in place.
+        train_idx: int64 [M] indices of the training images in `data`.
 
     Returns:
-        ``{"clean": accuracy at σ = 0.002, "bins": [(σ, accuracy), ...], "num_classes": K, "nimg": nimg}``.
+        ``{"loss": cross-entropy of the batch, "lr": the step's learning rate}``.
+    """
+    batch, o = cfg.train.batch, cfg.optim
+    g = step_generator(cfg.train.seed, state.step, "cpu")
+    idx = train_idx[torch.randint(len(train_idx), [batch], generator=g)]
+    y = images_to_float(data.images[idx]).to(device)  # [B, C, H, W]
+    labels = data.labels[idx].to(device)  # [B]
+    sigma = loss_fn.sample_sigma(batch, generator=g).to(device)  # [B]
+    x = y + sigma.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g).to(device)
+    lr = learning_rate(state.nimg + batch, lr=o.lr, ref_nimg=o.lr_ref_nimg, warmup_nimg=o.warmup_nimg)  # as train.train_step
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(state.net(x, sigma), labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.nimg += batch
+    state.step += 1
+    state.ema.update(cur_nimg=state.nimg, batch_nimg=batch)
+    return {"loss": loss.item(), "lr": lr}
+
+
+def split_held_out(n: int, *, eval_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices [M], [E] of a seeded permutation of n images; E = min(eval_images, n // 5)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_eval = min(eval_images, n // 5)
+    return perm[n_eval:], perm[:n_eval]
+
+
+def train_classifier(cfg: ExperimentConfig, out_path: str | os.PathLike, *, nimg: int, data: ImageDataset | None = None,
+                     device: torch.device | str = "cpu", lr: float | None = None, eval_images: int = 512, num_bins: int = 5,
+                     force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume) a noise-aware classifier on x + σ n (σ from the diffusion loss density); save its EMA to `out_path`.
+
+    As diffusion training (``edmkit.train``): Adam (``cfg.optim``: betas, eps, ``lr`` or `lr`) with the inverse-sqrt
+    schedule and warm-up (EDM2 Eq. 67), a power-function EMA (EDM2 Sec. 3) of σ_rel :func:`classifier_ema_std`, and
+    resumable states (``train.save_training_state`` / ``train.resume``) every ``train.state_nimg`` images, at the end
+    and on SIGINT / SIGTERM, in :func:`classifier_state_dir` beside the output. Re-running with the same `out_path`
+    continues from the newest state (a longer `nimg` trains on); another config is refused unless `force`.
+    The file at `out_path` holds the EMA weights (metadata ``ema_std``); the raw weights are in the states.
+    ``cfg.network`` gives the architecture (label_dim set to the data's class count), ``cfg.train`` data, batch and
+    seed. The first `eval_images` of a seeded permutation are held out for the report, which scores the EMA.
+
+    Returns:
+        ``{"clean": accuracy at σ = 0.002, "bins": [(σ, accuracy), ...], "num_classes": K, "nimg": images trained,
+        "lr": the last step's learning rate, "ema_std": σ_rel, "state_dir": str}``.
+
+    Raises:
+        KeyboardInterrupt: after SIGINT / SIGTERM, once the state is saved.
     """
     if nimg < 1:
         raise ValueError(f"nimg must be >= 1, got {nimg}")
     data = labelled_data(cfg, data)
-    cfg = cfg.override("network", label_dim=data.num_classes)
-    g = torch.Generator().manual_seed(cfg.train.seed)
+    end_nimg = -(-nimg // cfg.train.batch) * cfg.train.batch  # whole batches
+    cfg = cfg.override("network", label_dim=data.num_classes).override("train", total_nimg=end_nimg)
+    cfg = cfg if lr is None else cfg.override("optim", lr=lr)
+    state_dir = classifier_state_dir(out_path)
+    try:
+        prepare_run_dir(state_dir, cfg, force=force)
+    except RunError as e:
+        raise RunError(f"cannot continue training {out_path}: {e}") from None
     torch.manual_seed(cfg.train.seed)  # weight init
     clf = build_classifier(cfg).to(device).train()
-    opt = torch.optim.Adam(clf.parameters(), lr=cfg.optim.lr if lr is None else lr, betas=(0.9, 0.99))
+    o, std = cfg.optim, classifier_ema_std(cfg)
+    opt = torch.optim.Adam(clf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    state = TrainState(net=clf, optimizer=opt, ema=PowerFunctionEMA(clf, stds=(std,)))
+    resume(state, state_dir, log)
     loss_fn = make_loss(cfg)
-    perm = torch.randperm(len(data.labels), generator=g)
-    n_eval = min(eval_images, len(perm) // 5)
-    train_idx, eval_idx = perm[n_eval:], perm[:n_eval]
-    batch = cfg.train.batch
-    steps = -(-nimg // batch)
-    bar = tqdm(range(steps), disable=not progress, desc="train-classifier", unit="step")
-    for _ in bar:
-        idx = train_idx[torch.randint(len(train_idx), [batch], generator=g)]
-        y = images_to_float(data.images[idx]).to(device)  # [B, C, H, W]
-        labels = data.labels[idx].to(device)
-        sigma = loss_fn.sample_sigma(batch, generator=g).to(device)  # [B]
-        x = y + sigma.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g).to(device)
-        loss = F.cross_entropy(clf(x, sigma), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    clf.eval()
-    save_network(out_path, clf.state_dict(), cfg=cfg, nimg=steps * batch, ema_std=0.0, kind="classifier")
-    report = classifier_report(clf, data, eval_idx, loss_fn, num_bins=num_bins, seed=cfg.train.seed, device=device)
+    train_idx, eval_idx = split_held_out(len(data.labels), eval_images=eval_images, seed=cfg.train.seed)
+    bar = tqdm(total=end_nimg, initial=min(state.nimg, end_nimg), disable=not progress, desc="train-classifier", unit="img")
+    with StopRequest() as stop:  # SIGINT / SIGTERM: finish the step, save, then stop
+        try:
+            while state.nimg < end_nimg and not stop.requested():
+                prev = state.nimg
+                stats = classifier_step(state, cfg, data, train_idx, loss_fn, device=device)
+                bar.update(state.nimg - prev)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
+                if due(prev, state.nimg, cfg.train.state_nimg) or state.nimg >= end_nimg:
+                    save_training_state(state, cfg, state_dir)
+        finally:
+            bar.close()
+        if stop.requested():
+            save_training_state(state, cfg, state_dir)
+            log(f"stopped by signal {stop.signum}: state saved at {state.nimg} images in {state_dir}; re-run to continue")
+            raise KeyboardInterrupt
+    ema = build_classifier(cfg).to(device)
+    ema.load_state_dict(state.ema.averaged(0), strict=True)
+    ema.eval()
+    save_network(out_path, ema.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=std, kind="classifier")
+    report = classifier_report(ema, data, eval_idx, loss_fn, num_bins=num_bins, seed=cfg.train.seed, device=device)
     log(format_report(report))
-    return {**report, "nimg": steps * batch}
+    last_lr = learning_rate(state.nimg, lr=o.lr, ref_nimg=o.lr_ref_nimg, warmup_nimg=o.warmup_nimg)
+    return {**report, "nimg": state.nimg, "lr": last_lr, "ema_std": std, "state_dir": str(state_dir)}
 
 
 def classifier_report(clf: Callable, data: ImageDataset, idx: torch.Tensor, loss_fn: Any, *, num_bins: int, seed: int,
@@ -221,6 +302,33 @@ def accept(classifier: Callable, x: torch.Tensor, *, class_idx: int, threshold: 
 
 
 @dataclasses.dataclass(frozen=True)
+class Rejection:
+    """Rejection-sampling settings: keep candidates `classifier` assigns to `class_idx` with p ≥ `threshold` (:func:`accept`)."""
+
+    classifier: Callable      # (x [N, C, H, W], sigma [N]) -> logits [N, K]
+    class_idx: int            # the class to keep
+    threshold: float          # confidence τ in (0, 1]
+    max_tries: int | None = None  # candidates allowed per n images asked for (default 10 n)
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
+
+
+@dataclasses.dataclass
+class RejectionTally:
+    """Running counts of a rejection stream (:func:`accepted_batches`)."""
+
+    tried: int = 0            # candidates generated and classified
+    accepted: int = 0         # of those, accepted (can exceed `kept` when the last batch overshoots n)
+    kept: int = 0             # accepted images passed on (at most n)
+
+    @property
+    def rate(self) -> float:
+        """Acceptance rate: accepted / tried."""
+        return self.accepted / max(self.tried, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RejectionResult:
     images: torch.Tensor      # [accepted, C, H, W] the accepted samples, in seed order
     seeds: list[int]          # their seeds
@@ -231,6 +339,50 @@ class RejectionResult:
     def rate(self) -> float:
         """Acceptance rate: accepted / tried."""
         return self.accepted / max(self.tried, 1)
+
+
+def resolve_max_tries(n: int, max_tries: int | None) -> int:
+    """Candidates allowed for n accepted images: `max_tries` (default 10 n), which must be at least n."""
+    if n < 1:
+        raise ValueError(f"need at least one image, got n = {n}")
+    max_tries = 10 * n if max_tries is None else max_tries
+    if max_tries < n:
+        raise ValueError(f"max_tries ({max_tries}) must be at least the number of images asked for ({n})")
+    return max_tries
+
+
+def candidate_seeds(seeds: Sequence[int], *, max_tries: int | None = None) -> range:
+    """Rejection candidates for the len(seeds) images asked for: `max_tries` consecutive seeds from the first (default 10 n)."""
+    return range(seeds[0], seeds[0] + resolve_max_tries(len(seeds), max_tries))
+
+
+def accepted_batches(sample: Callable[[list[int]], torch.Tensor], classifier: Callable, *, n: int, class_idx: int, threshold: float,
+                     candidates: Sequence[int], batch: int = 64, tally: RejectionTally | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Generate candidates batch by batch and yield the accepted ones (:func:`accept`), in seed order, until `n` are kept.
+
+    Args:
+        sample: seeds -> clean images [len(seeds), C, H, W] (e.g. a partial of ``generate_images``).
+        classifier: (x, sigma) -> logits [N, K].
+        n: accepted images wanted.
+        candidates: candidate seeds, tried in order; the stream ends early when they run out.
+        tally: updated in place with the counts (pass one to read them).
+
+    Yields:
+        (seeds of the batch's kept images, their images [b, C, H, W] on the CPU); b may be 0.
+    """
+    check_threshold(threshold)
+    if n < 1 or batch < 1:
+        raise ValueError(f"n and batch must be >= 1, got {n}, {batch}")
+    tally = RejectionTally() if tally is None else tally
+    for start in range(0, len(candidates), batch):
+        if tally.kept >= n:
+            return
+        chunk = [int(s) for s in candidates[start:start + batch]]
+        x = sample(chunk)  # [b, C, H, W]
+        ok = accept(classifier, x, class_idx=class_idx, threshold=threshold).cpu()  # [b]
+        take = min(int(ok.sum()), n - tally.kept)
+        tally.tried, tally.accepted, tally.kept = tally.tried + len(chunk), tally.accepted + int(ok.sum()), tally.kept + take
+        yield [s for s, k in zip(chunk, ok.tolist()) if k][:take], x.cpu()[ok][:take]
 
 
 def rejection_sample(sample: Callable[[list[int]], torch.Tensor], classifier: Callable, *, n: int, class_idx: int, threshold: float,
@@ -248,20 +400,10 @@ def rejection_sample(sample: Callable[[list[int]], torch.Tensor], classifier: Ca
         RejectionResult with at most `n` images; fewer when the cap was reached (check ``len(result.seeds)``).
     """
     check_threshold(threshold)
-    if n < 1 or batch < 1:
-        raise ValueError(f"n and batch must be >= 1, got {n}, {batch}")
-    max_tries = 10 * n if max_tries is None else max_tries
-    if max_tries < n:
-        raise ValueError(f"max_tries ({max_tries}) must be at least n ({n})")
-    candidates = list(seeds) if seeds is not None else list(range(max_tries))
-    candidates = candidates[:max_tries]
-    kept_x, kept_seeds, tried = [], [], 0
-    while len(kept_seeds) < n and tried < len(candidates):
-        chunk = candidates[tried:tried + batch]
-        x = sample(chunk)
-        ok = accept(classifier, x, class_idx=class_idx, threshold=threshold).cpu()
-        kept_x.append(x[ok].cpu())
-        kept_seeds += [s for s, k in zip(chunk, ok.tolist()) if k]
-        tried += len(chunk)
-    images = torch.cat(kept_x)[:n]
-    return RejectionResult(images=images, seeds=kept_seeds[:n], tried=tried, accepted=len(kept_seeds))
+    max_tries = resolve_max_tries(n, max_tries)
+    candidates = (list(seeds) if seeds is not None else list(range(max_tries)))[:max_tries]
+    tally = RejectionTally()
+    parts = list(accepted_batches(sample, classifier, n=n, class_idx=class_idx, threshold=threshold, candidates=candidates,
+                                  batch=batch, tally=tally))
+    return RejectionResult(images=torch.cat([x for _, x in parts]), seeds=[s for seeds_, _ in parts for s in seeds_],
+                           tried=tally.tried, accepted=tally.accepted)

@@ -107,10 +107,17 @@ def main() -> None:
 @click.option("--task", type=click.Choice(["generate", "sr"]), default=None, help="generate (default) or sr: a cascade super-resolution stage conditioned on the low-res image (noise-conditioning augmentation).")
 @click.option("--sr-scale", type=int, default=None, help="sr: low-res factor (must divide the image size; default 2).")
 @click.option("--sr-aug-max", type=float, default=None, help="sr: conditioning noise sigma_aug ~ U[0, this] in training (default 0.5).")
+@click.option("--eval-every", "eval_nimg", type=NIMG, default=None, help="In-training FID/KID of the sampling EMA every this many images and at the end, e.g. 50k (needs --eval-ref). Small n: labelled as such, not comparable with published 50k scores.")
+@click.option("--eval-ref", default=None, help="Reference statistics for --eval-every (from `edmkit metrics ref`); checked before training starts.")
+@click.option("--eval-n", type=int, default=None, help="Images per in-training evaluation, seeds 0..n-1 (default 1000).")
+@click.option("--eval-steps", type=int, default=None, help="Heun steps of the evaluation images (default 18).")
+@click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
+@click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr (default fid,kid).")
 @user_errors
 def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
           val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps,
-          snapshot_nimg, snapshot_dtype, snapshot_budget_mb, augment_p, task, sr_scale, sr_aug_max) -> None:
+          snapshot_nimg, snapshot_dtype, snapshot_budget_mb, augment_p, task, sr_scale, sr_aug_max, eval_nimg, eval_ref, eval_n, eval_steps,
+          eval_detector, eval_metrics) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
 
     \b
@@ -130,6 +137,8 @@ def train(preset, ladder, formulation, run_dir, data, classes, center_crop, reso
     if augment_p is not None:
         cfg = resolve_augment(cfg, augment_p)
     cfg = resolve_task(cfg, task=task, sr_scale=sr_scale, sr_aug_max=sr_aug_max)
+    cfg = resolve_eval(cfg, eval_nimg=eval_nimg, eval_ref=eval_ref, eval_n=eval_n, eval_steps=eval_steps, eval_detector=eval_detector,
+                       eval_metrics=eval_metrics)
     if dry_run:
         click.echo(cfg.to_json())
         return
@@ -167,6 +176,21 @@ def resolve_augment(cfg: ExperimentConfig, p: float) -> ExperimentConfig:
 
     cfg = cfg.override("train", augment_p=p)
     return cfg.override("network", augment_dim=AUGMENT_DIM) if p > 0 else cfg
+
+
+def resolve_eval(cfg: ExperimentConfig, *, eval_nimg=None, eval_ref=None, eval_n=None, eval_steps=None, eval_detector=None,
+                 eval_metrics=None) -> ExperimentConfig:
+    """Apply the in-training evaluation flags (``None`` = keep the preset's value); ``--eval-metrics`` parsed as by ``metrics gen``."""
+    if eval_metrics is not None:
+        from edmkit.metrics.evaluate import parse_metrics
+
+        eval_metrics = parse_metrics(eval_metrics)
+    kw = dict(eval_nimg=eval_nimg, eval_ref=eval_ref, eval_n=eval_n, eval_steps=eval_steps, eval_detector=eval_detector, eval_metrics=eval_metrics)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    cfg = cfg.override("train", **kw) if kw else cfg
+    if set(kw) - {"eval_nimg"} and not cfg.train.eval_nimg:
+        raise ValueError("--eval-ref / --eval-n / --eval-steps / --eval-detector / --eval-metrics take effect with --eval-every K")
+    return cfg
 
 
 def resolve_diagnostics(cfg: ExperimentConfig, *, val_fraction=None, val_nimg=None, grad_clip=None) -> ExperimentConfig:
@@ -287,9 +311,9 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
         click.echo("warning: this model was trained without label dropout (p_uncond = 0): its unconditional branch is untrained", err=True)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
                                    gif=gif, device=dev)
-    if clf is not None:  # the class is the classifier's; an unconditional model takes none itself
-        guidance_kw.update(classifier=clf, classifier_scale=classifier_scale, classifier_class=class_idx)
-        class_idx = class_idx if c.label_dim else None
+    if clf is not None:
+        guidance_kw.update(classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
+        class_idx = guidance_kw.pop("class_idx")
     recorder = ReverseProcessRecorder(num=min(gif_n, len(seed_list)), sigma_data=c.sigma_data) if gif else None
     sample = functools.partial(generate_images, net, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
                                class_idx=class_idx, sampler=sampler, steps=steps, schedule=schedule, guide=guide, batch=batch,
@@ -329,13 +353,21 @@ def load_generate_classifier(path, model, *, class_idx, scale, reject_threshold,
     return clf
 
 
+def classifier_generate_kw(clf, model, *, class_idx, scale) -> dict:
+    """``generate_images`` options for a classifier (None: just ``class_idx``): the class is the classifier's, and an
+    unconditional model takes none itself."""
+    if clf is None:
+        return {} if class_idx is None else dict(class_idx=class_idx)
+    return dict(classifier=clf, classifier_scale=scale, classifier_class=class_idx, class_idx=class_idx if model.label_dim else None)
+
+
 def rejection_generate(sample, clf, *, seed_list, class_idx, threshold, batch, max_tries):
     """Rejection sampling for ``generate``: consecutive seeds from the first asked for, until len(seed_list) are accepted."""
-    from edmkit.classifier import rejection_sample
+    from edmkit.classifier import candidate_seeds, rejection_sample
 
     n = len(seed_list)
-    max_tries = 10 * n if max_tries is None else max_tries
-    candidates = range(seed_list[0], seed_list[0] + max_tries)
+    candidates = candidate_seeds(seed_list, max_tries=max_tries)
+    max_tries = len(candidates)
     result = rejection_sample(lambda s: sample(seeds=s), clf, n=n, class_idx=class_idx, threshold=threshold,
                               seeds=candidates, batch=batch, max_tries=max_tries)
     click.echo(f"rejection sampling: accepted {result.accepted} of {result.tried} candidates (rate {result.rate:.1%})")
@@ -537,16 +569,23 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
 @click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
+@click.option("--class", "class_idx", type=int, default=None, help="Class of every image (default: drawn per seed for conditional models); the class kept with --reject-threshold.")
+@click.option("--classifier", "classifier_path", default=None, type=click.Path(dir_okay=False), help="Noise-aware classifier file (from edmkit train-classifier) for --classifier-scale / --reject-threshold.")
+@click.option("--classifier-scale", type=float, default=0.0, show_default=True, help="Classifier guidance scale s (needs --classifier; --class for unconditional models).")
+@click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: score only images the classifier assigns to --class with confidence >= this, in (0, 1] (one process).")
+@click.option("--max-tries", type=int, default=None, help="With --reject-threshold: candidates per repeat (default 10 x the images asked for); too few accepted is an error.")
 @score_options
 @metrics_options
 @user_errors
-def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidance, repeats, metric_names, out, detector, detector_sha256,
-                batch, device, quiet) -> None:
+def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
+                max_tries, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of generated images (none written to disk) against a reference.
 
     \b
     --repeats 3 scores three disjoint seed ranges (0-49999, 50000-99999, 100000-149999 for --n 50000);
     papers commonly report the minimum FID over three. Under torchrun each rank generates a slice.
+    With --reject-threshold the n images scored are the first n accepted among --max-tries consecutive
+    candidate seeds from the first (repeat r: the next --max-tries seeds); the acceptance rate is reported.
     """
     import time
 
@@ -561,6 +600,8 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
         raise ValueError(f"--n {n} but --seeds {seeds} gives {len(seed_list)} seeds")
     if len(seed_list) < 2 or repeats < 1:
         raise ValueError("need at least 2 images (--n >= 2) and --repeats >= 1")
+    if max_tries is not None and reject_threshold is None:
+        raise ValueError("--max-tries is for rejection sampling (--reject-threshold)")
     ref = rf.load_reference(ref_path)
     path = find_network(checkpoint, ema_std=ema_std)
     out_path = Path(out) if out else path.with_name(f"{path.stem}-metrics.json")
@@ -575,12 +616,26 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
                  ev.sample_size_notice(len(seed_list))):
         if line:
             echo(line)
-    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance)
+    clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
+                                   gif=None, device=dev)
+    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance,
+                  **classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
+    rejection = None
+    if reject_threshold is not None:
+        from edmkit.classifier import Rejection
+
+        rejection = Rejection(classifier=clf, class_idx=class_idx, threshold=reject_threshold, max_tries=max_tries)
     start = time.monotonic()
     result = ev.evaluate_generator(net, ref=ref, detector=det, seeds=seed_list, repeats=repeats, metrics=names, batch=batch, device=dev,
-                                   generate_kw=gen_kw, progress=not quiet)
-    result.update(checkpoint=str(path), nimg=meta["nimg"], ema_std=meta["ema_std"], generate=gen_kw, time_sec=time.monotonic() - start,
-                  **ev.result_info(ref, ref_path, det))
+                                   generate_kw=gen_kw, progress=not quiet, rejection=rejection)
+    result.update(checkpoint=str(path), nimg=meta["nimg"], ema_std=meta["ema_std"], generate={k: v for k, v in gen_kw.items() if k != "classifier"},
+                  time_sec=time.monotonic() - start, **ev.result_info(ref, ref_path, det))
+    if clf is not None:
+        result.update(classifier=str(classifier_path))
+    if rejection is not None:
+        from edmkit.classifier import resolve_max_tries
+
+        result.update(rejection=dict(class_idx=class_idx, threshold=reject_threshold, max_tries=resolve_max_tries(len(seed_list), max_tries)))
     finish_metrics(result, out_path, echo)
 
 
@@ -839,13 +894,18 @@ def restore(checkpoint, task, image, mask, scale, method, sr_aug, out, truth, st
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Network size and sigma density of the preset: {', '.join(PRESETS)}.")
 @click.option("--classes", default=None, help="Train on these classes only, e.g. 3,5 (relabelled 0..k-1), as the diffusion model was.")
 @click.option("--batch", type=int, default=None, help="Batch size (default: the preset's).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default: the preset's).")
+@click.option("--lr", type=float, default=None, help="Reference Adam learning rate (default: the preset's; inverse-sqrt decay and warm-up as the preset's diffusion training).")
 @click.option("--seed", type=int, default=None, help="Seed for initialization, data order and noise.")
+@click.option("--force", is_flag=True, help="Continue the training state beside --out even though the config differs.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def train_classifier_cmd(data, out, nimg, preset, classes, batch, lr, seed, device, quiet) -> None:
+def train_classifier_cmd(data, out, nimg, preset, classes, batch, lr, seed, force, device, quiet) -> None:
     """Train a noise-aware classifier p(class | x, sigma) for classifier guidance and rejection sampling.
+
+    --out gets the power-function EMA of the weights (the preset's sampling EMA); resumable states (raw weights,
+    Adam, EMA) go to the folder <out stem>-state beside it. Re-running the same command continues from the newest
+    state (Ctrl-C saves one first); a longer --duration trains on.
 
     \b
     Example:
@@ -859,8 +919,8 @@ def train_classifier_cmd(data, out, nimg, preset, classes, batch, lr, seed, devi
                if v is not None}
     cfg = get_preset(preset)
     cfg = cfg.override("train", **changes) if changes else cfg
-    train_classifier(cfg, out, nimg=nimg, lr=lr, device=pick_device(device), progress=not quiet, log=click.echo)
-    click.echo(f"wrote {out}")
+    result = train_classifier(cfg, out, nimg=nimg, lr=lr, force=force, device=pick_device(device), progress=not quiet, log=click.echo)
+    click.echo(f"wrote {out} (EMA sigma_rel {result['ema_std']:g} after {result['nimg']} images; training state in {result['state_dir']})")
 
 
 @main.command()

@@ -71,6 +71,7 @@ LADDER: dict[str, LadderSwitches] = {
 }
 FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
+EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (its METRICS; kept here so configs validate without torch)
 
 
 def ladder_switches(name: str) -> LadderSwitches:
@@ -194,6 +195,12 @@ class TrainConfig:
     sr_scale: int = 2                           # sr: the low-res input is y box-downsampled by this factor (then nearest-upsampled)
     sr_aug_max: float = 0.5                     # sr: noise-conditioning augmentation sigma_aug ~ U[0, sr_aug_max] in training (pixel units)
     sr_aug_sample: float = 0.1                  # sr: the fixed sigma_aug of the conditioning image at sampling (grids, restore default)
+    eval_nimg: int = 0                          # in-training FID / KID of the sampling EMA every this many images and at the end; 0 = off
+    eval_ref: str = ""                          # reference statistics file of the evaluation (edmkit metrics ref); needed with eval_nimg
+    eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
+    eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
+    eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
+    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr (metrics.evaluate.METRICS)
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
@@ -211,6 +218,11 @@ class TrainConfig:
         _check(self.sr_scale >= 1, f"sr_scale must be an integer >= 1, got {self.sr_scale}")
         _check(self.sr_aug_max >= 0 and 0 <= self.sr_aug_sample <= max(self.sr_aug_max, 0),
                f"need 0 <= sr_aug_sample <= sr_aug_max, got {self.sr_aug_sample}, {self.sr_aug_max}")
+        _check(self.eval_nimg >= 0, f"eval_nimg must be >= 0 (0 = no in-training evaluation), got {self.eval_nimg}")
+        _check(not self.eval_nimg or self.eval_ref, "in-training evaluation (eval_nimg > 0) needs a reference file: eval_ref (--eval-ref)")
+        _check(self.eval_n >= 2 and self.eval_steps >= 1, f"need eval_n >= 2 and eval_steps >= 1, got {self.eval_n}, {self.eval_steps}")
+        _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
+               f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
 
 
 @dataclass(frozen=True)

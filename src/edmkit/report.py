@@ -200,11 +200,28 @@ def _stats_plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
             add("val_loss_per_sigma.png", "Held-out loss per σ bin", series=per, title="held-out loss per σ bin", ylabel="loss", log_y=True)
     for kind in sorted({str(r.get("kind")) for r in records} - {"train", "val", "None"}):
         rows = [r for r in records if str(r.get("kind")) == kind]
-        keys = sorted({k for r in rows for k, v in r.items() if k not in ("nimg", "step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        labelled = sorted({k for r in rows if isinstance(r.get("labels"), dict) for k in r["labels"]})
+        keys = labelled or sorted({k for r in rows for k, v in r.items() if k not in ("nimg", "step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool)})
         for key in keys:
             safe = "".join(c if c.isalnum() else "_" for c in f"{kind}_{key}")
-            add(f"metric_{safe}.png", f"{kind}: {key}", series={key: _column(rows, key)}, title=f"{kind}: {key}", ylabel=key)
+            series = _labelled_series(rows, key)
+            title = f"{kind}: {next(iter(series))}" if len(series) == 1 else f"{kind}: {key}"
+            add(f"metric_{safe}.png", title, series=series, title=title, ylabel=key)
     return plots
+
+
+def _labelled_series(rows: list[dict], key: str) -> dict[str, tuple[list, list]]:
+    """(nimg, value) series of ``key``, one per label the records give it in their ``labels`` ({score: label}; in-training
+    ``"metric"`` records: "fid (n=1000, small-n estimate, ...)"), so scores of different sample sizes are never one curve;
+    records without labels are named ``key``."""
+    series: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        if key in r:
+            label = str(r["labels"].get(key, key)) if isinstance(r.get("labels"), dict) else key
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(r["nimg"])
+            ys.append(r[key])
+    return series or {key: ([], [])}
 
 
 def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> str:

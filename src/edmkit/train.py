@@ -13,6 +13,7 @@ writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -39,6 +40,8 @@ from edmkit.ema import PowerFunctionEMA
 from edmkit.generate import generate_images
 from edmkit.logging_sinks import Sink, make_sinks
 from edmkit.loss import EDMLoss, make_loss
+from edmkit.metrics import evaluate as metrics_eval, reference as metrics_ref
+from edmkit.metrics.detectors import Detector, conversion_notice
 from edmkit.precond import Denoiser
 from edmkit.schedules import learning_rate
 from edmkit.validation import Validator, make_validator, split_dataset
@@ -51,6 +54,7 @@ RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg",
 RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
 RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
 RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
+RESUMABLE_CHANGES |= {f"train.eval_{k}" for k in ("nimg", "ref", "n", "steps", "detector", "metrics")}  # what is measured, not trained
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 
 
@@ -398,6 +402,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     device = dist.init(device)  # under torchrun: join the process group (gloo / nccl); a no-op in one process
     log = log if dist.is_main() else lambda s: None
     shard = make_shard(cfg, rank=dist.rank(), world=dist.world_size())
+    evaluator = make_evaluator(cfg, device=device, log=log)  # before the run folder is touched: a bad file leaves it as it was
     prepare_run_dir_on_main(run_dir, cfg, force=force)
     data, val_data = split_dataset(load_training_data(cfg), fraction=cfg.train.val_fraction, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
@@ -411,6 +416,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     state.train_net = wrap_for_training(net, cfg, device)
     loss_fn = make_loss(cfg)  # the formulation's loss (EDM / DDPM / flow), uncertainty-weighted per config
     monitor = make_monitor(cfg, run_dir, state, data, val_data, loss_fn, loggers=loggers, device=device, log=log) if dist.is_main() else Monitor()
+    monitor.evaluator = evaluator  # on every rank: each samples its slice of the evaluation seeds
     n_params = sum(p.numel() for p in net.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(data)} images {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
     if shard.world > 1 or shard.rounds > 1 or cfg.train.precision != "fp32":
@@ -540,6 +546,8 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
         done = state.nimg >= end_nimg
         if main and monitor.validator is not None and (due(prev, state.nimg, cfg.train.val_nimg) or done):
             write_validation(state, cfg, run_dir, monitor)
+        if monitor.evaluator is not None and (due(prev, state.nimg, cfg.train.eval_nimg) or done):  # a collective: all ranks
+            write_evaluation(state, cfg, run_dir, monitor)
         if due(prev, state.nimg, cfg.train.status_nimg) or done:
             if main:
                 write_stats(run_dir, state, window, sinks=monitor.sinks)
@@ -592,6 +600,7 @@ class Monitor:
     sinks: list[Sink] = field(default_factory=list)
     validator: Validator | None = None
     log: Callable[[str], None] = print
+    evaluator: Evaluator | None = None  # in-training FID / KID (``train.eval_nimg``), None: off
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -631,3 +640,93 @@ def write_validation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
         monitor.log(f"warning: at {state.nimg} images the validation loss has risen {cfg.train.val_patience} times in a row while the "
                     f"training loss fell (now {rec['loss']:.4f} held-out vs {rec['train_loss']:.4f} on training images): possible memorization")
     append_record(run_dir, rec, monitor.sinks)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-training evaluation: small-n FID / KID of the sampling EMA through edmkit.metrics (its one implementation).
+
+KID_PR_MIN_FEATURES = 4  # KID and precision / recall need more raw features than the k = 3 of evaluate_generator's pr_k
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluator:
+    """The reference and detector of the in-training evaluation, loaded and checked once before training starts."""
+
+    ref: metrics_ref.Reference
+    detector: Detector
+    metrics: tuple[str, ...]    # of metrics.evaluate.METRICS
+    n: int                      # images per evaluation, seeds 0..n-1
+    steps: int                  # sampler steps (Heun, Karras sigmas: edmkit generate's defaults)
+    batch: int                  # images per sampling / detector batch (does not change the scores)
+
+
+def make_evaluator(cfg: ExperimentConfig, *, device: torch.device | str, log: Callable[[str], None]) -> Evaluator | None:
+    """The evaluator of ``train.eval_*`` (None when ``eval_nimg`` is 0); RunError with one line for a missing or corrupt
+    reference, a missing detector or one whose sha256 differs from the reference's. Shape mismatches are logged, as by
+    ``edmkit metrics gen`` (the detector's input conversion handles them)."""
+    t, c = cfg.train, cfg.network
+    if not t.eval_nimg:
+        return None
+    if t.task != "generate":
+        raise RunError("in-training evaluation samples p(y) from noise alone; it is not available for --task sr")
+    try:
+        ref = metrics_ref.load_reference(t.eval_ref)
+        detector = metrics_ref.reference_detector(ref, t.eval_detector or None, device=device, ref_path=t.eval_ref, log=log)
+    except ValueError as e:  # DetectorError is a ValueError
+        raise RunError(f"in-training evaluation: {e}") from None
+    if t.eval_n < dist.world_size():
+        raise RunError(f"eval_n = {t.eval_n} images cannot be split over {dist.world_size()} processes: raise --eval-n")
+    if {"kid", "pr"} & set(t.eval_metrics) and min(t.eval_n, len(ref.features)) < KID_PR_MIN_FEATURES:
+        raise RunError(f"in-training KID / precision-recall need at least {KID_PR_MIN_FEATURES} images and reference features, got eval_n = "
+                       f"{t.eval_n} and {len(ref.features)} in {t.eval_ref}: raise --eval-n or use --eval-metrics fid")
+    log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, Heun {t.eval_steps} steps, EMA "
+        f"{cfg.ema.sample_std:g}) against {t.eval_ref} every {t.eval_nimg} images")
+    for line in (conversion_notice(detector.spec, channels=c.channels, resolution=c.resolution),
+                 metrics_ref.shape_notice(ref, resolution=c.resolution, channels=c.channels), metrics_eval.sample_size_notice(t.eval_n)):
+        if line:
+            log(line)
+    return Evaluator(ref, detector, tuple(t.eval_metrics), t.eval_n, t.eval_steps, batch=max(t.batch_per_device or t.batch, 64))
+
+
+def metric_labels(scores: Sequence[str], *, n: int) -> dict[str, str]:
+    """Plot labels of scores computed from ``n`` images, telling a small-n estimate from a published-size one."""
+    if n >= metrics_eval.PUBLISHED_N:
+        return {k: f"{k} (n={n})" for k in scores}
+    bias = {"fid": f", biased upward vs {metrics_eval.PUBLISHED_N // 1000}k"}
+    return {k: f"{k} (n={n}, small-n estimate{bias.get(k, '')})" for k in scores}
+
+
+def preserved_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Context restoring the global torch RNG (CPU, and ``device``'s when CUDA) on exit: side work (building a network,
+    sampling) then leaves dropout's stream, and so the weights, as they would be without it."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, monitor: Monitor) -> None:
+    """Small-n scores of the sampling EMA (the network ``edmkit generate`` takes from the run folder) as a ``"metric"`` record.
+
+    Every rank samples its slice of the seeds 0..n-1 (``evaluate_generator``; rank 0 writes). The global RNG is restored after,
+    and eval mode leaves the weights alone, so a run gives the same weights with and without evaluation.
+    """
+    e = monitor.evaluator
+    device = next(state.net.parameters()).device
+    start = time.perf_counter()
+    with preserved_rng(device):
+        net = sampling_net(state, cfg)
+        was_training = net.training
+        net.eval()
+        try:
+            n = cfg.network
+            result = metrics_eval.evaluate_generator(net, ref=e.ref, detector=e.detector, seeds=list(range(e.n)), metrics=e.metrics, batch=e.batch,
+                                                     device=device, generate_kw=dict(resolution=n.resolution, channels=n.channels,
+                                                                                     label_dim=n.label_dim, steps=e.steps))
+        finally:
+            net.train(was_training)
+    scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
+    labels = metric_labels([k for k in scores if k not in ("kid_std", "pr_n")], n=e.n)
+    rec = {"kind": "metric", "nimg": state.nimg, "step": state.step, "n": e.n, **scores, "labels": labels,
+           "label": f"small-n estimate (n={e.n})" if e.n < metrics_eval.PUBLISHED_N else f"n={e.n}",
+           "ema_std": cfg.ema.sample_std, "sample_steps": e.steps, "eval_sec": round(time.perf_counter() - start, 3)}
+    if dist.is_main():
+        append_record(run_dir, rec, monitor.sinks)

@@ -9,12 +9,16 @@
   so μ, Σ and FID do not depend on the number of ranks beyond floating-point summation order. The
   raw features kept for KID / precision-recall are gathered in rank order and cut to the cap, so
   with more images than the cap they are a different (equally random) subset per rank count.
+- Rejection sampling (``edmkit.classifier.Rejection``): the n images scored are the first n accepted
+  candidates, tried in seed order; repeat r draws its candidates from its own range of max_tries seeds.
+  It runs in one process (which candidates are scored depends on all earlier ones).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +31,9 @@ from edmkit.metrics.detectors import Detector
 from edmkit.metrics.memorization import Memorization, memorization
 from edmkit.metrics.reference import Reference, check_detector
 from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
+
+if TYPE_CHECKING:  # edmkit.classifier imports edmkit.train, which imports this module: imported where used
+    from edmkit.classifier import Rejection, RejectionTally
 
 METRICS = ("fid", "kid", "pr")
 PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
@@ -101,13 +108,34 @@ def image_batches(images: torch.Tensor, *, batch: int, indices: torch.Tensor | N
         yield images[order[start:start + batch]]
 
 
-def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device: torch.device | str, generate_kw: dict) -> Iterator[torch.Tensor]:
-    """uint8 images [B, C, H, W] from ``generate_images``, one batch of seeds at a time (nothing written to disk)."""
+def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device: torch.device | str, generate_kw: dict,
+                      rejection: Rejection | None = None, n: int | None = None, tally: RejectionTally | None = None) -> Iterator[torch.Tensor]:
+    """uint8 images [B, C, H, W] from ``generate_images``, one batch of seeds at a time (nothing written to disk).
+
+    With `rejection`, `seeds` are candidates tried in order, and only the first `n` accepted images are yielded
+    (counts in `tally`); fewer than `n` accepted among all candidates raises ValueError once they are used up.
+    """
+    from edmkit.classifier import RejectionTally, accepted_batches
     from edmkit.generate import generate_images  # the sampling stack only when generating
 
-    for start in range(0, len(seeds), batch):
-        x = generate_images(net, seeds=list(seeds[start:start + batch]), batch=batch, device=device, **generate_kw)
-        yield float_to_images(x)
+    def sample(chunk: Sequence[int]) -> torch.Tensor:
+        return generate_images(net, seeds=list(chunk), batch=batch, device=device, **generate_kw)
+
+    if rejection is None:
+        for start in range(0, len(seeds), batch):
+            yield float_to_images(sample(seeds[start:start + batch]))
+        return
+    if n is None:
+        raise ValueError("rejection sampling needs n, the number of accepted images wanted")
+    tally = RejectionTally() if tally is None else tally
+    for _, x in accepted_batches(sample, rejection.classifier, n=n, class_idx=rejection.class_idx, threshold=rejection.threshold,
+                                 candidates=seeds, batch=batch, tally=tally):
+        if len(x):
+            yield float_to_images(x)
+    if tally.kept < n:
+        raise ValueError(f"rejection sampling: only {tally.kept} of {n} images were of class {rejection.class_idx} with confidence "
+                         f">= {rejection.threshold:g} among {tally.tried} candidates (seeds {describe_seeds(seeds)}); "
+                         "lower the threshold or allow more tries (--max-tries)")
 
 
 def compute_reference(
@@ -204,20 +232,25 @@ def format_results(result: dict) -> list[str]:
     """Human-readable lines: one per score, mean ± std with min / max over repeats."""
     rows, lines = result["repeats"], []
     for key, s in result["summary"].items():
-        if key == "kid_std":
+        if key in ("kid_std", "accept_rate"):
             continue
         if len(rows) == 1:
             extra = f" ± {rows[0]['kid_std']:.6f} (std over KID subsets)" if key == "kid" else ""
             lines.append(f"{key:<10} {s['mean']:.6f}{extra}")
         else:
             lines.append(f"{key:<10} {s['mean']:.6f} ± {s['std']:.6f}  (min {s['min']:.6f}, max {s['max']:.6f}; std over {len(rows)} repeats)")
+    if "tried" in rows[0]:
+        tried, accepted = sum(r["tried"] for r in rows), sum(r["accepted"] for r in rows)
+        per = "".join(f"; repeat {i + 1}: {r['accepted']} of {r['tried']}" for i, r in enumerate(rows)) if len(rows) > 1 else ""
+        lines.append(f"rejection  accepted {accepted} of {tried} candidates (rate {accepted / max(tried, 1):.1%}{per}); "
+                     f"scored the first {rows[0]['n']} accepted per repeat")
     return lines
 
 
 def evaluate_generator(
     net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = METRICS,
     batch: int = 64, device: torch.device | str = "cpu", generate_kw: dict | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-    pr_k: int = 3, progress: bool = False,
+    pr_k: int = 3, progress: bool = False, rejection: Rejection | None = None,
 ) -> dict:
     """Score a generator against a reference over `repeats` disjoint seed ranges.
 
@@ -233,23 +266,36 @@ def evaluate_generator(
         generate_kw: keyword arguments of ``generate_images`` (resolution, channels, label_dim, sampler, steps, ...).
         kid_subsets, kid_subset_size, pr_k: KID and precision/recall settings.
         progress: show a progress bar per repeat.
+        rejection: score only accepted images: the first len(`seeds`) accepted of ``candidate_seeds(seeds, max_tries)``
+            (repeat r: those shifted by r·max_tries). One process only.
 
     Returns:
-        ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``.
+        ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``; with rejection each
+        repeat also has ``tried``, ``accepted`` and ``accept_rate`` (accepted / tried), and ``seeds`` names the candidates tried.
     """
+    from edmkit.classifier import RejectionTally, candidate_seeds
+
     check_detector(ref, detector)
     rank, world = dist.rank(), dist.world_size()
+    if rejection is not None and world > 1:
+        raise ValueError(f"rejection sampling runs in one process (which candidates are scored depends on all earlier ones), "
+                         f"not {world}: run edmkit metrics gen without torchrun")
     keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
+    n = len(seeds)
     rows = []
-    for r, rseeds in enumerate(seed_ranges(seeds, repeats)):
+    for r, rseeds in enumerate(seed_ranges(seeds if rejection is None else candidate_seeds(seeds, max_tries=rejection.max_tries), repeats)):
         mine = rseeds[rank::world]
         if not mine:
             raise ValueError(f"{len(rseeds)} seeds cannot be split over {world} ranks")
-        batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {})
-        stats, features = accumulate_features(batches, detector=detector, keep=keep, total=len(mine), progress=progress,
+        tally = RejectionTally()
+        batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {}, rejection=rejection, n=n, tally=tally)
+        stats, features = accumulate_features(batches, detector=detector, keep=keep, total=len(mine) if rejection is None else n, progress=progress,
                                               desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
-        rows.append(dict(seeds=describe_seeds(rseeds), n=len(rseeds), **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets,
-                                                                               kid_subset_size=kid_subset_size, pr_k=pr_k, device=detector.device)))
+        row = dict(seeds=describe_seeds(rseeds), n=n)
+        if rejection is not None:
+            row.update(seeds=describe_seeds(rseeds[:tally.tried]), tried=tally.tried, accepted=tally.accepted, accept_rate=tally.rate)
+        rows.append(dict(row, **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                                      pr_k=pr_k, device=detector.device)))
     return {"repeats": rows, "summary": summarize(rows)}
 
 

@@ -29,9 +29,10 @@ def normalize(x: torch.Tensor, *, dim: int | tuple[int, ...] | None = None, eps:
     """
     if dim is None:
         dim = tuple(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    n = math.prod(x.shape[d] for d in ((dim,) if isinstance(dim, int) else dim))
-    norm = torch.add(eps, norm, alpha=1.0 / math.sqrt(n))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    n = math.prod([x.shape[d] for d in dims])
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    norm = norm * (1.0 / math.sqrt(n)) + eps  # written as plain ops so torch.compile traces it without a graph break
     return x / norm.to(x.dtype)
 
 
