@@ -1,4 +1,4 @@
-"""Side-by-side CPU speed of edmkit against two peer U-Nets at matched parameter counts (issue 10).
+"""Side-by-side CPU speed of edmkit against two peer U-Nets doing the same work (issue 10).
 
 Peers (optional, never imported by the library): lucidrains' ``KarrasUnet`` (MIT, package
 denoising-diffusion-pytorch, an EDM2 config-G port) and diffusers' ``UNet2DModel`` (Apache-2.0). Install them
@@ -16,11 +16,12 @@ Per model and size:
 - ``train img/s``: loss + backward + Adam step at batch ``--batch``. edmkit uses its real ``build_denoiser`` and
   ``make_loss`` (EDM2 uncertainty-weighted loss, forced weight normalization inside forward for E/G); the peers get
   EDM preconditioning around their raw output and the same lambda(sigma)-weighted MSE. No EMA, no data loading.
-- ``eval img/s``: one denoiser evaluation D(x; sigma) per image under ``torch.inference_mode`` (what a sampler step costs).
+- ``eval img/s``: one denoiser evaluation D(x; sigma) per image under ``torch.inference_mode`` (what a sampler step costs),
+  at batch ``--batch`` and at batch 1 (``eval1``: one image at a time, where per-call overheads show).
 - ``rss MB``: peak resident set size of the worker (``resource.getrusage``).
 - ``GFLOP/img``: ``torch.utils.flop_counter`` count of one forward (eval) or forward + backward (train) per image.
 
-Sizes: ``cifar`` = 3x32x32 at about 10M parameters, ``mnist`` = 1x28x28 at about 2M parameters (every model runs
+Sizes: ``cifar`` = 3x32x32 at about 10M parameters, ``mnist`` = 1x28x28 at about 1.8M parameters (every model runs
 at 28x28 there: KarrasUnet takes it with two downsamplings). edmkit runs as EDM2 configs G and E in fp32, and G
 with its backbone under bf16 autocast (``train.autocast_backbone``, as ``--precision bf16`` trains); the bf16 run is
 only made at ``--bf16-sizes`` (default mnist), since on CPUs without bf16 units (AVX2 only) it is ~10x slower.
@@ -49,10 +50,13 @@ SIZES = {  # name -> image shape; cifar: ~10M params, mnist: ~2M params
     "cifar": dict(channels=3, resolution=32),
     "mnist": dict(channels=1, resolution=28),
 }
-# Channel widths chosen so that every model of a size has about the same parameter count (printed by the run).
+# KarrasUnet is an EDM2 config-G port: edmkit gets its exact channel widths, blocks per level and attention
+# resolution (the same layout; KarrasUnet has ~6% more parameters, edmkit ~10% more FLOPs from EDM2's upsampling
+# blocks, which run at the lower level's width). UNet2DModel is a different design: widths chosen for about the
+# same parameter count. Both are printed by the run.
 EDMKIT_NET = {
-    "cifar": dict(model_channels=60, channel_mult=(1, 2, 3), num_blocks=2, attn_resolutions=(8,), channels_per_head=64),
-    "mnist": dict(model_channels=32, channel_mult=(1, 2, 3), num_blocks=1, attn_resolutions=(7,), channels_per_head=32),
+    "cifar": dict(model_channels=48, channel_mult=(1, 2, 4), num_blocks=2, attn_resolutions=(8,), channels_per_head=64),
+    "mnist": dict(model_channels=24, channel_mult=(1, 2, 4), num_blocks=1, attn_resolutions=(7,), channels_per_head=32),
 }
 KARRAS_NET = {
     "cifar": dict(dim=48, dim_max=192, num_downsamples=2, num_blocks_per_stage=2, attn_res=(8,), attn_dim_head=64),
@@ -64,6 +68,7 @@ DIFFUSERS_NET = {
 }
 MODELS = ("edmkit-G", "edmkit-E", "edmkit-G-bf16", "karras", "diffusers")
 PEERS = ("karras", "diffusers")
+MODES = ("train", "eval", "eval1")  # eval1: denoiser evaluations at batch 1
 SIGMA_DATA = 0.5
 
 
@@ -202,7 +207,7 @@ def measure_eval(model: str, size: str, *, batch: int, steps: int) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    measure = measure_train if args.mode == "train" else measure_eval
+    measure = measure_train if args.mode == "train" else measure_eval  # eval and eval1 differ only in the batch
     rec = measure(args.model, args.size, batch=args.batch, steps=args.steps)
     rec["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     rec["gflop_per_sec"] = rec["img_per_sec"] * rec["gflop_per_img"]
@@ -244,20 +249,20 @@ def ratio(a: dict, b: dict) -> float:
 def print_table(results: dict) -> None:
     for size, by_model in results["median"].items():
         print(f"\n== {size}: {SIZES[size]['channels']}x{SIZES[size]['resolution']}x{SIZES[size]['resolution']}, batch {results['batch'][size]}")
-        print(f"{'model':15s} {'params':>8s} {'train img/s':>11s} {'eval img/s':>10s} {'train GF/img':>12s} {'train GF/s':>10s} "
+        print(f"{'model':15s} {'params':>8s} {'train img/s':>11s} {'eval img/s':>10s} {'eval1 img/s':>11s} {'train GF/img':>12s} {'train GF/s':>10s} "
               f"{'eval GF/s':>9s} {'rss train MB':>12s} {'rss eval MB':>11s}")
         for model, m in by_model.items():
-            tr, ev = m["train"], m["eval"]
+            tr, ev, ev1 = m["train"], m["eval"], m["eval1"]
             if "skipped" in tr:
                 print(f"{model:15s} skipped: {tr['skipped']}")
                 continue
-            print(f"{model:15s} {tr['params'] / 1e6:7.2f}M {tr['img_per_sec']:11.1f} {ev['img_per_sec']:10.1f} {tr['gflop_per_img']:12.3f} "
+            print(f"{model:15s} {tr['params'] / 1e6:7.2f}M {tr['img_per_sec']:11.1f} {ev['img_per_sec']:10.1f} {ev1['img_per_sec']:11.1f} {tr['gflop_per_img']:12.3f} "
                   f"{tr['gflop_per_sec']:10.1f} {ev['gflop_per_sec']:9.1f} {tr['rss_mb']:12.0f} {ev['rss_mb']:11.0f}")
         print("ratios (edmkit / peer, img/s):")
         for name, r in results["ratios"][size].items():
             if math.isnan(r["train"]):
                 continue  # a side was skipped
-            print(f"  {name:38s} train {r['train']:5.2f}x   eval {r['eval']:5.2f}x")
+            print(f"  {name:38s} train {r['train']:5.2f}x   eval {r['eval']:5.2f}x   eval1 {r['eval1']:5.2f}x")
 
 
 def main() -> None:
@@ -279,7 +284,7 @@ def main() -> None:
         return worker(args)
 
     sizes, models = args.sizes.split(","), args.models.split(",")
-    runs: dict = {s: {m: {"train": [], "eval": []} for m in models} for s in sizes}
+    runs: dict = {s: {m: {mode: [] for mode in MODES} for m in models} for s in sizes}
     t0 = time.perf_counter()
     for r in range(args.rounds):
         order = models if r % 2 == 0 else models[::-1]  # alternate so that no model always runs first (or last)
@@ -287,21 +292,21 @@ def main() -> None:
             for model in order:
                 if model.endswith("bf16") and size not in args.bf16_sizes.split(","):
                     continue
-                for mode in ("train", "eval"):
-                    steps = args.steps if mode == "train" else args.eval_steps
-                    rec = spawn(model, size, mode, batch=args.batch, steps=steps)
+                for mode in MODES:
+                    steps = {"train": args.steps, "eval": args.eval_steps, "eval1": 8 * args.eval_steps}[mode]
+                    rec = spawn(model, size, mode, batch=1 if mode == "eval1" else args.batch, steps=steps)
                     runs[size][model][mode].append(rec)
                     shown = rec.get("skipped") or f"{rec['img_per_sec']:.1f} img/s, {rec['params'] / 1e6:.2f}M params"
                     print(f"[round {r + 1}/{args.rounds} {time.perf_counter() - t0:5.0f}s] {size} {model} {mode}: {shown}", flush=True)
 
-    median = {s: {m: {mode: median_of(runs[s][m][mode]) for mode in ("train", "eval")} for m in models} for s in sizes}
+    median = {s: {m: {mode: median_of(runs[s][m][mode]) for mode in MODES} for m in models} for s in sizes}
     ratios = {s: {} for s in sizes}
     for s in sizes:
         for mine in (m for m in models if m.startswith("edmkit")):
             for peer in (m for m in models if m in PEERS):
-                ratios[s][f"{mine} / {peer}"] = {mode: ratio(median[s][mine][mode], median[s][peer][mode]) for mode in ("train", "eval")}
+                ratios[s][f"{mine} / {peer}"] = {mode: ratio(median[s][mine][mode], median[s][peer][mode]) for mode in MODES}
             if mine.endswith("bf16") and mine[:-5] in models:
-                ratios[s][f"{mine} / {mine[:-5]}"] = {mode: ratio(median[s][mine][mode], median[s][mine[:-5]][mode]) for mode in ("train", "eval")}
+                ratios[s][f"{mine} / {mine[:-5]}"] = {mode: ratio(median[s][mine][mode], median[s][mine[:-5]][mode]) for mode in MODES}
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(), "rounds": args.rounds,
                "steps": args.steps, "eval_steps": args.eval_steps, "batch": {s: args.batch for s in sizes},
                "seconds": time.perf_counter() - t0, "median": median, "ratios": ratios, "runs": runs}

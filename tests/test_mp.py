@@ -87,3 +87,26 @@ def test_mp_fourier_unit_rms_and_deterministic():
     c = torch.linspace(-3, 3, 1000)
     assert rms(f1(c)) == pytest.approx(1.0, abs=0.05)
     assert torch.equal(f1(c), f2(c))
+
+
+def test_sampling_weight_cache_matches_autograd_path_and_follows_weight_updates():
+    """Eval + no-grad reuses the normalized weight; any in-place update of the weight must invalidate it."""
+    torch.manual_seed(0)
+    conv = MPConv(8, 4, (3, 3)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    reference = conv(x)  # grad enabled: computed afresh
+    with torch.inference_mode():
+        first = conv(x)
+        again = conv(x)
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    new = torch.randn_like(conv.weight)
+    conv.load_state_dict({"weight": new})  # in-place copy_: bumps the version counter
+    with torch.no_grad():
+        after_load = conv(x)
+        conv.weight.mul_(-1.0)  # an EMA / optimizer-style in-place update
+        after_flip = conv(x)
+    expected = MPConv(8, 4, (3, 3)).eval()
+    expected.load_state_dict({"weight": new})
+    torch.testing.assert_close(after_load, expected(x).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(after_flip, -after_load, rtol=0, atol=1e-6)

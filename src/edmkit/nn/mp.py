@@ -123,7 +123,24 @@ class MPConv(torch.nn.Module):
         if self.training and self.forced:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))  # forced weight normalization (EDM2 Sec. 2.5)
-        return normalize(w) * (gain / math.sqrt(self.fan_in))
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            w = normalize(w) * (1.0 / math.sqrt(self.fan_in))
+        else:
+            w = self._inference_weight()
+        return w if isinstance(gain, float) and gain == 1.0 else w * gain
+
+    def _inference_weight(self) -> torch.Tensor:
+        """``normalize(w) / sqrt(fan_in)``, computed once per weight version when sampling (no autograd, eval mode).
+
+        Sampling calls every layer tens of times with the same weights; the key (version counter, storage, device)
+        changes with any in-place update (optimizer step, EMA copy, ``load_state_dict``), so a stale weight is never used.
+        """
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, normalize(self.weight.to(torch.float32)) * (1.0 / math.sqrt(self.fan_in)))
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor, *, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = self.effective_weight(gain=gain).to(x.dtype)
