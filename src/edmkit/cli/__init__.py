@@ -1,0 +1,16 @@
+"""The ``edmkit`` command line: train, generate, restore, phema, metrics, dataset, report, train-classifier.
+
+Library code raises ValueError / OSError; this package alone turns them into one-line errors with a
+non-zero exit code (``user_errors``) and sets ``torch.backends`` flags (``pick_device``).
+
+Layout: ``_common`` holds the click group ``main`` and the shared helpers; each command module registers its
+commands on ``main`` when imported below. Heavy imports (training, sampling, metrics) stay inside the commands,
+so ``edmkit --help`` is fast.
+"""
+
+from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
+from edmkit.cli import dataset, generate, metrics, posthoc, train  # noqa: F401  (registers the commands on main)
+from edmkit.cli.train import resolve_augment, resolve_diagnostics, resolve_eval, resolve_task, resolve_train_config
+
+__all__ = ["NIMG", "check_output_target", "main", "parse_int_list", "pick_device", "resolve_augment", "resolve_diagnostics",
+           "resolve_eval", "resolve_task", "resolve_train_config", "user_errors"]

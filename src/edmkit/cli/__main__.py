@@ -1,0 +1,5 @@
+"""``python -m edmkit.cli``: the same as ``python -m edmkit``."""
+
+from edmkit.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""A run's folder and resumable state: the config check on reuse, training-state files, resume, stop requests.
+
+A run folder holds ``config.json``; reusing it with another config is refused (``RunError``) unless the change is one
+of ``RESUMABLE_CHANGES`` (how long, how often, how the work is split: not what the weights become) or ``--force``.
+``TrainState`` is everything that changes during training; its ``to_dict`` holds only tensors and plain containers,
+so states load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edmkit import checkpoint as ckpt
+from edmkit import dist
+from edmkit.config import ExperimentConfig, config_diff
+from edmkit.ema import PowerFunctionEMA
+from edmkit.precond import Denoiser
+
+
+# Fields that change only how long or how often things happen, not what the weights become: a resumed run may change them.
+RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg", "train.state_nimg", "train.grid_n", "train.sample_steps",
+                     "train.val_nimg", "train.val_sigmas", "train.val_patience"}
+# ... and how the work is split or run, not what it computes (a run may resume on another number of processes).
+RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
+RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
+RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
+RESUMABLE_CHANGES |= {f"train.eval_{k}" for k in ("nimg", "ref", "n", "steps", "detector", "metrics")}  # what is measured, not trained
+
+
+class RunError(ValueError):
+    """A run folder cannot be used as asked (config changed, unwritable, ...)."""
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; ``to_dict`` is loadable with ``weights_only=True``."""
+
+    net: Denoiser
+    optimizer: torch.optim.Optimizer
+    ema: PowerFunctionEMA
+    nimg: int = 0
+    step: int = 0
+    totals: dict[str, float] = field(default_factory=lambda: {"train_sec": 0.0})
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # fp16 loss scaling
+    train_net: torch.nn.Module | None = None  # what forward/backward run through (DDP / autocast / compiled); None: ``net``
+
+    def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),
+                "nimg": self.nimg, "step": self.step, "totals": dict(self.totals), "net": self.net.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(), "torch_rng": torch.get_rng_state(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_dict(self, d: dict[str, Any]) -> None:
+        self.net.load_state_dict(d["net"], strict=True)
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.ema.load_state_dict(d["ema"])
+        self.nimg, self.step, self.totals = int(d["nimg"]), int(d["step"]), dict(d["totals"])
+        torch.set_rng_state(d["torch_rng"])
+        if d.get("scaler"):  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(d["scaler"])
+
+
+def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:
+    """Create the run folder and its config.json; refuse a different config in an existing run unless ``force``."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
+    cfg_file = run_dir / "config.json"
+    if cfg_file.is_file():
+        old = ExperimentConfig.from_json(cfg_file.read_text())
+        diff = [d for d in config_diff(old, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
+        if diff and not force:
+            raise RunError(f"{run_dir} holds a run with another config ({'; '.join(diff)}); use another --run folder, or --force to continue with the new config")
+    ckpt.write_json(cfg_file, cfg.to_dict())
+
+
+def resume(state: TrainState, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Load the newest readable training state; a damaged newest file falls back to the previous one."""
+    for path in reversed(ckpt.list_states(run_dir)):
+        try:
+            state.load_dict(ckpt.load_state(path))
+        except ckpt.CheckpointError as e:
+            warnings.warn(f"skipping damaged training state: {e}")
+            continue
+        log(f"resuming from {path.name} at {state.nimg} images")
+        return
+
+
+def prepare_run_dir_on_main(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:
+    """``prepare_run_dir`` on rank 0 only; its RunError is raised on every rank (none is left waiting)."""
+    error = None
+    if dist.is_main():
+        try:
+            prepare_run_dir(run_dir, cfg, force=force)
+        except RunError as e:
+            error = str(e)
+    error = dist.broadcast_from_main(error)
+    if error is not None:
+        raise RunError(error)
+
+
+def save_training_state(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, keep: int | None = None) -> None:
+    """Write a new state, then delete all but the ``keep`` (default ``train.keep_states``) newest, never before the new one
+    is complete: a failed write (full disk) raises and leaves the older states and no partial file."""
+    keep = cfg.train.keep_states if keep is None else keep
+    ckpt.save_state(ckpt.state_path(run_dir, state.nimg), state.to_dict(cfg))
+    for old in ckpt.list_states(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+class StopRequest:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a stop never lands inside a step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Whether a stop was asked on any rank: a collective, so every rank takes the same branch."""
+        return dist.any_rank(self.signum is not None)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
