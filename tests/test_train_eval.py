@@ -5,7 +5,6 @@ A tiny TorchScript detector and a reference of 64 embedded MNIST digits stand in
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -18,29 +17,9 @@ from edmkit.config import get_preset
 from edmkit.data import load_dataset
 from edmkit.metrics import evaluate as ev, load_detector, reference as rf
 from edmkit.train import RunError, preserved_rng, train
+from test_metrics import save_tiny_detector  # the same tiny TorchScript detector as the metrics tests
 
 QUIET = dict(progress=False, log=lambda s: None)
-
-
-class TinyDetector(torch.nn.Module):
-    """Two convolutions and mean / max pooling, with the inception convention (pixels in [0, 255], return_features)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        h = self.conv2(torch.relu(self.conv1(x / 127.5 - 1)))
-        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # [N, 16]
-
-
-def save_tiny_detector(path, seed):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; the standard FID file still uses it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(TinyDetector().eval()).save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
