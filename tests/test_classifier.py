@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 
 from edmkit.checkpoint import CheckpointError, build_denoiser, load_network, save_network
-from edmkit.classifier import (NoisyClassifier, accept, check_classifier, check_threshold, load_classifier, rejection_sample,
-                               train_classifier)
+from edmkit.classifier import NoisyClassifier, check_classifier, load_classifier, train_classifier
 from edmkit.cli import main
 from edmkit.config import NetworkConfig, get_preset
 from edmkit.generate import guided_denoiser, sampling_sigmas
 from edmkit.guidance import classifier_free, classifier_guided
+from edmkit.rejection import accept, check_threshold, rejection_sample
 from edmkit.samplers import get_sampler
 
 MU = torch.tensor([[-0.5, 0.0], [0.5, 0.0]])  # class means [K=2, 2]

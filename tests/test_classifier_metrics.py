@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 from edmkit import checkpoint as ckpt
 from edmkit import classifier as clf_mod
 from edmkit import dist
-from edmkit.classifier import (Rejection, RejectionTally, accept, build_classifier, candidate_seeds, classifier_state_dir,
-                               classifier_step, load_classifier, train_classifier)
+from edmkit.classifier import build_classifier, classifier_state_dir, classifier_step, load_classifier, train_classifier
 from edmkit.cli import main
 from edmkit.config import get_preset
 from edmkit.data import ImageDataset, float_to_images, load_dataset
@@ -29,6 +28,7 @@ from edmkit.ema import PowerFunctionEMA
 from edmkit.generate import generate_images
 from edmkit.loss import make_loss
 from edmkit.metrics import evaluate as ev, load_detector, reference as rf
+from edmkit.rejection import Rejection, RejectionTally, accept, candidate_seeds
 from edmkit.schedules import learning_rate
 from edmkit.train import RunError, TrainState
 from test_metrics import save_tiny_detector

@@ -105,7 +105,8 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
 
 def load_generate_classifier(path, model, *, class_idx, scale, reject_threshold, gif, device):
     """The classifier of ``generate`` (or None), checked against the model and the classifier options."""
-    from edmkit.classifier import check_classifier, check_threshold, load_classifier
+    from edmkit.classifier import check_classifier, load_classifier
+    from edmkit.rejection import check_threshold
 
     if scale < 0:
         raise ValueError(f"--classifier-scale must be >= 0, got {scale}")
@@ -136,7 +137,7 @@ def classifier_generate_kw(clf, model, *, class_idx, scale) -> dict:
 
 def rejection_generate(sample, clf, *, seed_list, class_idx, threshold, batch, max_tries):
     """Rejection sampling for ``generate``: consecutive seeds from the first asked for, until len(seed_list) are accepted."""
-    from edmkit.classifier import candidate_seeds, rejection_sample
+    from edmkit.rejection import candidate_seeds, rejection_sample
 
     n = len(seed_list)
     candidates = candidate_seeds(seed_list, max_tries=max_tries)

@@ -159,7 +159,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
                   **classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
     rejection = None
     if reject_threshold is not None:
-        from edmkit.classifier import Rejection
+        from edmkit.rejection import Rejection
 
         rejection = Rejection(classifier=clf, class_idx=class_idx, threshold=reject_threshold, max_tries=max_tries)
     start = time.monotonic()
@@ -170,7 +170,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     if clf is not None:
         result.update(classifier=str(classifier_path))
     if rejection is not None:
-        from edmkit.classifier import resolve_max_tries
+        from edmkit.rejection import resolve_max_tries
 
         result.update(rejection=dict(class_idx=class_idx, threshold=reject_threshold, max_tries=resolve_max_tries(len(seed_list), max_tries)))
     finish_metrics(result, out_path, echo)

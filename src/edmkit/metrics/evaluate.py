@@ -9,7 +9,7 @@
   so μ, Σ and FID do not depend on the number of ranks beyond floating-point summation order. The
   raw features kept for KID / precision-recall are gathered in rank order and cut to the cap, so
   with more images than the cap they are a different (equally random) subset per rank count.
-- Rejection sampling (``edmkit.classifier.Rejection``): the n images scored are the first n accepted
+- Rejection sampling (``edmkit.rejection.Rejection``): the n images scored are the first n accepted
   candidates, tried in seed order; repeat r draws its candidates from its own range of max_tries seeds.
   It runs in one process (which candidates are scored depends on all earlier ones).
 """
@@ -32,8 +32,8 @@ from edmkit.metrics.memorization import Memorization, memorization
 from edmkit.metrics.reference import Reference, check_detector
 from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
 
-if TYPE_CHECKING:  # edmkit.classifier imports edmkit.train, which imports this module: imported where used
-    from edmkit.classifier import Rejection, RejectionTally
+if TYPE_CHECKING:  # edmkit.rejection imports edmkit.classifier, which imports edmkit.train, which imports this module: imported where used
+    from edmkit.rejection import Rejection, RejectionTally
 
 METRICS = ("fid", "kid", "pr")
 PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
@@ -115,7 +115,7 @@ def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device
     With `rejection`, `seeds` are candidates tried in order, and only the first `n` accepted images are yielded
     (counts in `tally`); fewer than `n` accepted among all candidates raises ValueError once they are used up.
     """
-    from edmkit.classifier import RejectionTally, accepted_batches
+    from edmkit.rejection import RejectionTally, accepted_batches
     from edmkit.generate import generate_images  # the sampling stack only when generating
 
     def sample(chunk: Sequence[int]) -> torch.Tensor:
@@ -273,7 +273,7 @@ def evaluate_generator(
         ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``; with rejection each
         repeat also has ``tried``, ``accepted`` and ``accept_rate`` (accepted / tried), and ``seeds`` names the candidates tried.
     """
-    from edmkit.classifier import RejectionTally, candidate_seeds
+    from edmkit.rejection import RejectionTally, candidate_seeds
 
     check_detector(ref, detector)
     rank, world = dist.rank(), dist.world_size()
