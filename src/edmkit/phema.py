@@ -9,7 +9,8 @@ module is the I/O around it:
   (default: the last snapshot) and write ordinary network files (``load_network``,
   ``edmkit generate --checkpoint FILE``).
 - ``sweep``: reconstruct a grid of sigma_rel, score each (lower is better; by default the denoising
-  loss on fixed images, sigmas and noise), write ``sweep.csv``, ``sweep.json`` and ``sweep.png``, and
+  loss on fixed images, sigmas and noise; ``fid_score``: FID of images generated from fixed seeds,
+  as EDM2 Fig. 5 picks the EMA length), write ``sweep.csv``, ``sweep.json`` and ``sweep.png``, and
   name (and save) the best.
 
 Diagnostics per reconstruction (``info``): ``cond`` = condition number of the Gram matrix A of the
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +41,10 @@ from edmkit import checkpoint as ckpt
 from edmkit.config import ExperimentConfig, config_diff
 from edmkit.ema import STD_MAX, power_function_inner, reconstruct, std_to_exp
 from edmkit.precond import Denoiser
+
+if TYPE_CHECKING:  # the metrics stack is imported only when an FID score is built
+    from edmkit.metrics.detectors import Detector
+    from edmkit.metrics.reference import Reference
 
 DEFAULT_SWEEP = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.25)
 COND_WARN = 1e10  # cond(A) above this: float64 least squares starts to lose digits
@@ -288,6 +293,59 @@ def denoising_score(cfg: ExperimentConfig, *, n_images: int = 128, n_sigmas: int
     return score
 
 
+def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: int, label_dim: int = 0, n: int = 1000,
+              seeds: Sequence[int] | None = None, steps: int = 18, sampler: str = "heun", batch: int = 64,
+              device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> Callable[[Denoiser], float]:
+    """Score = FID of ``n`` generated images against reference statistics (EDM2 Sec. 3.2, Fig. 5); lower is better.
+
+    EDM2 chooses the EMA length by FID. Every network is sampled from the same fixed seeds (default
+    0..n-1), so each image starts from the same noise (and class label) for every sigma_rel, and score
+    differences are not sampling noise. The number is ``edmkit.metrics.evaluate.evaluate_generator``'s
+    FID (the same code as ``edmkit metrics gen``). At small n the FID is biased upward: compare scores
+    at the same n only. The checks (detector hash, seeds, sampler) run here, before any reconstruction.
+
+    Args:
+        ref: Reference statistics (``edmkit.metrics.reference.load_reference``).
+        detector: The reference's detector file (``reference_detector``); its sha256 must match.
+        resolution, channels, label_dim: Of the run's network (``config.network``).
+        n: Images per network.
+        seeds: The n seeds (default 0..n-1).
+        steps, sampler: Sampler settings (Heun with 18 steps: 35 network evaluations per image).
+        batch: Images per sampling / detector batch (does not change the images).
+        device: Where sampling runs.
+        log: Receives notices (small n, image shape, detector input conversion) once, here.
+
+    Returns:
+        A function net -> float named ``"FID (n=<n>)"``, the same number for the same network.
+    """
+    from edmkit.metrics import evaluate as ev
+    from edmkit.metrics.detectors import conversion_notice
+    from edmkit.metrics.reference import check_detector, shape_notice
+    from edmkit.samplers import get_sampler
+
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n or len(set(seeds)) != n:
+        raise ValueError(f"the FID score needs n = {n} distinct seeds, got {len(seeds)} seeds ({len(set(seeds))} distinct)")
+    if n < 2 or steps < 1 or batch < 1:
+        raise ValueError(f"the FID score needs n >= 2, steps >= 1 and batch >= 1, got {n}, {steps}, {batch}")
+    get_sampler(sampler)
+    check_detector(ref, detector)
+    notices = (ev.sample_size_notice(n), shape_notice(ref, resolution=resolution, channels=channels),
+               conversion_notice(detector.spec, channels=channels, resolution=resolution))
+    for line in notices if log is not None else ():
+        if line:
+            log(line)
+    generate_kw = dict(resolution=resolution, channels=channels, label_dim=label_dim, sampler=sampler, steps=steps)
+
+    def score(net: Denoiser) -> float:
+        result = ev.evaluate_generator(net, ref=ref, detector=detector, seeds=seeds, metrics=("fid",), batch=batch, device=device,
+                                       generate_kw=generate_kw)
+        return float(result["repeats"][0]["fid"])
+
+    score.__name__ = f"FID (n={n})"
+    return score
+
+
 def _net_from_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], device: torch.device | str) -> Denoiser:
     net = ckpt.build_denoiser(cfg)
     net.load_state_dict(state, strict=True)
@@ -307,7 +365,7 @@ def sweep(run_dir: str | Path, *, out_dir: str | Path, sigma_rels: Sequence[floa
         run_dir: The run folder with the snapshots.
         out_dir: Output folder (created; must not be the run folder).
         sigma_rels: The grid.
-        score_fn: net -> float, lower is better; default ``denoising_score(config)``.
+        score_fn: net -> float, lower is better; default ``denoising_score(config)``; ``fid_score`` scores by FID.
         at_nimg: Time of the reconstructions (default: the last snapshot).
         device: Where networks are scored.
         save_best: Also write the best reconstruction as a network file.

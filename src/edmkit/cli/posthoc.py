@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import click
 
 from edmkit.cli._common import NIMG, main, pick_device, user_errors
+
+if TYPE_CHECKING:
+    import torch
+
+    from edmkit.config import ExperimentConfig
+    from edmkit.precond import Denoiser
 
 
 @main.command()
@@ -12,20 +21,28 @@ from edmkit.cli._common import NIMG, main, pick_device, user_errors
 @click.option("--sigma-rel", "sigma_rel", default=None, help="Comma-separated EMA lengths sigma_rel, e.g. 0.02,0.05,0.08 (with --sweep default: 0.01 to 0.25).")
 @click.option("--at-nimg", type=NIMG, default=None, help="Reconstruct the EMA as it was after this many images (default: the last snapshot).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder for the network files (and the sweep table and plot).")
-@click.option("--sweep", "do_sweep", is_flag=True, help="Score every sigma_rel (denoising loss on fixed images and noise; lower is better), write sweep.csv/.json/.png and the best network.")
-@click.option("--score-images", type=int, default=128, show_default=True, help="With --sweep: images in the denoising score.")
-@click.option("--score-sigmas", type=int, default=8, show_default=True, help="With --sweep: noise levels per image in the denoising score.")
-@click.option("--data", default=None, help="With --sweep: dataset for the score (default: the run's).")
+@click.option("--sweep", "do_sweep", is_flag=True, help="Score every sigma_rel (--score: denoising loss on fixed images and noise, or FID of images from fixed seeds; lower is better), write sweep.csv/.json/.png and the best network.")
+@click.option("--score", "score_kind", type=click.Choice(["loss", "fid"]), default="loss", show_default=True, help="With --sweep: loss (denoising loss) or fid (FID against --ref, as EDM2 picks the EMA length).")
+@click.option("--score-images", type=int, default=128, show_default=True, help="With --score loss: images in the denoising score.")
+@click.option("--score-sigmas", type=int, default=8, show_default=True, help="With --score loss: noise levels per image in the denoising score.")
+@click.option("--data", default=None, help="With --score loss: dataset for the score (default: the run's).")
+@click.option("--ref", "ref_path", default=None, type=click.Path(dir_okay=False), help="With --score fid: reference statistics from `edmkit metrics ref` (required).")
+@click.option("--score-n", type=int, default=1000, show_default=True, help="With --score fid: images per sigma_rel, seeds 0..N-1 (the same noise for every sigma_rel).")
+@click.option("--score-steps", type=int, default=18, show_default=True, help="With --score fid: sampler steps (Heun: 2*steps-1 network evaluations).")
+@click.option("--detector", default=None, help="With --score fid: feature network name or TorchScript path (default: the reference's).")
+@click.option("--batch", type=int, default=None, help="With --sweep: images per scoring batch (default 64 for fid, 256 for loss; does not change the results).")
 @click.option("--device", default="auto", show_default=True, help="With --sweep: where networks are scored (cpu, cuda, cuda:N or auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_images, score_sigmas, data, device, quiet) -> None:
+def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_images, score_sigmas, data, ref_path, score_n, score_steps, detector, batch,
+          device, quiet) -> None:
     """Post-hoc EMA (EDM2 Sec. 3): choose the EMA length after training.
 
     \b
     Examples:
       edmkit phema --run runs/mnist --sigma-rel 0.02,0.05,0.08 --out runs/mnist/phema
       edmkit phema --run runs/mnist --sweep --out runs/mnist/sweep
+      edmkit phema --run runs/mnist --sweep --score fid --ref refs/mnist.npz --score-n 1000 --out runs/mnist/sweep-fid
       edmkit generate --checkpoint runs/mnist/phema/network-000000080000-0.080.safetensors --out grid.png
     """
     import warnings
@@ -35,6 +52,12 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_images, score_si
     sigma_rels = parse_float_list(sigma_rel, name="--sigma-rel") if sigma_rel else None
     if sigma_rels is None and not do_sweep:
         raise ValueError("give --sigma-rel (e.g. 0.02,0.05,0.08) or --sweep")
+    if score_kind == "fid" and not do_sweep:
+        raise ValueError("--score fid scores a sweep: add --sweep")
+    if score_kind == "fid" and ref_path is None:
+        raise ValueError("--score fid needs --ref REF.npz (reference statistics from `edmkit metrics ref`)")
+    if score_kind == "loss" and (ref_path is not None or detector is not None):
+        raise ValueError("--ref and --detector are for --score fid")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ph.PosthocEMAWarning)  # the same messages are printed from info below
         if not do_sweep:
@@ -43,8 +66,15 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_images, score_si
                 click.echo(f"  -> {path}")
             return
         snaps = ph.collect_snapshots(run_dir)
+        ph.check_sigma_rels(sigma_rels or ph.DEFAULT_SWEEP)
+        ph.resolve_at_nimg(snaps, at_nimg)
         dev = pick_device(device)
-        score = ph.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev)
+        if score_kind == "fid":  # reference and detector are checked before any reconstruction is written
+            score = fid_score_of(snaps[-1].config, ref_path, detector=detector, n=score_n, steps=score_steps,
+                                 batch=64 if batch is None else batch, device=dev)
+        else:
+            score = ph.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev,
+                                       batch=256 if batch is None else batch)
         result = ph.sweep(run_dir, out_dir=out_dir, sigma_rels=sigma_rels or ph.DEFAULT_SWEEP, score_fn=score, at_nimg=at_nimg,
                           device=dev, progress=not quiet)
     for row in result["rows"]:
@@ -55,6 +85,19 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_images, score_si
     if result["best"] is None:
         raise ValueError("no sigma_rel gave a finite score")
     click.echo(f"best: sigma_rel {result['best']['sigma_rel']:g} ({result['score_name']} {result['best']['score']:.5f}) -> {result['network']}")
+
+
+def fid_score_of(cfg: ExperimentConfig, ref_path: str, *, detector: str | None, n: int, steps: int, batch: int,
+                 device: torch.device) -> Callable[[Denoiser], float]:
+    """``phema.fid_score`` for a run's network against the reference file ``ref_path`` (notices echoed once)."""
+    from edmkit import phema as ph
+    from edmkit.metrics import reference as rf
+
+    ref = rf.load_reference(ref_path)
+    det = rf.reference_detector(ref, detector, device=device, ref_path=ref_path, log=click.echo)
+    c = cfg.network
+    return ph.fid_score(ref, det, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, n=n, steps=steps, batch=batch,
+                        device=device, log=click.echo)
 
 
 def echo_reconstruction(info: dict) -> None:
