@@ -66,12 +66,14 @@ def write_dataset_zip(data: ImageDataset, path: str | Path) -> None:
 
 
 def check_round_trip(data: ImageDataset, path: str | Path) -> None:
-    """Read ``path`` back with ``load_dataset``; ValueError unless images and labels are identical to ``data``."""
+    """Read ``path`` back with ``load_dataset``; ValueError unless images, labels and class names are identical to ``data``."""
     back = load_dataset(path)
     if back.images.shape != data.images.shape or not torch.equal(back.images, data.images):
         raise ValueError(f"{path}: images read back differ from those written")
     if (back.labels is None) != (data.labels is None) or (data.labels is not None and not torch.equal(back.labels, data.labels)):
         raise ValueError(f"{path}: labels read back differ from those written")
+    if back.class_names != data.class_names:
+        raise ValueError(f"{path}: class names read back differ from those written")
 
 
 def preview_path(dest: str | Path) -> Path:

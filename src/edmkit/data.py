@@ -8,13 +8,16 @@ dataset indices that makes resume exact and DDP sharding independent of the worl
 Sources accepted by ``load_dataset``:
     "mnist5k"                     embedded 5k-digit MNIST subset (assets/README.md), the default
     folder/ or archive.zip        images found recursively, in sorted path order. Labels come from a
-                                  root dataset.json {"labels": [[relpath, label], ...]} ("labels": null
-                                  means unlabelled) or else from class subfolders: the first folder
-                                  below the deepest folder common to all images; class indices follow
-                                  the sorted folder names (numeric order when names are digits).
+                                  root dataset.json {"labels": [[relpath, label], ...], "class_names":
+                                  [...]} ("labels": null means unlabelled; "class_names" is optional) or
+                                  else from class subfolders: the first folder below the deepest folder
+                                  common to all images; class indices follow the sorted folder names
+                                  (numeric order when names are digits), which are the class names.
     *-images-idx3-ubyte[.gz]      MNIST-style idx; labels from the matching *-labels-idx1-ubyte[.gz]
+                                  (class names "0", "1", ...: the digits for MNIST)
     cifar-10-python.tar.gz,       CIFAR python tarballs as distributed: the training batches only
-    cifar-100-python.tar.gz       (CIFAR-100 uses the 100 fine labels)
+    cifar-100-python.tar.gz       (CIFAR-100 uses the 100 fine labels); class names from the meta file
+                                  (CIFAR-10: the published names when batches.meta is missing)
     *.npz                         ``images`` uint8 [N, H, W], [N, H, W, C] or [N, C, H, W]; optional
                                   integer ``labels`` [N]
 Augmentation and the ``edmkit dataset convert`` command live elsewhere (not in this module).
@@ -45,6 +48,8 @@ import torch
 from PIL import Image
 
 EMBEDDED = "mnist5k"
+# The published CIFAR-10 class names (batches.meta label_names), for tarballs that lack the meta file.
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
@@ -56,7 +61,8 @@ class ImageDataset:
         labels: int64 [N] class indices in [0, num_classes), or None when unlabelled.
         num_classes: Number of classes; 0 when unlabelled.
         name: Human-readable source.
-        class_names: One name per class when known (CIFAR, class folders), else empty.
+        class_names: One name per class (index order) when known (dataset.json, class folders, CIFAR,
+            MNIST digits), else empty; ``classes=`` subsetting keeps them in the relabelled order.
     """
 
     images: torch.Tensor = field(repr=False)
@@ -165,7 +171,8 @@ def _read_source(source: str | Path, *, skip_bad: bool) -> tuple[_Raw, str]:
     """Dispatch on the source string; returns the decoded data and a human-readable name."""
     if str(source) == EMBEDDED:
         with resources.files("edmkit").joinpath("assets", "mnist5k.npz").open("rb") as f:
-            return _read_npz(f, where="mnist5k"), "mnist5k (embedded MNIST subset)"
+            raw = _read_npz(f, where="mnist5k")
+        return raw._replace(class_names=_index_names(raw.num_classes)), "mnist5k (embedded MNIST subset)"
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"unknown dataset {source!r}: neither {EMBEDDED!r} nor an existing file or folder")
@@ -201,6 +208,11 @@ def _check_labels(labels: np.ndarray | None, n: int, *, where: str,
     if bad.size:
         raise ValueError(f"{where}: class index {int(bad[0])} out of range [0, {num_classes})")
     return labels.astype(np.int64), num_classes
+
+
+def _index_names(num_classes: int) -> tuple[str, ...]:
+    """Class names "0", "1", ..., "K-1" (MNIST's classes are the digits themselves)."""
+    return tuple(str(c) for c in range(num_classes))
 
 
 def _nhwc(images: np.ndarray, *, where: str) -> np.ndarray:
@@ -253,7 +265,7 @@ def _read_mnist_idx(path: Path) -> _Raw:
     label_path = path.with_name(re.sub(r"images([-.])idx3", r"labels\1idx1", path.name, flags=re.IGNORECASE))
     raw_labels = _read_idx(label_path, ndim=1) if label_path != path and label_path.exists() else None
     labels, num_classes = _check_labels(raw_labels, len(images), where=str(label_path))
-    return _Raw(images[..., None], labels, num_classes, (), None)
+    return _Raw(images[..., None], labels, num_classes, _index_names(num_classes), None)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -319,7 +331,9 @@ def _read_cifar(path: Path) -> _Raw:
     labels, num_classes = _check_labels(np.concatenate(labels), len(images), where=str(path), num_classes=num_classes)
     meta = _unpickle_dict(files[meta_key], where=f"{path}:{meta_key}") if meta_key in files else {}
     names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, []))
-    return _Raw(images, labels, num_classes, names if len(names) == num_classes else (), None)
+    if len(names) != num_classes:
+        names = CIFAR10_CLASS_NAMES if num_classes == 10 else ()
+    return _Raw(images, labels, num_classes, names, None)
 
 
 def _read_folder(root: Path, *, skip_bad: bool) -> _Raw:
@@ -379,19 +393,27 @@ def _read_collection(files: list[str], read: Callable[[str], bytes], *, where: s
 
 
 def _json_labels(names: list[str], text: bytes, *, where: str) -> tuple[np.ndarray | None, int, tuple[str, ...]]:
-    """Labels from dataset.json {"labels": [[relpath, label], ...] | null} for each of ``names``."""
+    """Labels from dataset.json {"labels": [[relpath, label], ...] | null, "class_names": [...]} for each of ``names``.
+
+    The optional "class_names" (one string per class, index order) also fixes the class count, so
+    classes without images keep their index; an empty list means no names.
+    """
     try:
-        entries = json.loads(text).get("labels")
+        meta = json.loads(text)
+        entries, class_names = meta.get("labels"), meta.get("class_names") or []
         table = None if entries is None else {str(p).replace("\\", "/"): int(c) for p, c in entries}
     except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(f'{where}: expected {{"labels": [[relpath, label], ...]}} ({e})') from e
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise ValueError(f'{where}: "class_names" must be a list of strings, got {class_names!r:.80}')
     if table is None:
         return None, 0, ()
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"{where}: no label for {len(missing)} of {len(names)} images, e.g. {missing[0]}")
-    labels, num_classes = _check_labels(np.array([table[n] for n in names]), len(names), where=where)
-    return labels, num_classes, ()
+    labels, num_classes = _check_labels(np.array([table[n] for n in names]), len(names), where=where,
+                                        num_classes=len(class_names) or None)
+    return labels, num_classes, tuple(class_names)
 
 
 def _natural_key(name: str) -> tuple[int, int, str]:

@@ -49,8 +49,12 @@ def dataset_convert(source, dest, resolution, center_crop, classes, channels, sk
 @click.argument("source", metavar="SRC")
 @user_errors
 def dataset_info(source) -> None:
-    """Summarize SRC: image count, resolution, channels, classes (with counts)."""
+    """Summarize SRC: image count, resolution, channels, classes (with counts) and the class names by index."""
     from edmkit.convert import dataset_summary, format_summary
     from edmkit.data import load_dataset
 
-    click.echo(format_summary(dataset_summary(load_dataset(source))))
+    data = load_dataset(source)
+    click.echo(format_summary(dataset_summary(data)))
+    if data.class_names and data.class_names != tuple(str(c) for c in range(data.num_classes)):
+        # every class, index first: the indices are what --classes takes
+        click.echo("names:      " + ", ".join(f"{c} {name}" for c, name in enumerate(data.class_names)))

@@ -28,6 +28,7 @@ from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRES
 @click.option("--seed", type=int, default=None, help="Seed for initialization, data order and noise.")
 @click.option("--cond/--uncond", default=None, help="Class-conditional on the dataset's labels (default: the preset's).")
 @click.option("--p-uncond", type=float, default=None, help="Label dropout probability for classifier-free guidance (with --cond), e.g. 0.1.")
+@click.option("--stratified/--no-stratified", default=None, help="Low-discrepancy noise levels: spread each batch's sigma (or t) evenly over the training density (one random offset, n equal-mass strata) instead of independent draws. Same expected loss, lower-variance loss and gradient (default: the preset's, off).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Continue a run folder even though its config differs.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
@@ -55,7 +56,7 @@ from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRES
 @click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
 @click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr (default fid,kid).")
 @user_errors
-def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, device, force, dry_run, quiet,
+def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, stratified, device, force, dry_run, quiet,
           val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps,
           snapshot_nimg, snapshot_dtype, snapshot_budget_mb, augment_p, task, sr_scale, sr_aug_max, eval_nimg, eval_ref, eval_n, eval_steps,
           eval_detector, eval_metrics) -> None:
@@ -67,7 +68,7 @@ def train(preset, ladder, formulation, run_dir, data, classes, center_crop, reso
     """
     cfg = resolve_train_config(get_preset(preset), ladder=ladder, formulation=formulation, data=data, resolution=resolution, batch=batch,
                                classes=parse_int_list(classes, name="--classes"), center_crop=center_crop,
-                               total_nimg=total_nimg, lr=lr, seed=seed, cond=cond, p_uncond=p_uncond)
+                               total_nimg=total_nimg, lr=lr, seed=seed, cond=cond, p_uncond=p_uncond, stratified=stratified)
     cfg = resolve_diagnostics(cfg, val_fraction=val_fraction, val_nimg=val_nimg, grad_clip=grad_clip)
     execution = dict(batch_per_device=batch_per_device, precision=precision, compile=compile_net, keep_states=keep_states, max_bad_steps=max_bad_steps)
     if any(v is not None for v in execution.values()):
@@ -145,7 +146,7 @@ def resolve_diagnostics(cfg: ExperimentConfig, *, val_fraction=None, val_nimg=No
 
 
 def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None, data=None, resolution=None, batch=None, total_nimg=None, lr=None,
-                         seed=None, cond=None, p_uncond=None, classes=None, center_crop=None) -> ExperimentConfig:
+                         seed=None, cond=None, p_uncond=None, classes=None, center_crop=None, stratified=None) -> ExperimentConfig:
     """Apply command-line overrides (``None`` = keep the preset's value).
 
     The rung and formulation go first, so the values they derive (uncertainty weighting, lr, lr decay, t density)
@@ -176,6 +177,8 @@ def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None
         if p_uncond > 0 and not cfg.network.label_dim:
             raise ValueError("--p-uncond drops class labels: it needs a class-conditional model (--cond)")
         cfg = cfg.override("loss", p_uncond=p_uncond)
+    if stratified is not None:
+        cfg = cfg.override("loss", stratified=stratified)
     return cfg
 
 
