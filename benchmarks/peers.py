@@ -18,6 +18,8 @@ Per model and size:
   EDM preconditioning around their raw output and the same lambda(sigma)-weighted MSE. No EMA, no data loading.
 - ``eval img/s``: one denoiser evaluation D(x; sigma) per image under ``torch.inference_mode`` (what a sampler step costs),
   at batch ``--batch`` and at batch 1 (``eval1``: one image at a time, where per-call overheads show).
+- ``--allocator``: edmkit's commands raise glibc's malloc thresholds (``edmkit.runtime``), so the edmkit workers do
+  too by default; ``--allocator all`` gives the peers the same setting, ``none`` takes it from everyone.
 - ``rss MB``: peak resident set size of the worker (``resource.getrusage``).
 - ``GFLOP/img``: ``torch.utils.flop_counter`` count of one forward (eval) or forward + backward (train) per image.
 
@@ -207,6 +209,9 @@ def measure_eval(model: str, size: str, *, batch: int, steps: int) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
+    if args.allocator == "all" or (args.allocator == "edmkit" and args.model.startswith("edmkit")):
+        from edmkit.runtime import tune_cpu_allocator
+        tune_cpu_allocator()  # what every `edmkit` command does (pick_device); results unchanged, fewer page faults
     measure = measure_train if args.mode == "train" else measure_eval  # eval and eval1 differ only in the batch
     rec = measure(args.model, args.size, batch=args.batch, steps=args.steps)
     rec["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -214,10 +219,10 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(rec))
 
 
-def spawn(model: str, size: str, mode: str, *, batch: int, steps: int) -> dict:
+def spawn(model: str, size: str, mode: str, *, batch: int, steps: int, allocator: str) -> dict:
     """Run one measurement in a fresh interpreter; a peer that cannot be imported comes back as ``{"skipped": why}``."""
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--size", size, "--mode", mode,
-           "--batch", str(batch), "--steps", str(steps)]
+           "--batch", str(batch), "--steps", str(steps), "--allocator", allocator]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -275,6 +280,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--bf16-sizes", default="mnist", help="sizes at which edmkit-G-bf16 runs (it is slow without CPU bf16 units)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--allocator", choices=("edmkit", "all", "none"), default="edmkit",
+                        help="who gets edmkit.runtime.tune_cpu_allocator: edmkit only, as shipped (default), all models, or none")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -294,7 +301,7 @@ def main() -> None:
                     continue
                 for mode in MODES:
                     steps = {"train": args.steps, "eval": args.eval_steps, "eval1": 8 * args.eval_steps}[mode]
-                    rec = spawn(model, size, mode, batch=1 if mode == "eval1" else args.batch, steps=steps)
+                    rec = spawn(model, size, mode, batch=1 if mode == "eval1" else args.batch, steps=steps, allocator=args.allocator)
                     runs[size][model][mode].append(rec)
                     shown = rec.get("skipped") or f"{rec['img_per_sec']:.1f} img/s, {rec['params'] / 1e6:.2f}M params"
                     print(f"[round {r + 1}/{args.rounds} {time.perf_counter() - t0:5.0f}s] {size} {model} {mode}: {shown}", flush=True)
@@ -307,7 +314,7 @@ def main() -> None:
                 ratios[s][f"{mine} / {peer}"] = {mode: ratio(median[s][mine][mode], median[s][peer][mode]) for mode in MODES}
             if mine.endswith("bf16") and mine[:-5] in models:
                 ratios[s][f"{mine} / {mine[:-5]}"] = {mode: ratio(median[s][mine][mode], median[s][mine[:-5]][mode]) for mode in MODES}
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(), "rounds": args.rounds,
+    results = {"allocator": args.allocator, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": os.cpu_count(), "rounds": args.rounds,
                "steps": args.steps, "eval_steps": args.eval_steps, "batch": {s: args.batch for s in sizes},
                "seconds": time.perf_counter() - t0, "median": median, "ratios": ratios, "runs": runs}
     print_table(results)

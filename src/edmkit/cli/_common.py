@@ -16,6 +16,7 @@ import click
 import torch
 
 from edmkit.config import parse_nimg
+from edmkit.runtime import tune_cpu_allocator
 
 
 def user_errors(fn):
@@ -35,6 +36,9 @@ def user_errors(fn):
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device of ``--device`` (auto: CUDA when available), with the process settings that make it fast:
+    TF32 and cuDNN autotuning on CUDA, the glibc allocator thresholds for CPU work (``edmkit.runtime``)."""
+    tune_cpu_allocator()  # results unchanged; fewer page faults in CPU steps (host-side buffers on CUDA too)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
