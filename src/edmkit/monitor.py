@@ -28,7 +28,7 @@ from edmkit.generate import generate_images
 from edmkit.logging_sinks import Sink, make_sinks
 from edmkit.loss import EDMLoss
 from edmkit.metrics import evaluate as metrics_eval, reference as metrics_ref
-from edmkit.metrics.detectors import Detector, conversion_notice
+from edmkit.metrics.detectors import Detector
 from edmkit.precond import Denoiser
 from edmkit.run_state import RunError, TrainState
 from edmkit.validation import Validator, make_validator
@@ -155,10 +155,8 @@ def make_evaluator(cfg: ExperimentConfig, *, device: torch.device | str, log: Ca
                        f"{t.eval_n} and {len(ref.features)} in {t.eval_ref}: raise --eval-n or use --eval-metrics fid")
     log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, Heun {t.eval_steps} steps, EMA "
         f"{cfg.ema.sample_std:g}) against {t.eval_ref} every {t.eval_nimg} images")
-    for line in (conversion_notice(detector.spec, channels=c.channels, resolution=c.resolution),
-                 metrics_ref.shape_notice(ref, resolution=c.resolution, channels=c.channels), metrics_eval.sample_size_notice(t.eval_n)):
-        if line:
-            log(line)
+    for line in metrics_eval.evaluation_notices(ref, detector, n=t.eval_n, resolution=c.resolution, channels=c.channels):
+        log(line)
     return Evaluator(ref, detector, tuple(t.eval_metrics), t.eval_n, t.eval_steps, batch=max(t.batch_per_device or t.batch, 64))
 
 

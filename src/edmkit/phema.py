@@ -319,8 +319,7 @@ def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: 
         A function net -> float named ``"FID (n=<n>)"``, the same number for the same network.
     """
     from edmkit.metrics import evaluate as ev
-    from edmkit.metrics.detectors import conversion_notice
-    from edmkit.metrics.reference import check_detector, shape_notice
+    from edmkit.metrics.reference import check_detector
     from edmkit.samplers import get_sampler
 
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
@@ -330,11 +329,8 @@ def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: 
         raise ValueError(f"the FID score needs n >= 2, steps >= 1 and batch >= 1, got {n}, {steps}, {batch}")
     get_sampler(sampler)
     check_detector(ref, detector)
-    notices = (ev.sample_size_notice(n), shape_notice(ref, resolution=resolution, channels=channels),
-               conversion_notice(detector.spec, channels=channels, resolution=resolution))
-    for line in notices if log is not None else ():
-        if line:
-            log(line)
+    for line in ev.evaluation_notices(ref, detector, n=n, resolution=resolution, channels=channels) if log is not None else ():
+        log(line)
     generate_kw = dict(resolution=resolution, channels=channels, label_dim=label_dim, sampler=sampler, steps=steps)
 
     def score(net: Denoiser) -> float:

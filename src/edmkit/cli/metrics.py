@@ -129,7 +129,6 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     from edmkit.checkpoint import find_network, load_network
     from edmkit.generate import parse_seeds
     from edmkit.metrics import evaluate as ev, reference as rf
-    from edmkit.metrics.detectors import conversion_notice
 
     names = ev.parse_metrics(metric_names)
     seed_list = parse_seeds(seeds) if seeds else list(range(ev.PUBLISHED_N if n is None else max(n, 0)))
@@ -149,10 +148,8 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     net, meta = load_network(path, device=dev)
     c = meta["config"].network
     echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps")
-    for line in (conversion_notice(det.spec, channels=c.channels, resolution=c.resolution), rf.shape_notice(ref, resolution=c.resolution, channels=c.channels),
-                 ev.sample_size_notice(len(seed_list))):
-        if line:
-            echo(line)
+    for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution, channels=c.channels):
+        echo(line)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
                                    gif=None, device=dev)
     gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance,
@@ -187,7 +184,6 @@ def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, de
     """FID, KID and precision/recall of a folder of images against a reference (repeat r: images r*n .. (r+1)*n-1)."""
     from edmkit.data import load_dataset
     from edmkit.metrics import evaluate as ev, reference as rf
-    from edmkit.metrics.detectors import conversion_notice
 
     names = ev.parse_metrics(metric_names)
     if repeats < 1:
@@ -201,10 +197,8 @@ def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, de
     det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
     images = load_dataset(source).images
     _, channels, resolution, _ = images.shape
-    for line in (conversion_notice(det.spec, channels=channels, resolution=resolution), rf.shape_notice(ref, resolution=resolution, channels=channels),
-                 ev.sample_size_notice(n or len(images) // repeats)):
-        if line:
-            echo(line)
+    for line in ev.evaluation_notices(ref, det, n=n or len(images) // repeats, resolution=resolution, channels=channels):
+        echo(line)
     result = ev.evaluate_images(images, ref=ref, detector=det, n=n, repeats=repeats, metrics=names, batch=batch, progress=not quiet)
     result.update(images=str(source), **ev.result_info(ref, ref_path, det))
     finish_metrics(result, out_path, echo)

@@ -27,9 +27,9 @@ from edmkit import dist
 from tqdm.auto import tqdm
 
 from edmkit.data import float_to_images, images_to_float
-from edmkit.metrics.detectors import Detector
+from edmkit.metrics.detectors import Detector, conversion_notice
 from edmkit.metrics.memorization import Memorization, memorization
-from edmkit.metrics.reference import Reference, check_detector
+from edmkit.metrics.reference import Reference, check_detector, shape_notice
 from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
 
 if TYPE_CHECKING:  # edmkit.rejection imports edmkit.classifier, which imports edmkit.train, which imports this module: imported where used
@@ -58,6 +58,14 @@ def sample_size_notice(n: int) -> str | None:
         return None
     return (f"note: n = {n}; FID is biased upward at small n, so compare only with scores at the same n "
             f"(published FIDs use {PUBLISHED_N:,})")
+
+
+def evaluation_notices(ref: Reference, detector: Detector, *, n: int, resolution: int, channels: int) -> list[str]:
+    """The notices every evaluation prints once: the detector's input conversion, a reference of another image shape,
+    and n differing from the published 50,000 (empty when none applies)."""
+    lines = (conversion_notice(detector.spec, channels=channels, resolution=resolution),
+             shape_notice(ref, resolution=resolution, channels=channels), sample_size_notice(n))
+    return [line for line in lines if line]
 
 
 # ---------------------------------------------------------------------------------------------
