@@ -214,3 +214,8 @@ def test_cli_p_uncond(tmp_path):
     cfg = json.loads(run("train", "--preset", "tiny", "--cond", "--p-uncond", "0.1", "--dry-run").output)
     assert cfg["loss"]["p_uncond"] == 0.1 and cfg["network"]["label_dim"] == 10
     assert "--cond" in error_of("train", "--preset", "tiny", "--p-uncond", "0.1", "--dry-run")
+
+
+def test_misspelled_option_is_a_value_error_naming_the_guidance_and_sampler_options():
+    with pytest.raises(ValueError, match="does not take guidence.*guidance options: .*classifier_scale"):
+        generate_images(lambda x, sigma, labels=None: x, seeds=[0], resolution=4, channels=1, guidence=2.0)

@@ -172,6 +172,9 @@ def guided_denoiser(
     return denoiser
 
 
+GUIDANCE_OPTIONS = frozenset(inspect.signature(guided_denoiser).parameters) - {"denoiser", "sigmas", "label_dim"}
+
+
 def class_labels(seeds: Sequence[int], *, label_dim: int, class_idx: int | None, device: torch.device | str) -> torch.Tensor:
     """One-hot labels [N, label_dim]: `class_idx` for all, or a class drawn from each image's own seed."""
     if class_idx is None:  # drawn from the image's own seed, so it too is batch-independent
@@ -182,12 +185,13 @@ def class_labels(seeds: Sequence[int], *, label_dim: int, class_idx: int | None,
 
 
 def _check_sampler_options(sample: Callable, name: str, options: dict) -> None:
-    """Turn a sampler option the chosen sampler does not take into a ValueError (not a TypeError)."""
+    """Turn an option that is neither a guidance option nor one the chosen sampler takes into a ValueError (not a TypeError)."""
     params = set(inspect.signature(sample).parameters) - {"denoiser", "noise", "sigmas", "labels", "callback"}
     unknown = sorted(set(options) - params)
     if unknown:
         valid = ", ".join(sorted(params - {"randn"})) or "no options"
-        raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)} (it takes: {valid})")
+        raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)} (it takes: {valid}; guidance options: "
+                         f"{', '.join(sorted(GUIDANCE_OPTIONS))})")
 
 
 @torch.no_grad()
@@ -205,41 +209,33 @@ def generate_images(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
-    guidance: float = 1.0,
-    guide: Denoiser | None = None,
-    interval: tuple[float, float] | None = None,
-    oscillate: tuple[float, float] | None = None,
-    oscillate_warmup: int = 0,
-    threshold: float | None = None,
-    classifier: Callable | None = None,
-    classifier_scale: float = 0.0,
-    classifier_class: int | None = None,
     batch: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
     callback: Callable | None = None,
-    **sampler_kw,
+    **options,
 ) -> torch.Tensor:
     """Sample one image per seed; returns float32 [len(seeds), C, H, W] in roughly [-1, 1] on the CPU.
 
     Labels: with ``label_dim > 0`` and ``class_idx=None`` each image draws its class from its own seed.
-    Guidance options are those of :func:`guided_denoiser`; a `guide` passed here is not checked
+    `options` are guidance options — the keywords of :func:`guided_denoiser` (guidance, guide, interval,
+    oscillate, oscillate_warmup, threshold, classifier, classifier_scale, classifier_class) — and options of
+    the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta). A `guide` passed here is not checked
     against the model (use :func:`load_guide`, which is), nor is a `classifier` (use
     ``edmkit.classifier.check_classifier``). `callback` gets the sampler's step dict
-    plus ``start``, the index of the batch's first image in `seeds`. `sampler_kw` are options of
-    the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta).
+    plus ``start``, the index of the batch's first image in `seeds`.
     """
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
         raise ValueError(f"class {class_idx} out of range: the model has {label_dim} classes (0-{label_dim - 1})"
                          if label_dim else "the model is unconditional; it takes no class")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    guidance_kw = {k: v for k, v in options.items() if k in GUIDANCE_OPTIONS}
+    sampler_kw = {k: v for k, v in options.items() if k not in GUIDANCE_OPTIONS}
     sample = get_sampler(sampler)
     _check_sampler_options(sample, sampler, sampler_kw)
     sigmas = sampling_sigmas(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)
-    denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, guide=guide, guidance=guidance, interval=interval,
-                              oscillate=oscillate, oscillate_warmup=oscillate_warmup, threshold=threshold,
-                              classifier=classifier, classifier_scale=classifier_scale, classifier_class=classifier_class)
+    denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, **guidance_kw)
     out = []
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         batch_seeds = list(seeds[start:start + batch])
