@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from edmkit.checkpoint import CheckpointError, build_denoiser, load_network, save_network
-from edmkit.classifier import NoisyClassifier, check_classifier, load_classifier, train_classifier
+from edmkit.classifier import CLEAN_SIGMA, NoisyClassifier, check_classifier, load_classifier, train_classifier
 from edmkit.cli import main
 from edmkit.config import NetworkConfig, get_preset
 from edmkit.generate import guided_denoiser, sampling_sigmas
@@ -146,6 +146,25 @@ def test_rejection_returns_only_accepted_and_reports_rate():
     n_ok = int(accept(toy_logits, seeded_toy_samples(tried), class_idx=1, threshold=0.8).sum())
     assert r.tried == len(tried) and r.accepted == n_ok and r.rate == pytest.approx(n_ok / len(tried))
     assert 0 < r.rate < 0.6
+
+
+def test_accept_needs_the_top_class_and_a_probability_of_at_least_tau():
+    """Hand-made logits: accepted iff argmax == class and p(class) >= τ, τ included; the classifier is asked at σ_min."""
+    p = torch.tensor([[0.45, 0.35, 0.20], [0.20, 0.70, 0.10], [0.10, 0.60, 0.30]])
+    seen = []
+
+    def clf(x, sigma):
+        seen.append(sigma)
+        return p.log()
+
+    x = torch.zeros(3, 1, 2, 2)
+    # class 1 at τ = 0.3: row 0 has p = 0.35 >= τ but class 0 is predicted; rows 1 and 2 predict class 1
+    assert accept(clf, x, class_idx=1, threshold=0.3).tolist() == [False, True, True]
+    tau = float(p.log().softmax(1)[2, 1])  # row 2's probability exactly as softmax rounds it
+    assert accept(clf, x, class_idx=1, threshold=tau).tolist() == [False, True, True]  # p == τ is accepted
+    assert accept(clf, x, class_idx=1, threshold=0.65).tolist() == [False, True, False]
+    assert accept(clf, x, class_idx=0, threshold=0.4).tolist() == [True, False, False]
+    assert all(torch.equal(s, torch.full([3], CLEAN_SIGMA)) for s in seen)
 
 
 def test_rejection_stops_at_max_tries():

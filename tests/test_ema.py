@@ -112,8 +112,9 @@ def test_coefficients_sum_to_one():
     assert abs(x_dense.sum() - 1) < 1e-6
     # What the sum means for weights: a parameter that never changed comes back unchanged.
     const = {"w": torch.full((5,), 3.25)}
+    # Bit-exact: the sum is accumulated in float64 (gain sum|x_i| ~ 5 here; float32 accumulation is off by ~1 ulp).
     out, info = reconstruct(_snapshot_list(t_in, s_in, [const] * 8), out_nimg=4000, out_std=0.02)
-    assert torch.allclose(out["w"], const["w"], rtol=1e-6, atol=0)
+    assert torch.equal(out["w"], const["w"])
 
 
 # 3 ------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_tracked_profile_is_reproduced_exactly(which):
     expected_x = np.zeros(40)
     expected_x[which] = 1.0
     np.testing.assert_allclose(info["coefficients"], expected_x, atol=1e-7)
-    assert out["w"].dtype == torch.float32
+    assert out["w"].dtype == torch.float32 and out["n"].dtype == torch.int64  # non-float entries keep their dtype
     assert torch.allclose(out["w"], states[which]["w"], rtol=1e-6, atol=1e-6)
     # Non-float entries come from the latest snapshot at or before out_nimg.
     latest = max((i for i in range(40) if t_in[i] <= t_in[which]), key=lambda i: (t_in[i], i))
@@ -214,8 +215,33 @@ def test_reconstruct_rejects_bad_input():
         reconstruct(snaps, out_nimg=99, out_std=0.05)
     with pytest.raises(ValueError):
         reconstruct(snaps + [(300, 0.05, lambda: {"w": torch.zeros(4)})], out_nimg=300, out_std=0.07)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="snapshot at nimg=300"):
         reconstruct(snaps + [(300, 0.05, lambda: {"v": torch.zeros(3)})], out_nimg=300, out_std=0.07)
+
+
+def test_domain_checks_and_the_single_snapshot_case():
+    """Each argument is validated on its own (times > 0, exponents >= 0, batch > 0), and one snapshot at or before
+    out_nimg is a valid (if poor) basis: its weight is 1 (the sum constraint)."""
+    for kw in (dict(gamma=1.0, cur_nimg=4, batch_nimg=0), dict(gamma=-0.5, cur_nimg=4, batch_nimg=1),
+               dict(gamma=float("inf"), cur_nimg=4, batch_nimg=1), dict(gamma=float("nan"), cur_nimg=4, batch_nimg=1)):
+        with pytest.raises(ValueError):
+            power_function_beta(**kw)
+    for args in ((0.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0), (1.0, -0.5, 1.0, 1.0), (1.0, 1.0, 1.0, -0.5)):
+        with pytest.raises(ValueError):
+            power_function_inner(*args)
+    assert power_function_inner(1.0, 0.0, 1.0, 0.0) == 1.0  # γ = 0: p = 1 on [0, 1], <p, p> = 1
+    with pytest.raises(ValueError, match="no snapshots"):
+        solve_posthoc_coefficients([], 0.05, 100, 0.05)
+    with pytest.raises(ValueError, match="> 0"):
+        solve_posthoc_coefficients([0, 100], 0.05, 100, 0.05)
+    np.testing.assert_allclose(solve_posthoc_coefficients([100, 300], [0.05, 0.10], 200, 0.07), [[1.0], [0.0]], rtol=1e-12, atol=0)
+    assert isinstance(exp_to_std(1.0), float) and exp_to_std(np.array([1.0])).shape == (1,)
+    net = _Tiny()
+    ema = PowerFunctionEMA(net, stds=(0.05,))
+    state = ema.state_dict()
+    state["emas"][0] = {k: v.double() if k == "scale" else v for k, v in state["emas"][0].items()}  # same shape, other dtype
+    with pytest.raises(ValueError, match="'scale'"):
+        ema.load_state_dict(state)
 
 
 # 6 ------------------------------------------------------------------------------------------
@@ -264,14 +290,20 @@ def test_averaged_state_dict_dtypes_and_strict_load():
     ema = PowerFunctionEMA(net)
     assert ema.stds == (0.05, 0.10)
     gen = torch.Generator().manual_seed(4)
+    gamma = std_to_exp(0.10)
+    expected = None
     for k in range(1, 4):
         _perturb(net, gen)
         ema.update(cur_nimg=k, batch_nimg=1)
+        beta = (1 - 1 / k) ** (gamma + 1)  # 0 on the first update: the initial weights are discarded
+        value = net.lin.weight.detach().double()
+        expected = value if expected is None else beta * expected + (1 - beta) * value
     avg = ema.averaged(1)
     for k, v in net.state_dict().items():
         assert avg[k].dtype == v.dtype and avg[k].shape == v.shape
     assert int(avg["count"]) == 3  # non-float buffer follows the net
-    assert not torch.equal(avg["lin.weight"], net.lin.weight)  # float entries are averaged
+    torch.testing.assert_close(avg["lin.weight"].double(), expected, rtol=1e-6, atol=1e-6)  # float entries are averaged
+    assert not torch.allclose(avg["lin.weight"], net.lin.weight, atol=1e-3)
     avg["lin.weight"].add_(1.0)  # returned tensors are copies, not the EMA's storage
     assert not torch.equal(avg["lin.weight"], ema.averaged(1)["lin.weight"])
     _Tiny().load_state_dict(ema.averaged(0), strict=True)
@@ -302,3 +334,32 @@ def test_update_matches_hand_computed_beta():
             expected[i] = beta * expected[i] + (1 - beta) * value
             assert ema.averaged(i)["p"].item() == pytest.approx(expected[i], rel=1e-6, abs=1e-7)
     assert ema.averaged(0)["p"].item() != pytest.approx(ema.averaged(1)["p"].item(), rel=1e-3)
+
+
+def test_ema_of_a_float16_entry_is_kept_in_float32():
+    """σ_rel = STD_MAX is γ = 0, the running mean. The mean of 1 and 1 + 2⁻¹⁰ (adjacent float16 values) is
+    1 + 2⁻¹¹, which float16 cannot hold: the tracked copy must be float32 (module docstring), not the net's dtype."""
+    net = _Tiny()
+    ema = PowerFunctionEMA(net, stds=(STD_MAX,))
+    for k, value in enumerate([1.0, 1.0 + 2**-10], start=1):
+        net.fp16.fill_(value)
+        ema.update(cur_nimg=k, batch_nimg=1)
+    tracked = ema.state_dict()["emas"][0]
+    assert tracked["fp16"].dtype == torch.float32 and tracked["fp16"].tolist() == [1.0 + 2**-11] * 2
+    assert tracked["count"].dtype == torch.int64  # non-float buffers are held as they are
+
+
+def test_reported_condition_number_is_that_of_the_profile_gram_matrix():
+    """info["cond"] = cond(A), A_ij = <p_i, p_j> of the used snapshots' profiles, here built by quadrature of the
+    profiles (γ from σ_rel, not σ_rel itself); the snapshot after out_nimg is not part of it."""
+    def profile(tau, t, g):
+        return (g + 1) * tau**g / t ** (g + 1) if tau <= t else 0.0
+
+    times, stds = [400, 1000, 1000, 1200], [0.05, 0.05, 0.10, 0.10]
+    gammas = [std_to_exp(s) for s in stds[:3]]
+    A = np.array([[quad(lambda u: profile(u, ti, gi) * profile(u, tj, gj), 0, min(ti, tj), epsabs=0, epsrel=1e-12)[0]
+                   for tj, gj in zip(times[:3], gammas)] for ti, gi in zip(times[:3], gammas)])
+    state = {"w": torch.zeros(2)}
+    _, info = reconstruct(_snapshot_list(times, stds, [state] * 4), out_nimg=1000, out_std=0.07)
+    assert info["used"] == 3
+    assert info["cond"] == pytest.approx(np.linalg.cond(A), rel=1e-6)

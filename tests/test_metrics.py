@@ -22,6 +22,8 @@ from edmkit.data import save_images
 from edmkit.metrics import DETECTORS, DetectorError, FeatureStats, feature_stats, frechet_distance, kid, load_detector, memorization, precision_recall
 from edmkit.metrics import evaluate as ev, reference as rf
 from edmkit.metrics.detectors import DINOV2, INCEPTION, detector_input, file_sha256, generic_spec
+from edmkit.metrics.memorization import pairwise_distance
+from edmkit.metrics.stats import knn_radii, mmd2_unbiased
 
 
 def gaussian(n, d, *, seed, shift=0.0, scale=1.0):
@@ -68,6 +70,42 @@ def test_streamed_and_merged_stats_equal_numpy():
         FeatureStats(5).mean_cov()
 
 
+def test_fid_of_non_commuting_2x2_covariances_equals_the_hand_computed_value():
+    """Σ₁Σ₂ not symmetric: for a 2x2 M with eigenvalues λ ≥ 0, Tr √M = √(Tr M + 2√det M) (= √λ₁ + √λ₂).
+
+    Pins the factor 2 in front of Tr((Σ₁Σ₂)^{1/2}) and the square root of the product's eigenvalues
+    (not of their sum), independently of scipy.
+    """
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 3.0]]), np.array([[1.0, -0.5], [-0.5, 2.0]])
+    m = s1 @ s2  # [[1.5, 1], [-0.5, 5.5]]: Tr 7, det 5 * 1.75 = 8.75
+    assert np.trace(m) == 7.0 and np.linalg.det(m) == pytest.approx(8.75, rel=1e-14)
+    expected = (1.0**2 + 1.5**2) + 5.0 + 3.0 - 2 * np.sqrt(7.0 + 2 * np.sqrt(8.75))
+    assert frechet_distance(np.array([1.0, 2.0]), s1, np.array([0.0, 0.5]), s2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fid_of_singular_covariances_equals_the_nuclear_norm_form():
+    """Σ₁ = UUᵀ, Σ₂ = VVᵀ of rank 3 in D = 16 (N < D, as with few images): the eigenvalues of Σ₁Σ₂ are the
+    squared singular values of UᵀV, so Tr((Σ₁Σ₂)^{1/2}) = ‖UᵀV‖_* exactly. The 13 null-space eigenvalues must
+    count as 0: taking |λ| (or the real part of a complex sqrtm) of their rounding noise adds ~1e-7 each."""
+    u, v = gaussian(16, 3, seed=11), gaussian(16, 3, seed=12)
+    mu1, mu2 = gaussian(1, 16, seed=13)[0], gaussian(1, 16, seed=14)[0]
+    nuclear = np.linalg.svd(u.T @ v, compute_uv=False).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(u**2) + np.sum(v**2) - 2 * nuclear
+    assert frechet_distance(mu1, u @ u.T, mu2, v @ v.T) == pytest.approx(expected, rel=1e-11, abs=1e-11)
+
+
+def test_feature_stats_are_float64_for_float32_features_with_a_large_offset():
+    """float32 features with mean 1e3 and spread 1: Σxxᵀ − nμμᵀ cancels ~6 digits, so the sums must be float64
+    (documented: "accumulated in float64"); numpy's float64 covariance of the same float32 values is the reference."""
+    x = (gaussian(64, 4, seed=15) + 1e3).astype(np.float32)
+    stats = FeatureStats(4)
+    stats.update(torch.from_numpy(x[:40]))
+    stats.update(torch.from_numpy(x[40:]))
+    mu, sigma = stats.mean_cov()
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-9)
+
+
 def test_frechet_distance_rejects_bad_shapes():
     with pytest.raises(ValueError, match="sigma2"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
@@ -94,6 +132,71 @@ def test_precision_recall_on_identical_disjoint_and_half_covered_sets():
     assert 0.4 <= precision <= 0.5 and recall > 0.5
 
 
+def test_mmd2_of_a_hand_computed_one_dimensional_case():
+    """x = {0, 1}, y = {0, 2}, D = 1: k(a, b) = (ab + 1)³. Off-diagonal k_xx = k_yy = 1, so both within-set terms
+    are 1; k_xy = 1, 1, 1, 27 with mean 7.5; unbiased MMD² = 1 + 1 − 2·7.5 = −13. Pins the degree 3, the /D,
+    the left-out diagonal and the factor 2."""
+    x, y = torch.tensor([[0.0], [1.0]], dtype=torch.float64), torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    assert mmd2_unbiased(x, y) == -13.0
+    assert kid(x, y, subsets=3, subset_size=2) == (-13.0, 0.0)
+
+
+def test_mmd2_and_kid_match_a_numpy_reference():
+    """Unbiased MMD² (Gretton et al. 2012, Eq. 3) with k = (x·y/D + 1)³ written out in numpy, D = 3 ≠ set sizes.
+    With subset_size ≥ N every subset is a permutation of the whole set, so each KID estimate equals the full-sample
+    value and the std is 0 (subsets drawn with replacement would repeat points and differ)."""
+
+    def mmd2(a, b):
+        d = a.shape[1]
+        kaa, kbb, kab = ((p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        m, n = len(a), len(b)
+        return (kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1)) - 2 * kab.mean()
+
+    a, b = gaussian(7, 3, seed=21), gaussian(5, 3, seed=22, shift=0.5)
+    assert mmd2_unbiased(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(mmd2(a, b), rel=1e-12)
+    a6, b6 = a[:6], gaussian(6, 3, seed=23, shift=0.5)
+    mean, std = kid(a6, b6, subsets=4, subset_size=100, seed=1)
+    assert mean == pytest.approx(mmd2(a6, b6), rel=1e-12) and std < 1e-12
+
+
+def test_knn_radii_exclude_the_point_itself():
+    """Points 0, 1, 3, 7 on a line: distances to the others are {1,3,7}, {1,2,6}, {2,3,4}, {4,6,7}."""
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(x, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(x, k=2).tolist() == [3.0, 2.0, 3.0, 6.0]
+    assert knn_radii(x, k=2, batch=3).tolist() == [3.0, 2.0, 3.0, 6.0]  # row blocks do not change it
+
+
+def line(*values):
+    """Points on the x axis of R² (exact distances)."""
+    return np.array([[v, 0.0] for v in values])
+
+
+REAL_LINE, FAKE_LINE = line(0, 1, 2, 3, 4), line(0.5, 1, 5, 10, 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_precision_recall_of_a_hand_computed_configuration(dtype):
+    """k = 1. Real 0..4 all have radius 1: fake 0.5, 1 and 5 (at distance exactly 1 from 4: the ball is closed,
+    d <= r) are inside, 10 and 20 are not: precision 3/5. Fake radii are 0.5, 0.5, 4, 5, 10: real 0 (distance
+    exactly 0.5 to fake 0.5), 1, and 2, 3, 4 (within 4 of fake 5) are covered: recall 1."""
+    assert precision_recall(REAL_LINE, FAKE_LINE, k=1, dtype=dtype) == (0.6, 1.0)
+    assert precision_recall(FAKE_LINE, REAL_LINE, k=1, dtype=dtype) == (1.0, 0.6)  # roles swap with the arguments
+
+
+def test_score_passes_reference_as_real_and_generated_as_fake():
+    """`score` against a reference: precision is about the generated points, recall about the reference's."""
+    stats = FeatureStats(2)
+    stats.update(FAKE_LINE)
+    ref = rf.Reference(mu=REAL_LINE.mean(0), sigma=np.cov(REAL_LINE, rowvar=False), n=5, features=REAL_LINE.astype(np.float32),
+                       detector="torchscript", detector_sha256="0", source="line", resolution=1, channels=1)
+    out = ev.score(stats, FAKE_LINE.astype(np.float32), ref, metrics=("fid", "kid", "pr"), kid_subsets=2, kid_subset_size=5, pr_k=1)
+    assert (out["precision"], out["recall"], out["pr_n"]) == (0.6, 1.0, 5)
+    mu, sigma = stats.mean_cov()
+    assert out["fid"] == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-12)
+    assert out["kid"] == pytest.approx(mmd2_unbiased(torch.from_numpy(FAKE_LINE), torch.from_numpy(REAL_LINE)), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memorization.
 
@@ -108,6 +211,30 @@ def test_memorization_flags_planted_copies_and_not_fresh_samples(metric):
     assert result.rate == pytest.approx(3 / 23)
     assert sorted(result.top.tolist()) == [20, 21, 22]
     assert sorted(j for _, j in result.pairs()) == [5, 77, 123]
+
+
+def test_memorization_ratio_of_a_hand_computed_configuration():
+    """Training items 0, 1, 2, 3, 4, 10 on a line and a sample at 0.25: sorted distances 0.25, 0.75, 1.75, 2.75,
+    3.75, 9.75. With m = 2 next neighbours the ratio is 0.25 / mean(0.75, 1.75) = 0.2 (d₁ itself is not in the
+    mean); m = 50 is capped at M − 1 = 5: 0.25 / 3.75. A sample at 2.5 (d₁ = 0.5 tied; ratio 0.5 / 1 = 0.5)
+    is not flagged."""
+    train = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [10.0]])
+    samples = torch.tensor([[0.25], [2.5]])
+    two = memorization(samples, train, neighbours=2, top=2)
+    np.testing.assert_allclose(two.ratio, [0.25 / 1.25, 0.5 / 1.0], rtol=1e-6)
+    np.testing.assert_allclose(two.distance, [0.25, 0.5], rtol=1e-6)
+    assert two.nearest[0] == 0 and two.flagged.tolist() == [True, False] and two.top.tolist() == [0, 1]
+    capped = memorization(samples, train)  # neighbours = 50
+    np.testing.assert_allclose(capped.ratio[0], 0.25 / np.mean([0.75, 1.75, 2.75, 3.75, 9.75]), rtol=1e-6)
+
+
+def test_cosine_distance_is_one_minus_the_cosine_of_rows():
+    """1 − cos between rows of different norms: [2, 0] vs [1, 0], [0, 1], [1, 1] gives 0, 1, 1 − 1/√2."""
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    expected = torch.tensor([[0.0, 1.0, 1 - 0.5**0.5], [1.0, 0.0, 1 - 0.5**0.5]])
+    torch.testing.assert_close(pairwise_distance(x, y, metric="cosine"), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pairwise_distance(x, y, metric="l2"), torch.cdist(x, y))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +274,10 @@ def test_detector_loads_from_a_file_path_and_from_the_cache_folder(tiny, tmp_pat
     det = load_detector(tiny["a"])
     assert det.spec.name == "torchscript" and det.sha256 == file_sha256(tiny["a"])
     features = det(images)
-    assert features.shape == (5, 16) and features.dtype == torch.float32
+    torch.manual_seed(0)  # the same weights, run eagerly: grayscale repeated to RGB, pixels in [0, 255], the feature output
+    expected = TinyDetector().eval()(images.float().repeat(1, 3, 1, 1), return_features=True)
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("EDMKIT_CACHE", str(tmp_path))
     shutil.copy(tiny["a"], tmp_path / INCEPTION.filename)  # stands in for the real file, same code path
     cached = DETECTORS["inception"](allow_download=False)
@@ -222,6 +352,20 @@ def test_reference_round_trip_and_corrupt_files(tiny, tmp_path):
         rf.load_reference(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="hash mismatch"):
         rf.check_detector(ref, load_detector(tiny["b"]))
+
+
+def test_folder_repeats_score_disjoint_image_chunks(tiny):
+    """Repeat r of an image set scores images [r·n, (r+1)·n): each row is the FID of its own chunk, computed here
+    straight from the detector's features of that chunk."""
+    det, ref = load_detector(tiny["a"]), make_reference(tiny["a"])
+    images = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    images[8:] //= 2  # the second chunk is darker: its FID differs
+    result = ev.evaluate_images(images, ref=ref, detector=det, repeats=2, metrics=("fid",), batch=5)
+    assert [r["images"] for r in result["repeats"]] == ["0-7", "8-15"]
+    for r, row in enumerate(result["repeats"]):
+        mu, sigma = feature_stats(det(images[8 * r:8 * (r + 1)]))
+        assert row["n"] == 8 and row["fid"] == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-6)
+    assert result["repeats"][0]["fid"] != pytest.approx(result["repeats"][1]["fid"], rel=1e-2)
 
 
 def test_seed_ranges_are_disjoint_and_summaries_use_all_repeats():

@@ -11,8 +11,10 @@ import json
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from scipy.integrate import quad
 from click.testing import CliRunner
 from PIL import Image
 
@@ -20,7 +22,7 @@ from edmkit import checkpoint as ckpt
 from edmkit import phema as ph
 from edmkit.cli import main
 from edmkit.config import EMAConfig, get_preset, snapshot_disk_estimate
-from edmkit.ema import STD_MAX
+from edmkit.ema import STD_MAX, std_to_exp
 
 TIMES = (64, 128, 192, 256)
 
@@ -144,6 +146,33 @@ def test_extrapolation_warns_and_interpolation_does_not(tmp_path, cfg):
     assert any("0.25 is outside the tracked range" in m for m in messages)
     assert not any("sigma_rel 0.07" in m for m in messages)
     assert results[1][2]["fit_error"] > results[0][2]["fit_error"]  # extrapolation fits worse
+
+
+def quad_fit_error(times, stds, x, *, out_nimg, out_std):
+    """||sum_i x_i p_i - p_r|| / ||p_r|| by quadrature of the profiles p_{γ,t}(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t]."""
+    def p(tau, t, std):
+        g = std_to_exp(std)
+        return (g + 1) * tau**g / t ** (g + 1) if tau <= t else 0.0
+
+    def sq(f):
+        return quad(lambda u: f(u) ** 2, 0, out_nimg, points=sorted(set(times)), epsabs=0, epsrel=1e-11, limit=200)[0]
+
+    residual = sq(lambda u: sum(xi * p(u, t, s) for xi, t, s in zip(x, times, stds)) - p(u, out_nimg, out_std))
+    return np.sqrt(residual / sq(lambda u: p(u, out_nimg, out_std)))
+
+
+def test_fit_error_and_gain_match_quadrature_and_the_coefficients():
+    """fit_error is the *relative* L2 profile error (times in images, any scale) and gain = sum |x_i|, checked on
+    hand-picked coefficients (one negative) rather than solved ones, so neither can hide behind an exact fit."""
+    times, stds, x = [600, 1000], [0.05, 0.10], np.array([1.5, -0.5])
+    for tt, ss, xx in [(times[:1], stds[:1], x[:1] / 1.5), (times, stds, x)]:
+        got = ph.profile_fit_error(np.array(tt, float), np.array(ss), xx, out_nimg=1000, out_std=0.07)
+        assert got == pytest.approx(quad_fit_error(tt, ss, xx, out_nimg=1000, out_std=0.07), rel=1e-6)
+    snaps = [ph.SnapshotInfo(path=None, nimg=t, std=s, config=None) for t, s in zip(times, stds)]
+    info = ph._diagnose(snaps, x, 1.0, at_nimg=1000, sigma_rel=0.07)
+    assert info["gain"] == 2.0
+    assert info["fit_error"] == pytest.approx(quad_fit_error(times, stds, x, out_nimg=1000, out_std=0.07), rel=1e-6)
+    assert info["fit_error"] > ph.FIT_WARN and "represent this profile poorly" in info["warnings"][0]
 
 
 def run_cli(*args):

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from edmkit.checkpoint import build_denoiser, network_path, save_network
 from edmkit.cli import main
 from edmkit.config import get_preset
-from edmkit.data import ImageDataset, save_image_grid
-from edmkit.metrics.probe import block_names, default_block, linear_probe, probe_split, resolve_block
-from edmkit.report import read_stats, write_report
+from edmkit.data import ImageDataset, images_to_float, save_image_grid
+from edmkit.metrics import probe as probe_mod
+from edmkit.metrics.probe import block_names, default_block, fit_ridge, linear_probe, pooled_features, probe_split, resolve_block
+from edmkit.report import display_noisy, read_stats, write_report
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,80 @@ def test_probe_bad_input(net):
         linear_probe(net, unlabelled)
     with pytest.raises(ValueError, match="too few"):
         probe_split(4, test_fraction=0.1, seed=0)
+
+
+class IdentityDenoiser(torch.nn.Module):
+    """D(x; σ) = x through one encoder and one decoder block (identities): the probed features are the spatial
+    means of exactly the noisy input the denoiser saw. Records the σ it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Module()
+        self.net.enc = torch.nn.ModuleDict({"4x4_in": torch.nn.Identity()})
+        self.net.dec = torch.nn.ModuleDict({"4x4_out": torch.nn.Identity()})
+        self.dummy = torch.nn.Parameter(torch.zeros([]))  # pooled_features reads the device from a parameter
+        self.sigmas: list[torch.Tensor] = []
+
+    def forward(self, x, sigma, labels=None):
+        self.sigmas.append(sigma.clone())
+        return self.net.dec["4x4_out"](self.net.enc["4x4_in"](x))
+
+
+def test_probe_features_are_taken_at_sigma_with_fixed_per_image_noise():
+    """Features of image k = spatial mean of y_k + σ·n_k, n_k ~ N(0, I) from a generator seeded with seeds[k]
+    (EDM Eq. 1 notation), and the denoiser is told that same σ; the batch size changes nothing."""
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seeds = torch.tensor([3, 1, 4, 1, 5])
+    y = images_to_float(images)
+    n = torch.stack([torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    for sigma, batch in [(0.0, 5), (0.5, 2), (2.0, 3)]:
+        den = IdentityDenoiser()
+        feats = pooled_features(den, images, block=den.net.dec["4x4_out"], sigma=sigma, seeds=seeds, batch=batch)
+        torch.testing.assert_close(feats, (y + sigma * n).mean(dim=(2, 3)), rtol=0, atol=1e-6)
+        assert torch.equal(torch.cat(den.sigmas), torch.full([5], sigma))
+
+
+def test_probe_fits_on_the_train_split_only(monkeypatch):
+    """The ridge classifier sees only the train split's features and labels (no test image leaks into the fit)."""
+    ds = brightness_dataset()
+    seen = []
+
+    def recording_fit(features, labels, **kw):
+        seen.append((features.clone(), labels.clone()))
+        return fit_ridge(features, labels, **kw)
+
+    monkeypatch.setattr(probe_mod, "fit_ridge", recording_fit)
+    r = linear_probe(IdentityDenoiser(), ds, sigma=0.5, test_fraction=0.25, seed=0)
+    train_idx, test_idx = probe_split(len(ds), test_fraction=0.25, seed=0)
+    (features, labels), = seen
+    assert r.block == "dec.4x4_out" and (r.n_train, r.n_test) == (36, 12) and features.shape == (36, 1)
+    assert torch.equal(labels, ds.labels[train_idx])
+    # the features are the training images' noisy means (image k noised with seed 0 * 2**32 + k)
+    expected = torch.stack([(images_to_float(ds.images[k:k + 1]) + 0.5 * torch.randn((1, 28, 28), generator=torch.Generator().manual_seed(k)))
+                            .mean() for k in train_idx.tolist()])
+    torch.testing.assert_close(features[:, 0], expected, rtol=0, atol=1e-5)
+    assert r.test_accuracy == 1.0  # brightness 60 vs 190 with noise: one feature separates them
+
+
+def test_ridge_predictions_do_not_depend_on_the_batch_and_the_bias_is_not_shrunk():
+    """predict uses the train split's standardisation: one row alone gets the same class as in a batch. With a
+    huge ridge the weights vanish while the unshrunk bias stays the class frequencies: every point gets the
+    majority class (a shrunk bias would let the feature decide)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 6 + [1] * 4)
+    feats = torch.randn(10, 3, generator=g) + 3.0 * labels[:, None]
+    predict = fit_ridge(feats, labels, num_classes=2)
+    assert torch.equal(predict(feats), labels)
+    assert [int(predict(feats[i:i + 1])) for i in range(10)] == labels.tolist()
+    assert torch.equal(fit_ridge(feats, labels, num_classes=2, ridge=1e8)(feats), torch.zeros(10, dtype=torch.int64))
+
+
+def test_display_scaling_is_sigma_data_times_c_in():
+    """x·σ_d/√(σ² + σ_d²): unchanged at σ = 0, 0.5/√2.5 at σ = 1.5 with σ_d = 0.5 (EDM Table 1's c_in times σ_d)."""
+    x = torch.linspace(-3, 3, 12).reshape(1, 3, 2, 2)
+    assert torch.equal(display_noisy(x, sigma=0.0), x)
+    torch.testing.assert_close(display_noisy(x, sigma=1.5), x * (0.5 / 2.5**0.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(display_noisy(x, sigma=3.0, sigma_data=1.0), x / 10**0.5, rtol=1e-6, atol=0)
 
 
 def write_run(run: Path, cfg, net, *, val: bool = True, grids: bool = True, network: bool = True) -> None:
