@@ -82,3 +82,27 @@ def test_failed_write_leaves_existing_file_intact(tmp_path):
         ckpt.atomic_write(path, broken)
     assert path.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "shape", "other width"])
+def test_weights_that_do_not_match_their_config_are_refused(tmp_path, cfg, damage):
+    """A network file is rebuilt from its config and loaded strictly: a missing or extra tensor, or one of another shape
+    (here: weights of a wider network under the tiny config), is a CheckpointError naming the file, never a silent
+    partial load that leaves freshly initialized layers in a 'trained' network."""
+    sd = dict(ckpt.build_denoiser(cfg).state_dict())
+    if damage == "missing":
+        del sd["logvar_linear.weight"]
+    elif damage == "extra":
+        sd["logvar_linear.bias"] = torch.zeros(1)
+    elif damage == "shape":
+        sd["logvar_linear.weight"] = torch.zeros(2, *sd["logvar_linear.weight"].shape[1:])
+    else:
+        sd = ckpt.build_denoiser(cfg.override("network", model_channels=16)).state_dict()
+    path = tmp_path / "bad.safetensors"
+    ckpt.save_network(path, sd, cfg=cfg, nimg=0, ema_std=0.0)
+    with pytest.raises(ckpt.CheckpointError, match=r"bad\.safetensors: weights do not match its config"):
+        ckpt.load_network(path)
+    fresh = ckpt.build_denoiser(cfg).state_dict()
+    ckpt.save_network(tmp_path / "good.safetensors", fresh, cfg=cfg, nimg=0, ema_std=0.0)  # the same file, undamaged, loads
+    loaded = ckpt.load_network(tmp_path / "good.safetensors")[0].state_dict()
+    assert loaded.keys() == fresh.keys() and all(torch.equal(v, loaded[k]) for k, v in fresh.items())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from edmkit.config import get_preset
 from edmkit.data import (
     ImageDataset,
     float_to_images,
@@ -23,6 +24,8 @@ from edmkit.data import (
     save_image_grid,
     save_images,
 )
+from edmkit.step_inputs import Shard
+from edmkit.train import make_batch
 
 N, K = 12, 3  # tiny datasets: 12 images, 3 classes
 
@@ -162,6 +165,32 @@ def test_sample_order_covers_each_index_once_per_epoch():
         assert sorted(epoch.tolist()) == list(range(n))
     assert not all(torch.equal(stream[0], e) for e in stream[1:])  # epochs are reshuffled
     assert sample_order(num_items=n, seed=0, start=5, count=0).shape == (0,)
+
+
+@pytest.mark.parametrize("size, world", [(4, 1), (2, 2), (1, 2)])
+def test_make_batch_visits_every_image_once_per_epoch_in_a_new_order(size, world):
+    """Over two epochs of the training stream (10 images, batches of 4 that straddle the epoch boundary), the images
+    make_batch hands the ranks (shards, accumulation rounds) are each epoch a permutation of the dataset, with their
+    own labels, and epoch 2 is reshuffled rather than a replay of epoch 1 (every short test run stays inside one epoch)."""
+    n, batch = 10, 4
+    data = ImageDataset(images=torch.arange(n, dtype=torch.uint8).mul(20).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous(),
+                        labels=torch.arange(n), num_classes=n, name="numbered")  # image i: every pixel 20 i, label i
+    cfg = get_preset("tiny").override("network", label_dim=n).override("train", batch=batch)
+    stream = []
+    for nimg in range(0, 2 * n, batch):
+        step = torch.full((batch,), -1)
+        for rank in range(world):
+            rows = Shard(batch=batch, size=size, rank=rank, world=world).rows()
+            y, labels = make_batch(data, cfg, nimg, "cpu", rows=rows)
+            index = float_to_images(y)[:, 0, 0, 0].long() // 20
+            assert torch.equal(labels.argmax(1), index) and torch.equal(labels.sum(1), torch.ones(len(rows)))
+            step[rows] = index
+        stream.append(step)
+    epochs = torch.cat(stream).view(2, n)
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(torch.cat(stream), sample_order(num_items=n, seed=cfg.train.seed, start=0, count=2 * n))
 
 
 def test_float_round_trip():

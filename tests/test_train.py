@@ -1,15 +1,21 @@
 """Training: the loss falls on a tiny run, resume is bit-exact, run folders are protected."""
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import get_preset
+from edmkit.config import ExperimentConfig, get_preset
 from edmkit.data import images_to_float, load_dataset
-from edmkit.loss import EDMLoss
-from edmkit.train import RunError, train
+from edmkit.ema import PowerFunctionEMA
+from edmkit.loss import EDMLoss, make_loss
+from edmkit.monitor import save_snapshot
+from edmkit.run_state import TrainState, prepare_run_dir, resume, save_training_state
+from edmkit.step_inputs import Shard, step_noise
+from edmkit.train import RunError, train, train_step
 
 
 @pytest.fixture
@@ -31,11 +37,19 @@ def fixed_loss(net) -> float:
 
 
 def test_twenty_steps_lower_the_loss(tmp_path, cfg):
+    """Twenty steps lower the lambda-weighted error on fixed images, sigmas and noise (not the logged, uncertainty-weighted
+    loss, which may go negative), of the raw weights and of the sampling EMA (an EMA left at the initial weights stays
+    at `before`). A smoke test of the loop: twenty steps end at 0.65-0.72 x `before` whether or not each step draws new
+    sigma and noise, and whether or not the uncertainty term + u is in the loss, so those are pinned exactly by
+    test_step_inputs.py and test_train_step_is_one_adam_step_on_the_eq21_gradient."""
     before = fixed_loss(ckpt.build_denoiser(cfg))
     state = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert state.step == 20
     after = fixed_loss(state.net)
     assert after < 0.8 * before, (before, after)
+    ema = ckpt.build_denoiser(cfg)
+    ema.load_state_dict(state.ema.averaged(cfg.ema.stds.index(cfg.ema.sample_std)))
+    assert fixed_loss(ema) < 0.8 * before, (before, fixed_loss(ema))
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["nimg"] == 320 and {"loss", "mse", "lr", "img_per_sec"} <= set(stats[-1])
 
@@ -59,6 +73,26 @@ def test_changed_config_is_refused(tmp_path, cfg):
     # a longer duration is not a different run
     state = train(cfg.override("train", total_nimg=32), tmp_path / "run", progress=False, log=lambda s: None)
     assert state.nimg == 32
+
+
+# changes to what the weights become: the global batch (not batch_per_device, which only splits it), the seed, the
+# images (data, classes, held-out split), augmentation, and any loss / optimizer / network / EMA setting
+WEIGHT_CHANGES = [("train", dict(batch=32)), ("train", dict(seed=1)), ("train", dict(data="other.npz")), ("train", dict(classes=(1, 2))),
+                  ("train", dict(val_fraction=0.1)), ("train", dict(augment_p=0.5)), ("optim", dict(warmup_nimg=0)),
+                  ("optim", dict(grad_clip=1.0)), ("loss", dict(P_mean=-0.8)), ("network", dict(dropout=0.1)), ("ema", dict(stds=(0.05,)))]
+
+
+@pytest.mark.parametrize("section, change", WEIGHT_CHANGES)
+def test_run_folder_refuses_changes_to_what_is_trained(tmp_path, cfg, section, change):
+    """Reusing a run folder with a change to what is trained is refused, naming the field (--force overrides); changes
+    to how long, how often and how the work is split (RESUMABLE_CHANGES) are not."""
+    prepare_run_dir(tmp_path, cfg)
+    changed = cfg.override(section, **change)
+    with pytest.raises(RunError, match=rf"{section}\.{next(iter(change))}:"):
+        prepare_run_dir(tmp_path, changed)
+    prepare_run_dir(tmp_path, changed, force=True)
+    assert ExperimentConfig.from_json((tmp_path / "config.json").read_text()) == changed
+    prepare_run_dir(tmp_path, changed.override("train", batch_per_device=8, total_nimg=10**6, state_nimg=64, keep_states=5))
 
 
 def test_damaged_newest_state_falls_back(tmp_path, cfg):
@@ -98,3 +132,144 @@ def test_snapshot_budget_refuses_before_training(tmp_path, cfg):
     assert not ckpt.list_states(tmp_path / "run")
     state = train(cfg.override("ema", snapshot_budget_mb=1000.0), tmp_path / "run2", stop_nimg=16, progress=False, log=lambda s: None)
     assert state.nimg == 16
+
+
+# --- one training step, exactly ------------------------------------------------------------------------------------
+
+
+def fresh_state(cfg) -> TrainState:
+    torch.manual_seed(cfg.train.seed)
+    net = ckpt.build_denoiser(cfg).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    return TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds))
+
+
+@pytest.mark.parametrize("nimg, lr", [(0, 0.01 * 8 / 64), (56, 0.01), (7992, 0.01 / 2)])  # tiny: warm-up 64 images, t_ref 2000
+def test_train_step_is_one_adam_step_on_the_eq21_gradient(cfg, nimg, lr):
+    """One step from a fresh Adam, checked against a hand-written EDM2 Eq. 21 loss on the step's sigma and noise:
+    loss = lambda(sigma) ||D - y||^2 / e^u + u, lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (a loss written
+    without the + u drives u up and the network's weight e^-u down: twenty steps do not show it, this does); the
+    gradient left in .grad; the lr of the schedule at the image count after the step (EDM2 Eq. 67: warm-up, then
+    1/sqrt decay); Adam's first update -lr g / (|g| + eps); and the EMA, whose first update of a run copies the
+    post-step weights, not the pre-step ones."""
+    cfg = cfg.override("train", batch=8)
+    state = fresh_state(cfg)
+    state.nimg, state.step = nimg, nimg // 8
+    y = images_to_float(load_dataset("mnist5k").images[:8])
+    ref = copy.deepcopy(state.net)  # the same forward (forced weight normalization included) by hand
+    sigma, noise, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
+    D, u = ref(y + sigma.view(-1, 1, 1, 1) * noise, sigma, return_logvar=True)
+    sd2 = cfg.network.sigma_data**2
+    weighted = ((sigma**2 + sd2) / (sigma**2 * sd2)).view(-1, 1, 1, 1) * (D - y) ** 2
+    mse = weighted.mean(dim=(1, 2, 3))
+    loss = (mse / u.flatten().exp() + u.flatten()).mean()
+    loss.backward()
+
+    stats = train_step(state, make_loss(cfg), cfg, y, None)
+    assert stats["lr"] == pytest.approx(lr, rel=1e-12) and state.optimizer.param_groups[0]["lr"] == stats["lr"]
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5) and stats["mse"] == pytest.approx(mse.mean().item(), rel=1e-5)
+    assert (state.nimg, state.step) == (nimg + 8, nimg // 8 + 1)
+    eps = cfg.optim.eps
+    for (name, p), q in zip(state.net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+        expected = q.detach() - lr * q.grad / (q.grad.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=lr * 1e-3, msg=name)
+    assert state.net.state_dict()["logvar_linear.weight"].sub(ref.state_dict()["logvar_linear.weight"]).abs().max() > lr / 2  # u moved
+    if nimg == 0:  # the EMA's first update (beta = (1 - batch / nimg)^(gamma + 1) = 0) is a copy of the post-step weights
+        for i in range(len(cfg.ema.stds)):
+            assert all(torch.equal(v, state.net.state_dict()[k]) for k, v in state.ema.averaged(i).items())
+
+
+def test_dropout_masks_are_new_each_step_and_reproducible(cfg, monkeypatch):
+    """Dropout draws from the global RNG seeded by (seed, step, micro-batch) before each forward: step 1 drops other
+    units than step 0, and step 0 of a fresh run drops the same ones whatever ran before."""
+    masks = []
+    real_dropout = F.dropout
+
+    def spy(x, *args, **kwargs):
+        out = real_dropout(x, *args, **kwargs)
+        masks.append(out.ne(0) | x.eq(0))
+        return out
+
+    monkeypatch.setattr(F, "dropout", spy)
+    cfg = cfg.override("network", dropout=0.5).override("train", batch=4)
+    y = images_to_float(load_dataset("mnist5k").images[:4])
+    state = fresh_state(cfg)
+    train_step(state, make_loss(cfg), cfg, y, None)
+    first = list(masks)
+    masks.clear()
+    train_step(state, make_loss(cfg), cfg, y, None)
+    second = list(masks)
+    masks.clear()
+    again = fresh_state(cfg)
+    torch.rand(100)  # the global RNG moves on
+    train_step(again, make_loss(cfg), cfg, y, None)
+    assert first and len(first) == len(second) == len(masks)
+    assert all(torch.equal(a, b) for a, b in zip(first, masks))
+    assert not any(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# --- training states and snapshots ----------------------------------------------------------------------------------
+
+
+def test_state_round_trip_restores_every_part(tmp_path, cfg):
+    """to_dict -> file -> load_dict restores weights, Adam moments, EMAs, counters, totals, the global RNG and the fp16
+    loss scale, into a fresh state: a part left out would make a resumed run drift from an uninterrupted one."""
+    cfg = cfg.override("train", batch=4)
+    a = fresh_state(cfg)
+    a.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+    y = images_to_float(load_dataset("mnist5k").images[:4])
+    for _ in range(2):
+        train_step(a, make_loss(cfg), cfg, y, None)
+    a.totals["train_sec"] = 12.5
+    a.scaler.update(new_scale=123.0)
+    torch.manual_seed(77)
+    rng = torch.get_rng_state()
+    save_training_state(a, cfg, tmp_path)
+    torch.manual_seed(0)
+    b = fresh_state(cfg)
+    b.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resume(b, tmp_path, log=lambda s: None)
+    assert (b.nimg, b.step, b.totals) == (8, 2, a.totals)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert b.scaler.get_scale() == 123.0
+    assert all(torch.equal(v, b.net.state_dict()[k]) for k, v in a.net.state_dict().items())
+    for i in range(len(cfg.ema.stds)):
+        assert all(torch.equal(v, b.ema.averaged(i)[k]) for k, v in a.ema.averaged(i).items())
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        assert all(torch.equal(v, sb["state"][k][n]) for n, v in sa["state"][k].items())
+
+
+def test_resume_takes_the_newest_state(tmp_path, cfg):
+    """With several states in the run folder, resume loads the newest (an older one would silently redo finished steps)."""
+    state = fresh_state(cfg)
+    for nimg in (16, 32, 48):
+        state.nimg, state.step = nimg, nimg // 16
+        with torch.no_grad():
+            state.net.logvar_linear.weight.fill_(nimg)
+        save_training_state(state, cfg, tmp_path, keep=3)
+    lines = []
+    fresh = fresh_state(cfg)
+    resume(fresh, tmp_path, log=lines.append)
+    assert (fresh.nimg, fresh.step) == (48, 3) and bool((fresh.net.logvar_linear.weight == 48).all())
+    assert lines == ["resuming from state-000000000048.pt at 48 images"]
+
+
+def test_snapshots_hold_the_raw_weights_and_each_ema(tmp_path, cfg):
+    """save_snapshot writes network-<nimg>-<std>.safetensors for the raw weights (std 0) and each tracked EMA, each
+    holding its own weights (an index mix-up would give every profile the same network)."""
+    cfg = cfg.override("train", batch=4)
+    state = fresh_state(cfg)
+    y = images_to_float(load_dataset("mnist5k").images[:4])
+    for _ in range(3):
+        train_step(state, make_loss(cfg), cfg, y, None)
+    save_snapshot(state, cfg, tmp_path)
+    expected = {0.0: state.net.state_dict(), **{std: state.ema.averaged(i) for i, std in enumerate(cfg.ema.stds)}}
+    assert len(list(tmp_path.glob("network-*.safetensors"))) == len(expected) == 3
+    for std, sd in expected.items():
+        net, meta = ckpt.load_network(ckpt.network_path(tmp_path, 12, std))
+        assert meta["ema_std"] == std and meta["nimg"] == 12
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items()), std
+    assert not torch.equal(expected[0.05]["logvar_linear.weight"], expected[0.1]["logvar_linear.weight"])
