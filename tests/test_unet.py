@@ -118,6 +118,14 @@ def test_block_keeps_unit_rms(flavor, in_channels, attention):
     assert (0.89 < rms < 0.97) if attention else (0.965 < rms < 1.035), rms
 
 
+def test_edm2_default_balances_and_clip():
+    """EDM2 defaults (PAPERS.md): residual and attention balance 0.3, skip concat and label balance 0.5, clip at 256."""
+    net = tiny_unet(label_dim=10)
+    blocks = list(net.enc.values())[1:] + list(net.dec.values())
+    assert {(b.res_balance, b.attn_balance, b.clip_act) for b in blocks} == {(0.3, 0.3, 256.0)}
+    assert (net.concat_balance, net.label_balance) == (0.5, 0.5)
+
+
 def test_bad_resolution_rejected():
     with pytest.raises(ValueError, match="divisible"):
         NetworkConfig(resolution=30, channel_mult=(1, 2, 2))
