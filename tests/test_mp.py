@@ -147,11 +147,11 @@ def test_mp_fourier_unit_rms_and_deterministic():
 def test_mp_fourier_features_have_the_gaussian_kernel():
     """sqrt(2) cos(2 pi (f c + phi)) with f ~ N(0, 1), phi ~ U(0, 1) has channel-mean kernel E[F(c) F(c')] = exp(-2 pi^2 (c - c')^2).
 
-    Frequencies in cycles (the 2 pi) and phases over a whole cycle are what the kernel sees; 4096 channels give about
-    0.015 of Monte Carlo error.
+    Frequencies in cycles (the 2 pi) and phases over a whole cycle are what the kernel sees; 16384 channels give about
+    0.008 of Monte Carlo error (largest deviation over 30 seeds at 4096 channels: 0.046).
     """
     c = torch.tensor([0.0, 0.1, 0.2, 0.35, 1.0])
-    feats = MPFourier(4096, seed=0)(c)  # [5, 4096]
+    feats = MPFourier(16384, seed=0)(c)  # [5, 16384]
     kernel = feats @ feats.t() / feats.shape[1]
     expected = torch.exp(-2 * math.pi**2 * (c[:, None] - c[None, :]) ** 2)
     torch.testing.assert_close(kernel, expected, rtol=0, atol=0.05)
