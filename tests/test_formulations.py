@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,21 +93,51 @@ class Affine(torch.nn.Module):
         return self.a * x + self.b * c_noise.reshape(-1, 1, 1, 1)
 
 
+def papers_mse(formulation, y, eps, sigma):
+    """The paper's per-sample loss with the Affine backbone, in its own variables (float64, no edmkit preconditioning).
+
+    DDPM (Ho et al. 2020, L_simple): step t with sigma_t, x_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps, ||eps_theta(x_t, t/T) - eps||^2.
+    Rectified flow: t = sigma / (1 + sigma), x_t = (1 - t) y + t eps, ||v_theta(x_t, t) - (eps - y)||^2.
+    """
+    affine = Affine()
+    a, b = affine.a.item(), affine.b.item()
+    y, eps, sigma = y.double(), eps.double(), sigma.double()
+    if formulation == "ddpm":
+        alpha_bar = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+        grid = ((1 - alpha_bar) / alpha_bar).sqrt()
+        t = (sigma[:, None].log() - grid.log()).abs().argmin(dim=1)  # the discrete step each sigma was drawn from
+        assert torch.allclose(grid[t], sigma, rtol=1e-6)
+        ab = alpha_bar[t].reshape(-1, 1, 1, 1)
+        x_t = ab.sqrt() * y + (1 - ab).sqrt() * eps
+        prediction, target = a * x_t + b * (t / 1000).reshape(-1, 1, 1, 1), eps
+    else:
+        t = (sigma / (1 + sigma)).reshape(-1, 1, 1, 1)
+        x_t = (1 - t) * y + t * eps
+        prediction, target = a * x_t + b * t, eps - y
+    return (prediction - target).square().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
 @pytest.mark.parametrize("formulation", ["ddpm", "flow"])
-def test_losses_are_the_papers_eps_and_velocity_mse(formulation):
+def test_losses_are_the_papers_eps_and_velocity_mse(formulation, uncertainty):
+    """The optimized loss is the eps-MSE (DDPM) / velocity MSE (flow) computed from the papers' own variables; with the
+    uncertainty weighting on, that MSE / e^u + u (EDM2 Eq. 21) with u the network's log-variance."""
     net = Denoiser(Affine(), formulation=formulation, logvar_channels=8)
-    loss_fn = make_loss(get_preset("tiny").override("network", formulation=formulation).override("loss", uncertainty=False))
+    loss_fn = make_loss(get_preset("tiny").override("network", formulation=formulation).override("loss", uncertainty=uncertainty))
     g = torch.Generator().manual_seed(0)
     y = torch.randn(16, 1, 4, 4, generator=g) * 0.5
     sigma = loss_fn.sample_sigma(16, generator=g)
     eps = torch.randn(y.shape, generator=g)
     loss, weighted = loss_fn(net, y, None, sigma=sigma, noise=eps)
-    s4 = sigma.reshape(-1, 1, 1, 1)
-    _, _, c_in, c_noise = FORMULATIONS[formulation](s4, sigma_data=0.5)
-    F_x = net.net(c_in * (y + s4 * eps), c_noise.flatten())
-    target = eps if formulation == "ddpm" else eps - y
-    assert torch.allclose(weighted, (F_x - target).square().mean(dim=(1, 2, 3)), rtol=1e-3, atol=1e-5)
-    assert torch.allclose(loss, weighted)
+    mse = papers_mse(formulation, y, eps, sigma)
+    torch.testing.assert_close(weighted.double(), mse, rtol=2e-3, atol=1e-5)
+    if uncertainty:
+        _, u = net(y + sigma.reshape(-1, 1, 1, 1) * eps, sigma, return_logvar=True)
+        u = u.flatten().double()
+        assert u.abs().max() > 0.3  # far enough from 0 that a wrong Eq. 21 shows
+        torch.testing.assert_close(loss.double(), mse / u.exp() + u, rtol=2e-3, atol=1e-5)
+    else:
+        torch.testing.assert_close(loss.double(), mse, rtol=2e-3, atol=1e-5)
 
 
 def test_ddpm_draws_discrete_steps_uniformly():
@@ -155,10 +186,26 @@ def test_a_train_step_runs_for_every_formulation_and_rung(formulation, rung):
 
 
 @pytest.mark.parametrize("formulation", ["ddpm", "flow"])
-def test_sampling_needs_no_formulation_flag(formulation):
-    net = ckpt.build_denoiser(tiny_cfg("G", formulation)).eval()
-    x = generate_images(net, seeds=[0], resolution=8, channels=1, steps=2)
-    assert x.shape == (1, 1, 8, 8) and torch.isfinite(x).all()
+def test_sampling_needs_no_formulation_flag(formulation, tmp_path):
+    """A network file carries its formulation: loading it rebuilds that preconditioning, and sampling from the file gives
+    the saved network's images, not those of the same weights read as EDM."""
+    cfg = tiny_cfg("G", formulation)
+    net = ckpt.build_denoiser(cfg)
+    with torch.no_grad():  # open the output gain so the backbone matters, and move off the init
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ckpt.save_network(tmp_path / "n.safetensors", net.state_dict(), cfg=cfg, nimg=0, ema_std=0.0)
+    loaded, _ = ckpt.load_network(tmp_path / "n.safetensors")
+    assert loaded.precond is FORMULATIONS[formulation]
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 4.0])
+    assert torch.equal(loaded(x, sigma), net.eval()(x, sigma))
+    as_edm = ckpt.build_denoiser(cfg.override("network", formulation="edm")).eval()
+    as_edm.load_state_dict(net.state_dict())
+    kw = dict(seeds=[0, 1], resolution=8, channels=1, steps=3)
+    images = generate_images(loaded, **kw)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(images, generate_images(net, **kw))
+    assert (images - generate_images(as_edm, **kw)).abs().max() > 0.01
 
 
 def test_bad_formulation_names_and_combinations():

@@ -13,6 +13,7 @@ from edmkit.cli import main, resolve_train_config
 from edmkit.config import LADDER, LadderSwitches, NetworkConfig, get_preset, resolve_ladder
 from edmkit.nn.mp import MPConv
 from edmkit.nn.unet import UNet
+from edmkit.schedules import learning_rate
 
 RUNGS = list(LADDER)
 
@@ -136,6 +137,19 @@ def test_ladder_derives_loss_and_optimizer_parts(rung):
     assert cfg.optim.lr == (s.lr or preset.optim.lr)
     explicit = resolve_train_config(preset, ladder=rung, lr=0.0042)  # an explicit flag wins over the derived value
     assert explicit.optim.lr == 0.0042 and explicit.network.ladder == rung
+
+
+def test_learning_rate_is_inverse_sqrt_decay_with_linear_warmup():
+    """EDM2 Eq. 67 in images: alpha_ref / sqrt(max(t / t_ref, 1)), times min(t / t_warmup, 1); t_ref = 0 keeps it constant (A-D)."""
+    lr = lambda nimg, **kw: learning_rate(nimg, lr=0.012, **kw)
+    assert lr(1000, ref_nimg=1000) == pytest.approx(0.012, rel=1e-12)
+    assert lr(4000, ref_nimg=1000) == pytest.approx(0.006, rel=1e-12)  # 4 t_ref: half
+    assert lr(9000, ref_nimg=1000) == pytest.approx(0.004, rel=1e-12)  # 9 t_ref: a third
+    assert lr(500, ref_nimg=1000) == pytest.approx(0.012, rel=1e-12)  # flat before t_ref
+    assert lr(25, ref_nimg=1000, warmup_nimg=100) == pytest.approx(0.003, rel=1e-12)  # a quarter into the warm-up
+    assert lr(100, ref_nimg=1000, warmup_nimg=100) == pytest.approx(0.012, rel=1e-12)
+    assert lr(16_000, ref_nimg=1000, warmup_nimg=100) == pytest.approx(0.003, rel=1e-12)
+    assert lr(10**9, ref_nimg=0) == 0.012 and lr(0, ref_nimg=0) == 0.012
 
 
 def test_checkpoint_carries_the_rung(tmp_path):

@@ -1,0 +1,118 @@
+"""Training losses and noise-level densities against hand-computed numbers and closed forms (EDM Sec. 5, EDM2 Eq. 21, VDM)."""
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from edmkit.loss import (DDPMLoss, EDMLoss, FlowLoss, ddpm_loss_weight, edm_loss_weight, flow_loss_weight, sample_sigma_lognormal,
+                         sample_sigma_stratified, uncertainty_weighted)
+
+
+def test_uncertainty_weighted_is_eq21():
+    """EDM2 Eq. 21: L / e^u + u, by hand (u = 0 leaves L; u = ln 2 halves it and adds ln 2)."""
+    loss = torch.tensor([2.0, 0.5, 3.0])
+    logvar = torch.tensor([0.0, math.log(2.0), -1.0])
+    expected = [2.0, 0.25 + math.log(2.0), 3.0 * math.e - 1.0]
+    assert uncertainty_weighted(loss, logvar).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+class FakeDenoiser:
+    """D(x) = x / 2 + 0.1 with a fixed log-variance u per sample; records the noisy input it was given."""
+
+    def __init__(self, logvar):
+        self.logvar = torch.tensor(logvar).reshape(-1, 1, 1, 1)
+
+    def __call__(self, x, sigma, labels, *, return_logvar=False):
+        self.seen = (x.clone(), sigma.clone())
+        D = x / 2 + 0.1
+        return (D, self.logvar) if return_logvar else D
+
+
+# Two samples of two pixels, by hand (sigma_data = 0.5, lambda = (s^2 + 1/4) / (s^2 / 4)):
+# sample 0: sigma 0.5, x = y + 0.5 n = [0.7, -1.4], D = [0.45, -0.6], D - y = [0.25, -0.2], mean sq 0.05125, lambda 8
+# sample 1: sigma 2,   x = y + 2 n   = [1.6, 1.0],  D = [0.9, 0.6],   D - y = [0.3, 0.6],   mean sq 0.225,   lambda 4.25
+Y = torch.tensor([0.2, -0.4, 0.6, 0.0]).reshape(2, 1, 1, 2)
+NOISE = torch.tensor([1.0, -2.0, 0.5, 0.5]).reshape(2, 1, 1, 2)
+SIGMA = torch.tensor([0.5, 2.0])
+MSE = [8 * 0.05125, 4.25 * 0.225]
+
+
+def test_edm_loss_by_hand_with_uncertainty():
+    """EDMLoss returns (lambda-weighted MSE / e^u + u, lambda-weighted MSE) per sample; u from the denoiser."""
+    u = [0.3, -0.7]
+    denoiser = FakeDenoiser(u)
+    loss, weighted = EDMLoss(sigma_data=0.5, uncertainty=True)(denoiser, Y, None, sigma=SIGMA, noise=NOISE)
+    assert weighted.tolist() == pytest.approx(MSE, rel=1e-6)
+    assert loss.tolist() == pytest.approx([m * math.exp(-v) + v for m, v in zip(MSE, u)], rel=1e-6)
+    torch.testing.assert_close(denoiser.seen[0], torch.tensor([0.7, -1.4, 1.6, 1.0]).reshape(2, 1, 1, 2))
+    torch.testing.assert_close(denoiser.seen[1], SIGMA)
+
+
+def test_edm_loss_by_hand_without_uncertainty():
+    loss, weighted = EDMLoss(sigma_data=0.5, uncertainty=False)(FakeDenoiser([5.0, 5.0]), Y, None, sigma=SIGMA, noise=NOISE)
+    assert loss.tolist() == pytest.approx(MSE, rel=1e-6) and weighted.tolist() == pytest.approx(MSE, rel=1e-6)
+
+
+def test_loss_weights():
+    """lambda(sigma): EDM (s^2 + sd^2) / (s sd)^2; DDPM 1 / s^2 (eps MSE); flow 1 / t^2 = ((1 + s) / s)^2 (velocity MSE)."""
+    s = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    for sd in (0.5, 1.0):
+        torch.testing.assert_close(edm_loss_weight(s, sigma_data=sd), (s**2 + sd**2) / (s * sd) ** 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ddpm_loss_weight(s), 1 / s**2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(flow_loss_weight(s), ((1 + s) / s) ** 2, rtol=1e-12, atol=0)
+
+
+def test_edm_defaults_are_the_papers():
+    """EDM Sec. 5: ln sigma ~ N(-1.2, 1.2^2), sigma_data 0.5; EDM2's uncertainty weighting on by default."""
+    loss = EDMLoss()
+    assert (loss.P_mean, loss.P_std, loss.sigma_data, loss.uncertainty, loss.stratified) == (-1.2, 1.2, 0.5, True, False)
+
+
+def test_lognormal_sigma_has_the_configured_mean_and_std():
+    """ln sigma ~ N(P_mean, P_std^2); distinct P_mean and P_std so that swapping them shows (200k draws: 4 s.e. < 0.015)."""
+    sigma = sample_sigma_lognormal(200_000, P_mean=-0.8, P_std=1.6, generator=torch.Generator().manual_seed(0))
+    assert sigma.dtype == torch.float32 and sigma.shape == (200_000,)
+    log = sigma.double().log()
+    assert log.mean().item() == pytest.approx(-0.8, abs=0.015) and log.std().item() == pytest.approx(1.6, rel=0.01)
+    sigma = EDMLoss(P_mean=-0.4, P_std=1.0).sample_sigma(200_000, generator=torch.Generator().manual_seed(1))
+    assert sigma.double().log().mean().item() == pytest.approx(-0.4, abs=0.01) and sigma.double().log().std().item() == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.parametrize("n", [1, 7, 32])
+def test_stratified_sigma_takes_one_point_per_equal_mass_bin(n):
+    """VDM low-discrepancy sampling: the CDF values u_i = Phi((ln sigma_i - P_mean) / P_std) are u_0 + i/n mod 1, evenly spaced."""
+    g = torch.Generator().manual_seed(n)
+    draws = []
+    for _ in range(3):
+        sigma = sample_sigma_stratified(n, P_mean=-0.8, P_std=1.6, generator=g)
+        assert sigma.dtype == torch.float32 and sigma.shape == (n,)
+        u = np.sort(norm.cdf((np.log(sigma.double().numpy()) + 0.8) / 1.6))
+        gaps = np.diff(np.concatenate([u, [u[0] + 1]]))  # the last gap wraps around 1
+        assert gaps == pytest.approx([1 / n] * n, abs=1e-6)
+        draws.append(u[0])
+    assert len(set(draws)) == 3  # a fresh offset u_0 every batch
+    # EDMLoss(stratified=True) uses it
+    sigma = EDMLoss(P_mean=0.3, P_std=0.7, stratified=True).sample_sigma(n, generator=g)
+    u = np.sort(norm.cdf((np.log(sigma.double().numpy()) - 0.3) / 0.7))
+    assert np.diff(np.concatenate([u, [u[0] + 1]])) == pytest.approx([1 / n] * n, abs=1e-6)
+
+
+def test_flow_uniform_stratified_t_is_evenly_spaced():
+    sigma = FlowLoss(uniform_t=True, stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    t = np.sort((sigma / (1 + sigma)).double().numpy())
+    assert np.diff(np.concatenate([t, [t[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-5)
+
+
+def test_sigma_quantiles_are_midpoints_of_equal_mass_bins():
+    """Quantiles (k + 1/2) / n of each training density: EDM log-normal, DDPM's discrete steps, flow's uniform t."""
+    q = [(k + 0.5) / 4 for k in range(4)]
+    expected = [math.exp(-0.8 + 1.6 * NormalDist().inv_cdf(p)) for p in q]
+    assert EDMLoss(P_mean=-0.8, P_std=1.6).sigma_quantiles(4).tolist() == pytest.approx(expected, rel=1e-6)
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    steps = [125, 375, 625, 875]  # floor(1000 q)
+    assert DDPMLoss().sigma_quantiles(4).tolist() == pytest.approx(np.sqrt((1 - alpha_bar[steps]) / alpha_bar[steps]).tolist(), rel=1e-6)
+    assert FlowLoss(uniform_t=True).sigma_quantiles(4).tolist() == pytest.approx([p / (1 - p) for p in q], rel=1e-6)
