@@ -195,15 +195,16 @@ def test_guidance_interval_option_leaves_noise_levels_outside_exactly_unguided()
 
 
 def test_oscillate_option_gives_the_per_step_weights_inside_the_sampler():
-    """--oscillate 4,1 --oscillate-warmup 2 on 6 Euler steps: w = 4, 4 (warm-up), then 4, 1, 4, 1 (HIGH first)."""
+    """--oscillate 4,1 --oscillate-warmup 1 on 6 Euler steps: w = 4 (warm-up), then 4, 1, 4, 1, 4 (HIGH first; the cycle
+    counts from the end of the warm-up, so an odd warm-up tells it from counting from step 0)."""
     seen = []
     kw = dict(seeds=[0], resolution=2, channels=1, sampler="euler", steps=6, guide=const_guide, oscillate=(4.0, 1.0),
               callback=lambda info: seen.append(float(info["denoised"][0, 0, 0, 0])))
-    generate_images(const_main, oscillate_warmup=2, **kw)
-    assert [(d - 1) / 2 for d in seen] == [4, 4, 4, 1, 4, 1]
+    generate_images(const_main, oscillate_warmup=1, **kw)
+    assert [(d - 1) / 2 for d in seen] == [4, 4, 1, 4, 1, 4]
     seen.clear()  # with an interval (0.01, 10]: the grid is [80, 24.4, 5.84, 0.965, 0.085, 0.002]
-    generate_images(const_main, oscillate_warmup=2, interval=(0.01, 10.0), **kw)
-    assert [(d - 1) / 2 for d in seen] == [1, 1, 4, 1, 4, 1]
+    generate_images(const_main, oscillate_warmup=1, interval=(0.01, 10.0), **kw)
+    assert [(d - 1) / 2 for d in seen] == [1, 1, 1, 4, 1, 1]
     d = guided_denoiser(const_main, sigmas=KARRAS3, label_dim=0, guide=const_guide, oscillate=(4.0, 1.0))
     assert weights_seen(d, KARRAS3[:-1]) == [4, 1, 4]  # no warm-up: the cycle starts at step 0
 
