@@ -113,6 +113,21 @@ def test_dynamic_threshold():
     torch.testing.assert_close(out[0], x[0].clamp(-s, s) / s)
 
 
+def test_dynamic_threshold_on_hand_computed_values():
+    """Imagen: s = max(percentile_p |x̂0| per sample, 1), x̂0 ← clip(x̂0, −s, s)/s; percentiles interpolate linearly.
+
+    Row 0: |x̂0| sorted (0.5, 2, 3, 4), the median is 2.5, so s = 2.5. Row 1: the median 0.625 < 1, so s = 1
+    (clip only, no scaling up). A percentile over the whole batch (1.125) would change both rows.
+    """
+    x0 = torch.tensor([[-4.0, -2.0, 0.5, 3.0], [0.5, -0.25, 0.75, -1.5]]).reshape(2, 1, 2, 2)
+    out = dynamic_threshold(lambda x, s, l: x, percentile=0.5)(x0, torch.ones(2), None)
+    expected = torch.tensor([[-1.0, -0.8, 0.2, 1.0], [0.5, -0.25, 0.75, -1.0]]).reshape(2, 1, 2, 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    # p = 1: s is the largest |x̂0| of the sample, so row 0 is scaled by 1/4 and row 1 by 1/1.5
+    out = dynamic_threshold(lambda x, s, l: x, percentile=1.0)(x0, torch.ones(2), None)
+    torch.testing.assert_close(out, x0 / torch.tensor([4.0, 1.5]).reshape(2, 1, 1, 1), rtol=0, atol=1e-7)
+
+
 def test_arguments_are_validated():
     with pytest.raises(ValueError):
         guided(main, guide, -0.5)

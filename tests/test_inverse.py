@@ -107,6 +107,57 @@ def test_resample_one_matches_the_plain_sampler_for_single_step_methods():
         sample_resampled(sample_euler, gaussian_denoiser, noise, sigmas, resample=0)
 
 
+def test_resampling_renoises_from_sigma_next_back_to_sigma_by_hand():
+    """RePaint with Euler on (4, 1, 0), r = 3: step, re-noise by √(σ_i² − σ_{i+1}²)·z, step again (three times);
+    no re-noising after a step's last repeat, and the final step to σ = 0 is taken once. The callback sees each
+    step once, after its last repeat."""
+    noise = randn(2, 1, 4, 4)
+    zs = [randn(2, 1, 4, 4, seed=30 + k) for k in range(2)]
+    queue, seen = list(zs), []
+    x = sample_resampled(sample_euler, gaussian_denoiser, noise, torch.tensor([4.0, 1.0, 0.0]), resample=3,
+                         randn=lambda like: queue.pop(0), callback=lambda info: seen.append((info["i"], info["x"])))
+    assert not queue
+
+    def D(x, sigma):
+        return gaussian_denoiser(x, torch.full((2,), sigma, dtype=torch.float64), None)
+
+    x_ref = noise.double() * 4.0
+    for r in range(3):
+        x_ref = D(x_ref, 4.0) + (1.0 / 4.0) * (x_ref - D(x_ref, 4.0))  # Euler 4 -> 1
+        if r < 2:
+            x_ref = x_ref + np.sqrt(4.0**2 - 1.0**2) * zs[r].double()
+    after_step0 = x_ref
+    x_ref = D(x_ref, 1.0)  # Euler 1 -> 0 returns D
+    torch.testing.assert_close(x.double(), x_ref, rtol=1e-5, atol=1e-5)
+    assert [i for i, _ in seen] == [0, 1]
+    torch.testing.assert_close(seen[0][1].double(), after_step0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("operator_name", ["mask", "downsample"])
+def test_reconstruction_guidance_step_by_hand(operator_name, normalize):
+    """For a linear D(x; σ) = a(σ)·x + b and linear A: ∇_x‖A(D(x)) − y‖² = 2a·Aᵀ(A(D(x)) − y), so
+    D' = D − ζ·2a·Aᵀ(A(D) − y), and with `normalize` (DPS) ζ is divided by ‖A(D) − y‖ per sample.
+    Aᵀ is the mask itself, or for 2×2 box averaging the nearest upsampling divided by 4."""
+    mask = (randn(1, 1, 4, 4, seed=7) > 0).float()
+    operator, adjoint = {
+        "mask": (mask_operator(mask), lambda v: mask * v),
+        "downsample": (partial(downsample, scale=2), lambda v: upsample(v, scale=2) / 4),
+    }[operator_name]
+    x, sigma = randn(2, 1, 4, 4, seed=8), torch.tensor([0.5, 2.0])
+    a = (1 / (1 + sigma**2)).reshape(-1, 1, 1, 1)
+    linear = lambda x, sigma, labels: (1 / (1 + sigma**2)).reshape(-1, 1, 1, 1) * x + 0.25  # noqa: E731
+    y = operator(randn(2, 1, 4, 4, seed=9))
+    d = a * x + 0.25
+    residual = operator(d) - y
+    step = torch.full((2, 1, 1, 1), 0.3)
+    if normalize:
+        step = step / residual.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    expected = d - step * 2 * a * adjoint(residual)
+    got = reconstruction_guided(linear, y=y, operator=operator, zeta=0.3, normalize=normalize)(x, sigma, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 # --- super-resolution: ILVR and CCDF -------------------------------------------------------------
 
 

@@ -211,6 +211,73 @@ def test_heun_churn_noise_levels_follow_algorithm_2(noise):
         assert len(seen) == 11 and seen == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("S_churn, gamma", [(0.6, 0.2), (30.0, math.sqrt(2) - 1)])  # γ = S_churn/N, capped at √2 − 1
+def test_heun_churn_matches_algorithm_2_written_out(S_churn, gamma, noise):
+    """EDM Algorithm 2 line by line in float64 on the grid (10, 2, 0.5, 0) with S_tmin = 0.5, S_tmax = 2 (both ends
+    churned, σ = 10 not), S_noise = 1.3 and given ε's: x̂ = x + √(σ̂² − σ²)·S_noise·ε, an Euler step from x̂ at σ̂,
+    the trapezoidal correction except on the last step to σ = 0."""
+    sigmas = torch.tensor([10.0, 2.0, 0.5, 0.0])
+    eps = [torch.randn(noise.shape, generator=torch.Generator().manual_seed(10 + k)) for k in range(2)]
+    queue = list(eps)
+    x = sample_heun(gaussian_denoiser, noise, sigmas, S_churn=S_churn, S_tmin=0.5, S_tmax=2.0, S_noise=1.3,
+                    randn=lambda like: queue.pop(0))
+    assert not queue
+
+    def D(x, sigma):
+        return gaussian_denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float64), None)
+
+    s, z = [10.0, 2.0, 0.5, 0.0], list(eps)
+    x_ref = noise.double() * s[0]
+    for i in range(3):
+        g = gamma if 0.5 <= s[i] <= 2.0 else 0.0
+        sigma_hat = s[i] * (1 + g)
+        x_hat = x_ref + math.sqrt(sigma_hat**2 - s[i] ** 2) * 1.3 * z.pop(0).double() if g > 0 else x_ref
+        d = (x_hat - D(x_hat, sigma_hat)) / sigma_hat
+        x_ref = x_hat + (s[i + 1] - sigma_hat) * d
+        if s[i + 1] != 0:
+            d_prime = (x_ref - D(x_ref, s[i + 1])) / s[i + 1]
+            x_ref = x_hat + (s[i + 1] - sigma_hat) * (d + d_prime) / 2
+    torch.testing.assert_close(x.double(), x_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heun_last_step_to_zero_is_a_plain_euler_step(noise):
+    """On the step to σ = 0 Heun evaluates D once and returns it (there is no slope at σ = 0 to average with)."""
+    calls = []
+
+    def denoiser(x, sigma, labels):
+        calls.append(sigma[0].item())
+        return gaussian_denoiser(x, sigma, labels)
+
+    x = sample_heun(denoiser, noise, torch.tensor([3.0, 0.0]))
+    assert calls == [3.0]
+    torch.testing.assert_close(x, gaussian_denoiser(noise * 3.0, torch.full((4,), 3.0), None), rtol=0, atol=1e-6)
+
+
+def test_ddpm_matches_ho_et_al_posterior():
+    """DDPM ancestral sampling written with Ho et al.'s posterior q(x_{t−1} | x_t, x̂0) (Eqs. 6-7) in the VP variable:
+    mean √ᾱ_{t−1}β_t/(1−ᾱ_t)·x̂0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t, variance β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t, with
+    α_t = ᾱ_t/ᾱ_{t−1} between the grid's timesteps. η = 0 (DDIM) would drop the noise; the roles of σ_up and
+    σ_down swapped would change the mean."""
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    sigmas = vp_sigmas(8)
+    zs = [torch.randn(noise.shape, generator=torch.Generator().manual_seed(20 + k)) for k in range(7)]
+    queue = list(zs)
+    x = sample_ddpm(gaussian_denoiser, noise, sigmas, randn=lambda like: queue.pop(0))
+    assert not queue  # one fresh draw per step except the last (β̃ = 0 there)
+
+    s = sigmas.double().tolist()
+    abar = [1 / (1 + sig**2) for sig in s]
+    x_t = noise.double() * s[0] * math.sqrt(abar[0])
+    for i in range(len(s) - 1):
+        a_t, a_prev = abar[i], abar[i + 1]
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+        x0 = gaussian_denoiser(x_t / math.sqrt(a_t), torch.full((3,), s[i], dtype=torch.float64), None)
+        mean = math.sqrt(a_prev) * beta / (1 - a_t) * x0 + math.sqrt(alpha) * (1 - a_prev) / (1 - a_t) * x_t
+        var = (1 - a_prev) / (1 - a_t) * beta
+        x_t = mean + math.sqrt(var) * zs[i].double() if i < len(s) - 2 else mean
+    torch.testing.assert_close(x.double(), x_t, rtol=1e-4, atol=1e-4)
+
+
 def test_churn_changes_heun_and_uses_randn(noise):
     sigmas = karras_sigmas(10)
     calls = []

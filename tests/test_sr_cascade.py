@@ -80,6 +80,35 @@ def test_training_condition_is_low_pass_plus_scaled_noise():
     assert torch.equal(aug_level_label(torch.tensor([0.25]), sigma_max=0.5), torch.tensor([[0.5]]))
 
 
+def test_cascade_denoiser_passes_the_noised_upsampled_image_and_its_level(cfg):
+    """Sampling conditions on z = nearest-upsampled low-res + σ_aug·ε and the label column σ_aug/σ_aug,max (zeros in the
+    non-leaky columns: not augmented); super_resolve forwards its σ_aug, ε and labels to that denoiser."""
+    seen = []
+
+    def spy(x, sigma, labels, *, cond, augment_labels):
+        seen.append(dict(cond=cond, augment_labels=augment_labels, labels=labels))
+        return torch.zeros_like(x)
+
+    low, eps = torch.rand(2, 1, 2, 2) * 2 - 1, torch.randn(2, 1, 4, 4)
+    up = low.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # [2, 1, 4, 4]
+    cascade_denoiser(spy, low, scale=2, sigma_aug=0.2, sigma_max=0.5, augment_dim=3, noise=eps)(torch.zeros(2, 1, 4, 4), torch.ones(2))
+    torch.testing.assert_close(seen[-1]["cond"], up + 0.2 * eps, rtol=0, atol=1e-7)
+    assert torch.equal(seen[-1]["augment_labels"], torch.tensor([[0.0, 0.0, 0.4], [0.0, 0.0, 0.4]]))
+    cascade_denoiser(spy, low, scale=2, sigma_aug=0.0, sigma_max=0.5, augment_dim=1)(torch.zeros(2, 1, 4, 4), torch.ones(2))
+    assert torch.equal(seen[-1]["cond"], up) and torch.equal(seen[-1]["augment_labels"], torch.zeros(2, 1))
+
+    low28, eps28 = torch.rand(1, 1, 14, 14) * 2 - 1, torch.randn(1, 1, 28, 28)
+    labels = torch.eye(10)[[4]]
+    seen.clear()
+    super_resolve(spy, low28, cfg=cfg, sample=get_sampler("euler"), sigmas=karras_sigmas(2), noise=torch.randn(1, 1, 28, 28),
+                  sigma_aug=0.3, aug_noise=eps28, labels=labels)  # not the default 0.1
+    assert len(seen) == 2
+    up28 = low28.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    torch.testing.assert_close(seen[0]["cond"], up28 + 0.3 * eps28, rtol=0, atol=1e-7)
+    torch.testing.assert_close(seen[0]["augment_labels"][:, -1], torch.tensor([0.3 / cfg.train.sr_aug_max]))
+    assert seen[0]["labels"] is labels
+
+
 def test_sr_resume_is_bit_exact(tmp_path, cfg):
     cfg = cfg.override("train", total_nimg=96, state_nimg=48)
     straight = train(cfg, tmp_path / "a", **QUIET)
