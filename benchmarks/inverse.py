@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.checkpoint import find_network, load_network
-from edmkit.data import images_to_float
-from edmkit.generate import sampling_sigmas
-from edmkit.inverse import downsample, restore, upsample
-from edmkit.samplers import SeededRandn, get_sampler
-from edmkit.train import dataset_of
-from edmkit.validation import split_dataset
+from edmkit.data.dataset import dataset_of
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.inverse import restore
+from edmkit.diffusion.operators import downsample, upsample
+from edmkit.diffusion.samplers import SeededRandn, get_sampler
+from edmkit.sampling.generate import sampling_sigmas
+from edmkit.training.validation import split_dataset
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 2.0) -> torch.Tensor:
@@ -84,7 +85,7 @@ def main() -> None:
                         scale=args.scale, method=method, randn=rnd, zeta=args.zeta, sigma_start=args.sigma_start)
             rows.append((task, method, x.clamp(-1, 1), time.perf_counter() - tick))
     if args.sr_checkpoint:
-        from edmkit.cascade import super_resolve
+        from edmkit.sampling.cascade import super_resolve
 
         sr_net, sr_meta = load_network(find_network(args.sr_checkpoint), device=dev)
         rnd = SeededRandn(range(args.n), device=dev)

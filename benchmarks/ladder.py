@@ -1,7 +1,7 @@
 """Train every EDM2 config-ladder rung (A-G, EDM2 Table 1) for the same budget on the embedded digits; print a table.
 
 Each rung is the chosen preset with ``resolve_ladder`` applied (its network switches, uncertainty weighting,
-learning rate and lr decay), trained with ``edmkit.train.train`` for ``--nimg`` images. Columns:
+learning rate and lr decay), trained with ``edmkit.training.train`` for ``--nimg`` images. Columns:
 
 - ``train mse``: the formulation's weighted denoising error (no uncertainty weighting) averaged over the last
   quarter of training, as logged in stats.jsonl;
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
-from edmkit.config import ExperimentConfig, get_preset, parse_nimg, resolve_formulation, resolve_ladder
-from edmkit.data import images_to_float, load_dataset
-from edmkit.loss import make_loss
-from edmkit.train import train
+from edmkit.config import ExperimentConfig, parse_nimg
+from edmkit.data.dataset import load_dataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import make_loss
+from edmkit.presets import get_preset, resolve_formulation, resolve_ladder
+from edmkit.training.loop import train
 
 
 def rung_config(preset: str, rung: str, formulation: str, nimg: int) -> ExperimentConfig:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import get_preset
-from edmkit.data import save_image_grid
-from edmkit.generate import generate_images
-from edmkit.train import train
+from edmkit.data.images import save_image_grid
+from edmkit.presets import get_preset
+from edmkit.sampling.generate import generate_images
+from edmkit.training.loop import train
 
 SMALL = dict(model_channels=16, channel_mult=(1, 2, 4), num_blocks=1, channels_per_head=32)
 TRIALS: dict[str, dict] = {

@@ -123,7 +123,7 @@ def peer_loss(D: PeerDenoiser, y: torch.Tensor, sigma: torch.Tensor, noise: torc
 
 
 def edmkit_config(size: str, rung: str):
-    from edmkit.config import get_preset, resolve_ladder
+    from edmkit.presets import get_preset, resolve_ladder
     cfg = resolve_ladder(get_preset("mnist"), rung)
     return cfg.override("network", **SIZES[size], **EDMKIT_NET[size], dropout=0.0)
 
@@ -132,8 +132,8 @@ def build(model: str, size: str) -> tuple[torch.nn.Module, object]:
     """(denoiser module, loss callable ``(y, sigma, noise) -> scalar``) of ``model`` at ``size``."""
     if model.startswith("edmkit"):
         from edmkit.checkpoint import build_denoiser
-        from edmkit.loss import make_loss
-        from edmkit.train import autocast_backbone
+        from edmkit.diffusion.loss import make_loss
+        from edmkit.training.loop import autocast_backbone
         cfg = edmkit_config(size, model.split("-")[1])
         net = build_denoiser(cfg)
         if model.endswith("bf16"):

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from edmkit.samplers import sample_heun
-from edmkit.schedules import karras_sigmas
+from edmkit.diffusion.samplers import sample_heun
+from edmkit.diffusion.schedules import karras_sigmas
 
 
 def main() -> None:

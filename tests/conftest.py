@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-
 # Tests use tiny tensors: one thread is faster for them and immune to a busy machine's oversubscription.
 torch.set_num_threads(1)
 

@@ -7,12 +7,13 @@ import torch
 from click.testing import CliRunner
 
 from edmkit import checkpoint as ckpt
-from edmkit.augment import AUGMENT_DIM, TRANSFORMS, apply_augment, augment, augment_params
 from edmkit.cli import main
-from edmkit.config import get_preset
+from edmkit.data.augment import AUGMENT_DIM, TRANSFORMS, apply_augment, augment, augment_params
+from edmkit.diffusion.precond import Denoiser
 from edmkit.nn.unet import UNet
-from edmkit.precond import Denoiser
-from edmkit.train import RunError, train
+from edmkit.presets import get_preset
+from edmkit.training.loop import train
+from edmkit.training.run_state import RunError
 
 
 def images(n=32, c=3, size=8, seed=0):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import ExperimentConfig, get_preset
+from edmkit.config import ExperimentConfig
+from edmkit.files import atomic_write, write_json
+from edmkit.presets import get_preset
 
 
 @pytest.fixture
@@ -72,14 +74,14 @@ def test_foreign_safetensors_rejected(tmp_path):
 
 def test_failed_write_leaves_existing_file_intact(tmp_path):
     path = tmp_path / "f.json"
-    ckpt.write_json(path, {"a": 1})
+    write_json(path, {"a": 1})
 
     def broken(f):
         f.write(b"partial")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.atomic_write(path, broken)
+        atomic_write(path, broken)
     assert path.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
 

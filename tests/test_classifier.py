@@ -7,19 +7,20 @@ classifier has logits -|x - mu_k|^2 / (2 (s0^2 + sigma^2)).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from click.testing import CliRunner
 
-from edmkit.checkpoint import CheckpointError, build_denoiser, load_network, save_network
-from edmkit.classifier import CLEAN_SIGMA, NoisyClassifier, check_classifier, load_classifier, train_classifier
+from edmkit.checkpoint import CheckpointError, build_denoiser, check_classifier, load_classifier, load_network, save_network
 from edmkit.cli import main
-from edmkit.config import NetworkConfig, get_preset
-from edmkit.generate import guided_denoiser, sampling_sigmas
-from edmkit.guidance import classifier_free, classifier_guided
-from edmkit.rejection import accept, check_threshold, rejection_sample
-from edmkit.samplers import get_sampler
+from edmkit.config import NetworkConfig
+from edmkit.diffusion.classifier import CLEAN_SIGMA, NoisyClassifier
+from edmkit.diffusion.guidance import classifier_free, classifier_guided
+from edmkit.diffusion.samplers import get_sampler
+from edmkit.presets import get_preset
+from edmkit.sampling.generate import guided_denoiser, sampling_sigmas
+from edmkit.sampling.rejection import accept, check_threshold, rejection_sample
+from edmkit.training.classifier import train_classifier
 
 MU = torch.tensor([[-0.5, 0.0], [0.5, 0.0]])  # class means [K=2, 2]
 S0 = 0.5  # per-class std

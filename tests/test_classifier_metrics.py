@@ -16,22 +16,27 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_metrics import save_tiny_detector
 
 from edmkit import checkpoint as ckpt
-from edmkit import classifier as clf_mod
 from edmkit import dist
-from edmkit.classifier import build_classifier, classifier_state_dir, classifier_step, load_classifier, train_classifier
+from edmkit.checkpoint import load_classifier
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import ImageDataset, float_to_images, load_dataset
-from edmkit.ema import PowerFunctionEMA
-from edmkit.generate import generate_images
-from edmkit.loss import make_loss
-from edmkit.metrics import evaluate as ev, load_detector, reference as rf
-from edmkit.rejection import Rejection, RejectionTally, accept, candidate_seeds
-from edmkit.schedules import learning_rate
-from edmkit.train import RunError, TrainState
-from test_metrics import save_tiny_detector
+from edmkit.data.dataset import ImageDataset, load_dataset
+from edmkit.data.images import float_to_images
+from edmkit.diffusion.classifier import CLEAN_SIGMA, build_classifier
+from edmkit.diffusion.loss import make_loss
+from edmkit.diffusion.schedules import learning_rate
+from edmkit.metrics import evaluate as ev
+from edmkit.metrics import reference as rf
+from edmkit.metrics.detectors import load_detector
+from edmkit.presets import get_preset
+from edmkit.sampling.generate import generate_images
+from edmkit.sampling.rejection import Rejection, RejectionTally, accept, candidate_seeds
+from edmkit.training import classifier as clf_mod
+from edmkit.training.classifier import classifier_state_dir, classifier_step, train_classifier
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.run_state import RunError, TrainState
 
 RES = 8  # toy image size
 GEN_KW = dict(resolution=RES, channels=1, sampler="euler", steps=2)
@@ -174,7 +179,7 @@ def test_cli_metrics_gen_rejection_reports_rate(cli_setup):
     x = generate_images(ckpt.load_network(d / "net.safetensors")[0], seeds=range(12), resolution=cfg.resolution, channels=cfg.channels,
                         class_idx=None, sampler="euler", steps=2, batch=4)
     with torch.no_grad():
-        p = clf(x, torch.full([12], clf_mod.CLEAN_SIGMA)).softmax(1)  # [12, 2]
+        p = clf(x, torch.full([12], CLEAN_SIGMA)).softmax(1)  # [12, 2]
     k = int(p.argmax(1).mode().values)  # the class this (untrained) classifier mostly predicts
     mine = p[p.argmax(1) == k, k].sort().values
     i = int((mine[1:-1] - mine[:-2]).argmax())  # the widest gap leaving >= 2 above it: float rounding cannot move a candidate across

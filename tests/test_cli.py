@@ -65,7 +65,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_class_subset_reaches_training_data():
-    from edmkit.train import dataset_of
+    from edmkit.data.dataset import dataset_of
 
     res = run("train", "--preset", "tiny", "--classes", "3,5", "--cond", "--dry-run")
     assert res.exit_code == 0, res.output

@@ -13,19 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from edmkit.config import get_preset
-from edmkit.data import (
-    ImageDataset,
-    float_to_images,
-    image_grid,
-    images_to_float,
-    load_dataset,
-    sample_order,
-    save_image_grid,
-    save_images,
-)
-from edmkit.step_inputs import Shard
-from edmkit.train import make_batch
+from edmkit.data.dataset import ImageDataset, load_dataset, sample_order
+from edmkit.data.images import float_to_images, image_grid, images_to_float, save_image_grid, save_images
+from edmkit.presets import get_preset
+from edmkit.training.loop import make_batch
+from edmkit.training.step_inputs import Shard
 
 N, K = 12, 3  # tiny datasets: 12 images, 3 classes
 
@@ -452,7 +444,7 @@ def test_dataset_validates_fields():
 
 
 def test_convert_npz_round_trips(tmp_path):
-    from edmkit.convert import convert_dataset
+    from edmkit.data.convert import convert_dataset
 
     images, labels = _random_set(3, 8)
     src = write_npz(tmp_path / "src.npz", images, labels)
@@ -468,7 +460,7 @@ def test_convert_npz_round_trips(tmp_path):
 
 
 def test_convert_folder_with_options_matches_load(tmp_path):
-    from edmkit.convert import convert_dataset
+    from edmkit.data.convert import convert_dataset
 
     images, labels = _random_set(3, 12)
     src = write_folder(tmp_path / "src", _class_files(images, labels))
@@ -480,7 +472,7 @@ def test_convert_folder_with_options_matches_load(tmp_path):
 
 
 def test_convert_unlabelled_stays_unlabelled(tmp_path):
-    from edmkit.convert import convert_dataset
+    from edmkit.data.convert import convert_dataset
 
     images, _ = _random_set(1, 8)
     info = convert_dataset(write_npz(tmp_path / "src.npz", images), tmp_path / "out.zip")
@@ -490,7 +482,7 @@ def test_convert_unlabelled_stays_unlabelled(tmp_path):
 
 
 def test_convert_rejects_bad_destination(tmp_path):
-    from edmkit.convert import convert_dataset
+    from edmkit.data.convert import convert_dataset
 
     src = write_npz(tmp_path / "src.npz", *_random_set(1, 8))
     with pytest.raises(ValueError, match=r"must be a \.zip"):

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edmkit.cli import main
-from edmkit.cli.train import resolve_train_config
-from edmkit.config import get_preset
-from edmkit.convert import convert_dataset
-from edmkit.data import CIFAR10_CLASS_NAMES, load_dataset
+from edmkit.data.cifar import CIFAR10_CLASS_NAMES
+from edmkit.data.convert import convert_dataset
+from edmkit.data.dataset import load_dataset
+from edmkit.presets import get_preset, resolve_config
 
 NAMES = ("cat", "dog", "zebra")  # sorted, so folder order = index order
 
@@ -168,5 +168,5 @@ def test_stratified_flag_sets_the_loss_field():
 @pytest.mark.parametrize("preset_value", [False, True])
 def test_stratified_none_keeps_the_presets_value(preset_value):
     cfg = get_preset("tiny").override("loss", stratified=preset_value)
-    assert resolve_train_config(cfg, stratified=None).loss.stratified is preset_value
-    assert resolve_train_config(cfg, stratified=not preset_value).loss.stratified is (not preset_value)
+    assert resolve_config(cfg, stratified=None).loss.stratified is preset_value
+    assert resolve_config(cfg, stratified=not preset_value).loss.stratified is (not preset_value)

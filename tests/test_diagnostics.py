@@ -10,15 +10,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edmkit import train as train_mod
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import images_to_float, load_dataset
-from edmkit.ema import PowerFunctionEMA
-from edmkit.logging_sinks import flatten_record, make_sinks
-from edmkit.loss import DDPMLoss, EDMLoss, FlowLoss
-from edmkit.train import Monitor, TrainState, clip_grad_norm, train, train_step, write_validation
-from edmkit.validation import make_probe, memorization_signal, probe_loss, split_indices
+from edmkit.data.dataset import load_dataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import DDPMLoss, EDMLoss, FlowLoss
+from edmkit.presets import get_preset
+from edmkit.training import loop as train_mod
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.logging_sinks import flatten_record, make_sinks
+from edmkit.training.loop import clip_grad_norm, train, train_step
+from edmkit.training.monitor import Monitor, append_record, write_validation
+from edmkit.training.run_state import TrainState
+from edmkit.training.validation import make_probe, memorization_signal, probe_loss, split_indices
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TRAIN_FIELDS = {"kind", "nimg", "step", "loss", "mse", "lr", "grad_norm", "grad_norm_max", "img_per_sec", "train_sec", "ema_std"}
@@ -212,7 +215,7 @@ def test_stats_records_are_json_lines_with_documented_fields(tmp_path, cfg):
     documented = set(re.findall(r"`([a-z_]+)`", row))
     assert TRAIN_FIELDS | VAL_FIELDS <= documented, (TRAIN_FIELDS | VAL_FIELDS) - documented
     # a non-finite value is written as null, so every line stays strict JSON
-    train_mod.append_record(tmp_path, {"kind": "train", "nimg": 1, "loss": float("nan"), "ema_std": [float("inf")]})
+    append_record(tmp_path, {"kind": "train", "nimg": 1, "loss": float("nan"), "ema_std": [float("inf")]})
     assert strict_json((tmp_path / "stats.jsonl").read_text().splitlines()[-1]) == {"kind": "train", "nimg": 1, "loss": None, "ema_std": [None]}
 
 

@@ -13,12 +13,14 @@ import time
 import pytest
 import torch
 
-import edmkit.train as training
+import edmkit.training.loop as training
 from edmkit import checkpoint as ckpt
-from edmkit.config import get_preset
-from edmkit.ema import PowerFunctionEMA
-from edmkit.loss import make_loss
-from edmkit.train import RunError, Shard, TrainState, make_shard, train, train_step
+from edmkit.diffusion.loss import make_loss
+from edmkit.presets import get_preset
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.loop import train, train_step
+from edmkit.training.run_state import RunError, TrainState
+from edmkit.training.step_inputs import Shard, make_shard
 
 QUIET = dict(progress=False, log=lambda s: None)
 TIMEOUT_SEC = 240

@@ -1,4 +1,4 @@
-"""Tests for edmkit.ema: power-function EMA and post-hoc reconstruction (EDM2 Sec. 3, App. C)."""
+"""Tests for edmkit.training.ema: power-function EMA and post-hoc reconstruction (EDM2 Sec. 3, App. C)."""
 
 import io
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from edmkit.ema import (
+from edmkit.training.ema import (
     STD_MAX,
     PowerFunctionEMA,
     exp_to_std,

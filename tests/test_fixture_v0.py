@@ -18,7 +18,7 @@ from edmkit.checkpoint import load_network, load_state
 from edmkit.cli import main
 from edmkit.config import ExperimentConfig
 from edmkit.metrics.reference import load_reference
-from edmkit.train import train
+from edmkit.training.loop import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v0"
 

@@ -7,15 +7,27 @@ import pytest
 import torch
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import FORMULATIONS as CONFIG_FORMULATIONS, NetworkConfig, get_preset, resolve_formulation, resolve_ladder
-from edmkit.ema import PowerFunctionEMA
-from edmkit.generate import generate_images
-from edmkit.loss import LOSSES, DDPMLoss, EDMLoss, FlowLoss, make_loss
+from edmkit.config import FORMULATIONS as CONFIG_FORMULATIONS
+from edmkit.config import NetworkConfig
+from edmkit.diffusion.loss import LOSSES, DDPMLoss, EDMLoss, FlowLoss, make_loss
+from edmkit.diffusion.precond import (
+    FORMULATIONS,
+    Denoiser,
+    ddpm_alpha_bar,
+    ddpm_sigma_to_t,
+    ddpm_sigmas,
+    ddpm_t_to_sigma,
+    flow_sigma_to_t,
+    flow_t_to_sigma,
+    network_target,
+)
+from edmkit.diffusion.schedules import vp_sigmas
 from edmkit.nn.unet import UNet
-from edmkit.precond import (FORMULATIONS, Denoiser, ddpm_alpha_bar, ddpm_sigma_to_t, ddpm_sigmas, ddpm_t_to_sigma, flow_sigma_to_t,
-                            flow_t_to_sigma, network_target)
-from edmkit.schedules import vp_sigmas
-from edmkit.train import TrainState, train_step
+from edmkit.presets import get_preset, resolve_formulation, resolve_ladder
+from edmkit.sampling.generate import generate_images
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.loop import train_step
+from edmkit.training.run_state import TrainState
 
 SIGMAS = torch.logspace(math.log10(0.01), math.log10(80.0), 9)
 

@@ -12,14 +12,16 @@ from PIL import Image
 
 from edmkit import checkpoint as ckpt
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import float_to_images
-from edmkit.generate import class_labels, generate_images, guided_denoiser, load_guide
-from edmkit.loss import EDMLoss
+from edmkit.data.images import float_to_images
+from edmkit.diffusion.loss import EDMLoss
+from edmkit.diffusion.samplers import SAMPLERS, SeededRandn, get_sampler
+from edmkit.diffusion.schedules import karras_sigmas, loglinear_sigmas, vp_sigmas
+from edmkit.presets import get_preset
 from edmkit.report import ReverseProcessRecorder
-from edmkit.samplers import SAMPLERS, SeededRandn, get_sampler
-from edmkit.schedules import karras_sigmas, loglinear_sigmas, vp_sigmas
-from edmkit.train import TrainState, drop_labels, train, train_step
+from edmkit.sampling.generate import class_labels, generate_images, guided_denoiser, load_guide
+from edmkit.training.loop import train, train_step
+from edmkit.training.run_state import TrainState
+from edmkit.training.step_inputs import drop_labels
 
 CFG = get_preset("tiny").override("network", label_dim=10)
 STEPS = "3"
@@ -78,7 +80,7 @@ def baseline(models, tmp_path_factory):
 @pytest.fixture
 def sampler_calls(monkeypatch):
     """Record every sampler call generate_images makes (name, denoiser, noise, grid, keywords), then run it."""
-    import edmkit.generate as gen
+    import edmkit.sampling.generate as gen
 
     calls = []
 
@@ -407,7 +409,7 @@ def test_train_step_applies_label_dropout(p_uncond, rows_zero):
     cfg = CFG.override("loss", p_uncond=p_uncond)
     net = ckpt.build_denoiser(cfg).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    from edmkit.ema import PowerFunctionEMA
+    from edmkit.training.ema import PowerFunctionEMA
 
     state = TrainState(net=net, optimizer=opt, ema=PowerFunctionEMA(net, stds=cfg.ema.stds))
     labels = torch.eye(10)[torch.arange(8)]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from edmkit.guidance import classifier_free, dynamic_threshold, guidance_interval, guided, oscillating
-from edmkit.samplers import sample_euler
-from edmkit.schedules import karras_sigmas
+from edmkit.diffusion.guidance import classifier_free, dynamic_threshold, guidance_interval, guided, oscillating
+from edmkit.diffusion.samplers import sample_euler
+from edmkit.diffusion.schedules import karras_sigmas
 
 
 def main(x, sigma, labels):

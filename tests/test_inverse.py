@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edmkit.inverse import (
+from edmkit.diffusion.inverse import measurement_noise, projected, reconstruction_guided, sample_resampled, truncate_sigmas
+from edmkit.diffusion.operators import (
     check_mask,
     check_scale,
     downsample,
@@ -20,15 +21,10 @@ from edmkit.inverse import (
     low_pass,
     mask_operator,
     measurement_error,
-    measurement_noise,
-    projected,
-    reconstruction_guided,
-    sample_resampled,
-    truncate_sigmas,
     upsample,
 )
-from edmkit.samplers import SAMPLERS, sample_ddpm, sample_euler, sample_heun
-from edmkit.schedules import karras_sigmas
+from edmkit.diffusion.samplers import SAMPLERS, sample_ddpm, sample_euler, sample_heun
+from edmkit.diffusion.schedules import karras_sigmas
 
 MU, S, RHO = 0.3, 0.5, 0.8
 SIGMA_MAX = 80.0
@@ -252,7 +248,7 @@ def test_bad_masks_and_scales_raise_clear_errors():
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     from edmkit.checkpoint import build_denoiser, save_network
-    from edmkit.config import get_preset
+    from edmkit.presets import get_preset
 
     folder = tmp_path_factory.mktemp("restore")
     cfg = get_preset("tiny")

@@ -9,11 +9,12 @@ from click.testing import CliRunner
 
 import edmkit.nn.unet as unet_mod
 from edmkit import checkpoint as ckpt
-from edmkit.cli import main, resolve_train_config
-from edmkit.config import LADDER, LadderSwitches, NetworkConfig, get_preset, resolve_ladder
+from edmkit.cli import main
+from edmkit.config import LADDER, LadderSwitches, NetworkConfig
+from edmkit.diffusion.schedules import learning_rate
 from edmkit.nn.mp import MPConv
 from edmkit.nn.unet import UNet
-from edmkit.schedules import learning_rate
+from edmkit.presets import get_preset, resolve_config, resolve_ladder
 
 RUNGS = list(LADDER)
 
@@ -135,7 +136,7 @@ def test_ladder_derives_loss_and_optimizer_parts(rung):
     assert cfg.network.ladder == rung and cfg.loss.uncertainty == s.uncertainty_loss
     assert cfg.optim.lr_ref_nimg == (preset.optim.lr_ref_nimg if s.lr_decay else 0)
     assert cfg.optim.lr == (s.lr or preset.optim.lr)
-    explicit = resolve_train_config(preset, ladder=rung, lr=0.0042)  # an explicit flag wins over the derived value
+    explicit = resolve_config(preset, ladder=rung, lr=0.0042)  # an explicit flag wins over the derived value
     assert explicit.optim.lr == 0.0042 and explicit.network.ladder == rung
 
 

@@ -8,8 +8,17 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from edmkit.loss import (DDPMLoss, EDMLoss, FlowLoss, ddpm_loss_weight, edm_loss_weight, flow_loss_weight, sample_sigma_lognormal,
-                         sample_sigma_stratified, uncertainty_weighted)
+from edmkit.diffusion.loss import (
+    DDPMLoss,
+    EDMLoss,
+    FlowLoss,
+    ddpm_loss_weight,
+    edm_loss_weight,
+    flow_loss_weight,
+    sample_sigma_lognormal,
+    sample_sigma_stratified,
+    uncertainty_weighted,
+)
 
 
 def test_uncertainty_weighted_is_eq21():

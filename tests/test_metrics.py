@@ -17,13 +17,22 @@ from click.testing import CliRunner
 
 from edmkit import checkpoint as ckpt
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import save_images
-from edmkit.metrics import DETECTORS, DetectorError, FeatureStats, feature_stats, frechet_distance, kid, load_detector, memorization, precision_recall
-from edmkit.metrics import evaluate as ev, reference as rf
-from edmkit.metrics.detectors import DINOV2, INCEPTION, detector_input, file_sha256, generic_spec
-from edmkit.metrics.memorization import pairwise_distance
-from edmkit.metrics.stats import knn_radii, mmd2_unbiased
+from edmkit.data.images import save_images
+from edmkit.metrics import evaluate as ev
+from edmkit.metrics import reference as rf
+from edmkit.metrics.detectors import (
+    DETECTORS,
+    DINOV2,
+    INCEPTION,
+    DetectorError,
+    detector_input,
+    file_sha256,
+    generic_spec,
+    load_detector,
+)
+from edmkit.metrics.memorization import memorization, pairwise_distance
+from edmkit.metrics.stats import FeatureStats, feature_stats, frechet_distance, kid, knn_radii, mmd2_unbiased, precision_recall
+from edmkit.presets import get_preset
 
 
 def gaussian(n, d, *, seed, shift=0.0, scale=1.0):

@@ -14,15 +14,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import quad
 from click.testing import CliRunner
 from PIL import Image
+from scipy.integrate import quad
 
 from edmkit import checkpoint as ckpt
-from edmkit import phema as ph
 from edmkit.cli import main
-from edmkit.config import EMAConfig, get_preset, snapshot_disk_estimate
-from edmkit.ema import STD_MAX, std_to_exp
+from edmkit.config import EMAConfig, snapshot_disk_estimate
+from edmkit.presets import get_preset
+from edmkit.training import phema as ph
+from edmkit.training import phema_sweep as phs
+from edmkit.training.ema import STD_MAX, std_to_exp
 
 TIMES = (64, 128, 192, 256)
 
@@ -216,7 +218,7 @@ def test_cli_errors_are_one_line(tmp_path, cfg):
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-@pytest.mark.filterwarnings("ignore::edmkit.phema.PosthocEMAWarning")  # 0.04 and 0.13 are extrapolated on purpose
+@pytest.mark.filterwarnings("ignore::edmkit.training.phema.PosthocEMAWarning")  # 0.04 and 0.13 are extrapolated on purpose
 def test_sweep_writes_table_plot_and_names_the_best(tmp_path, cfg):
     write_run(tmp_path / "run", cfg)
     (_, target, _), = ph.reconstruct_run(tmp_path / "run", sigma_rels=[0.07])
@@ -225,7 +227,7 @@ def test_sweep_writes_table_plot_and_names_the_best(tmp_path, cfg):
         return sum(float(((v - target[k]) ** 2).sum()) for k, v in net.state_dict().items() if v.is_floating_point())
 
     grid = (0.04, 0.07, 0.1, 0.13)
-    result = ph.sweep(tmp_path / "run", out_dir=tmp_path / "sweep", sigma_rels=grid, score_fn=distance_to_007)
+    result = phs.sweep(tmp_path / "run", out_dir=tmp_path / "sweep", sigma_rels=grid, score_fn=distance_to_007)
     assert result["best"]["sigma_rel"] == 0.07 and result["best"]["score"] < 1e-6
     assert [r["sigma_rel"] for r in result["rows"]] == list(grid) and all(r["score"] > 1e-3 for r in result["rows"] if r["sigma_rel"] != 0.07)
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
@@ -240,7 +242,7 @@ def test_sweep_writes_table_plot_and_names_the_best(tmp_path, cfg):
 
 def test_default_score_is_fixed_and_cli_sweep_runs(tmp_path, cfg):
     write_run(tmp_path / "run", cfg)
-    score = ph.denoising_score(cfg, n_images=4, n_sigmas=1)
+    score = phs.denoising_score(cfg, n_images=4, n_sigmas=1)
     a, b = ckpt.build_denoiser(cfg).eval(), ckpt.load_network(ckpt.network_path(tmp_path / "run", 64, 0.05))[0]
     assert score(a) == score(a) and score(a) != score(b) and score(b) > 0
     res = run_cli("phema", "--run", tmp_path / "run", "--sweep", "--sigma-rel", "0.05,0.1", "--score-images", "2", "--score-sigmas", "1",
@@ -260,7 +262,7 @@ def test_snapshot_dtype_option_and_disk_estimate():
 
 
 def test_float16_snapshots_from_a_short_run(tmp_path, cfg):
-    from edmkit.train import train
+    from edmkit.training.loop import train
 
     run_cfg = cfg.override("ema", snapshot_nimg=4, snapshot_dtype="float16").override("train", batch=4, total_nimg=8, grid_nimg=10**9,
                                                                                       grid_n=2, sample_steps=2)

@@ -17,12 +17,13 @@ from test_metrics import save_tiny_detector
 from test_phema import write_run
 
 from edmkit import checkpoint as ckpt
-from edmkit import phema as ph
 from edmkit.cli import main
-from edmkit.config import get_preset
 from edmkit.metrics.detectors import load_detector
 from edmkit.metrics.evaluate import compute_reference, evaluate_generator
 from edmkit.metrics.reference import save_reference
+from edmkit.presets import get_preset
+from edmkit.training import phema as ph
+from edmkit.training import phema_sweep as phs
 
 N, STEPS, BATCH = 6, 2, 4
 GRID = (0.05, 0.08, 0.1)  # inside the tracked range [0.05, 0.1]: no extrapolation warnings
@@ -57,9 +58,9 @@ def direct_fid(net, s, *, seeds):
 def test_sweep_rows_are_the_fid_of_each_saved_reconstruction(setup, tmp_path):
     s = setup
     notices = []
-    score = ph.fid_score(s["ref"], s["det"], n=N, steps=STEPS, batch=BATCH, log=notices.append, **shape_kw(s["cfg"]))
+    score = phs.fid_score(s["ref"], s["det"], n=N, steps=STEPS, batch=BATCH, log=notices.append, **shape_kw(s["cfg"]))
     assert score.__name__ == f"FID (n={N})"
-    result = ph.sweep(s["run"], out_dir=tmp_path / "sweep", sigma_rels=GRID, score_fn=score)
+    result = phs.sweep(s["run"], out_dir=tmp_path / "sweep", sigma_rels=GRID, score_fn=score)
     assert sum("FID is biased" in line for line in notices) == 1  # once, not once per sigma_rel
     assert result["score_name"] == f"FID (n={N})" and [r["sigma_rel"] for r in result["rows"]] == list(GRID)
 
@@ -87,15 +88,15 @@ def test_fid_score_checks_its_inputs(setup):
     s = setup
     kw = dict(steps=STEPS, batch=BATCH, **shape_kw(s["cfg"]))
     with pytest.raises(ValueError, match="detector hash mismatch"):
-        ph.fid_score(s["ref"], load_detector(s["paths"]["other"]), n=N, **kw)
+        phs.fid_score(s["ref"], load_detector(s["paths"]["other"]), n=N, **kw)
     with pytest.raises(ValueError, match="n >= 2"):
-        ph.fid_score(s["ref"], s["det"], n=1, **kw)
+        phs.fid_score(s["ref"], s["det"], n=1, **kw)
     with pytest.raises(ValueError, match="distinct seeds"):
-        ph.fid_score(s["ref"], s["det"], n=3, seeds=[0, 1, 1], **kw)
+        phs.fid_score(s["ref"], s["det"], n=3, seeds=[0, 1, 1], **kw)
     with pytest.raises(ValueError, match="unknown sampler"):
-        ph.fid_score(s["ref"], s["det"], n=N, sampler="nope", **kw)
+        phs.fid_score(s["ref"], s["det"], n=N, sampler="nope", **kw)
     notices = []
-    ph.fid_score(s["ref"], s["det"], n=N, seeds=range(10, 10 + N), log=notices.append, **kw)
+    phs.fid_score(s["ref"], s["det"], n=N, seeds=range(10, 10 + N), log=notices.append, **kw)
     assert any(f"n = {N}" in line for line in notices) and any("grayscale" in line for line in notices)
 
 
@@ -111,8 +112,8 @@ def test_cli_fid_sweep_matches_the_library(setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.count("FID is biased") == 1 and "best: sigma_rel" in res.output and "FID (n=4)" in res.output
     table = json.loads((tmp_path / "cli" / "sweep.json").read_text())
-    score = ph.fid_score(s["ref"], s["det"], n=4, steps=STEPS, batch=3, **shape_kw(s["cfg"]))
-    lib = ph.sweep(s["run"], out_dir=tmp_path / "lib", sigma_rels=(0.05, 0.1), score_fn=score, save_best=False)
+    score = phs.fid_score(s["ref"], s["det"], n=4, steps=STEPS, batch=3, **shape_kw(s["cfg"]))
+    lib = phs.sweep(s["run"], out_dir=tmp_path / "lib", sigma_rels=(0.05, 0.1), score_fn=score, save_best=False)
     assert table["score"] == "FID (n=4)" and [r["score"] for r in table["rows"]] == [r["score"] for r in lib["rows"]]
     assert table["best"]["score"] == min(r["score"] for r in table["rows"])
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from edmkit.loss import EDMLoss, edm_loss_weight
-from edmkit.precond import Denoiser, ddpm_precond, edm_precond, flow_precond, network_target
+from edmkit.diffusion.loss import EDMLoss, edm_loss_weight
+from edmkit.diffusion.precond import Denoiser, ddpm_precond, edm_precond, flow_precond, network_target
 
 
 def test_unit_variance_input_and_target_over_sigma():

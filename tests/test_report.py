@@ -10,10 +10,11 @@ from click.testing import CliRunner
 
 from edmkit.checkpoint import build_denoiser, network_path, save_network
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import ImageDataset, images_to_float, save_image_grid
+from edmkit.data.dataset import ImageDataset
+from edmkit.data.images import images_to_float, save_image_grid
 from edmkit.metrics import probe as probe_mod
 from edmkit.metrics.probe import block_names, default_block, fit_ridge, linear_probe, pooled_features, probe_split, resolve_block
+from edmkit.presets import get_preset
 from edmkit.report import display_noisy, read_stats, write_report
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edmkit.samplers import (
+from edmkit.diffusion.samplers import (
     SAMPLERS,
     SeededRandn,
     get_sampler,
@@ -20,7 +20,7 @@ from edmkit.samplers import (
     sample_euler,
     sample_heun,
 )
-from edmkit.schedules import karras_sigmas, loglinear_sigmas, sigma_schedule, vp_sigmas
+from edmkit.diffusion.schedules import karras_sigmas, loglinear_sigmas, sigma_schedule, vp_sigmas
 
 MU, S = 0.3, 0.5
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.02

@@ -7,15 +7,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edmkit import checkpoint as ckpt
-from edmkit.cascade import (aug_level_label, cascade_denoiser, check_sr_config, low_res_condition, resolve_sr,
-                            super_resolve, training_condition)
-from edmkit.config import get_preset
-from edmkit.data import images_to_float, load_dataset
-from edmkit.inverse import downsample
-from edmkit.loss import EDMLoss
-from edmkit.samplers import get_sampler
-from edmkit.schedules import karras_sigmas
-from edmkit.train import train
+from edmkit.data.dataset import load_dataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import EDMLoss
+from edmkit.diffusion.operators import downsample
+from edmkit.diffusion.samplers import get_sampler
+from edmkit.diffusion.schedules import karras_sigmas
+from edmkit.presets import check_sr_config, get_preset, resolve_sr
+from edmkit.sampling.cascade import aug_level_label, cascade_denoiser, low_res_condition, super_resolve, training_condition
+from edmkit.training.loop import train
 
 QUIET = dict(progress=False, log=lambda s: None)
 

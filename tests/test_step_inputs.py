@@ -10,11 +10,19 @@ import itertools
 import pytest
 import torch
 
-from edmkit.augment import AUGMENT_DIM
-from edmkit.cascade import sr_augment_dim
-from edmkit.config import get_preset
-from edmkit.loss import make_loss
-from edmkit.step_inputs import AUGMENT_CHUNK, SR_CHUNK, Shard, step_augment, step_generator, step_noise, step_seed, step_sr_condition
+from edmkit.data.augment import AUGMENT_DIM
+from edmkit.diffusion.loss import make_loss
+from edmkit.presets import get_preset, sr_augment_dim
+from edmkit.training.step_inputs import (
+    AUGMENT_CHUNK,
+    SR_CHUNK,
+    Shard,
+    step_augment,
+    step_generator,
+    step_noise,
+    step_seed,
+    step_sr_condition,
+)
 
 BATCH, CLASSES, RES = 64, 10, 8
 

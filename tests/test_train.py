@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import ExperimentConfig, get_preset
-from edmkit.data import images_to_float, load_dataset
-from edmkit.ema import PowerFunctionEMA
-from edmkit.loss import EDMLoss, make_loss
-from edmkit.monitor import save_snapshot
-from edmkit.run_state import TrainState, prepare_run_dir, resume, save_training_state
-from edmkit.step_inputs import Shard, step_noise
-from edmkit.train import RunError, train, train_step
+from edmkit.config import ExperimentConfig
+from edmkit.data.dataset import load_dataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import EDMLoss, make_loss
+from edmkit.presets import get_preset
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.loop import train, train_step
+from edmkit.training.monitor import save_snapshot
+from edmkit.training.run_state import RunError, TrainState, prepare_run_dir, resume, save_training_state
+from edmkit.training.step_inputs import Shard, step_noise
 
 
 @pytest.fixture

@@ -9,15 +9,19 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from test_metrics import save_tiny_detector  # the same tiny TorchScript detector as the metrics tests
 
 from edmkit import checkpoint as ckpt
 from edmkit import report
 from edmkit.cli import main
-from edmkit.config import get_preset
-from edmkit.data import load_dataset
-from edmkit.metrics import evaluate as ev, load_detector, reference as rf
-from edmkit.train import RunError, preserved_rng, train
-from test_metrics import save_tiny_detector  # the same tiny TorchScript detector as the metrics tests
+from edmkit.data.dataset import load_dataset
+from edmkit.metrics import evaluate as ev
+from edmkit.metrics import reference as rf
+from edmkit.metrics.detectors import load_detector
+from edmkit.presets import get_preset
+from edmkit.training.loop import train
+from edmkit.training.monitor import preserved_rng
+from edmkit.training.run_state import RunError
 
 QUIET = dict(progress=False, log=lambda s: None)
 

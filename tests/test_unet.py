@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from edmkit.config import NetworkConfig, get_preset
 from edmkit.checkpoint import build_denoiser
+from edmkit.config import NetworkConfig
 from edmkit.nn.unet import Block, UNet
+from edmkit.presets import get_preset
 
 
 def tiny_unet(channels=1, label_dim=0, resolution=16):

@@ -11,19 +11,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as safetensors_bytes, safe_open
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
-from edmkit.config import ExperimentConfig
-from edmkit.nn.unet import UNet
-from edmkit.precond import Denoiser
+from edmkit.config import ExperimentConfig, NetworkConfig
+from edmkit.diffusion.classifier import NoisyClassifier, build_classifier
+from edmkit.diffusion.precond import Denoiser
+from edmkit.files import atomic_write
+from edmkit.nn.build import build_network
 
 FORMAT = "edmkit"
 FORMAT_VERSION = 1
@@ -35,35 +36,16 @@ class CheckpointError(ValueError):
 
 
 def build_denoiser(cfg: ExperimentConfig) -> Denoiser:
-    """Build the network a config describes (the only place networks are constructed from configs)."""
+    """The denoiser a config describes: its backbone (``nn.build.build_network``) inside the preconditioning."""
     n = cfg.network
-    net = UNet(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, model_channels=n.model_channels,
-               channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
-               channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder, augment_dim=n.augment_dim,
-               cond_channels=n.cond_channels)
-    return Denoiser(net, sigma_data=n.sigma_data, formulation=n.formulation, logvar_channels=n.logvar_channels)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return Denoiser(build_network(n), sigma_data=n.sigma_data, formulation=n.formulation, logvar_channels=n.logvar_channels)
 
 
 def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, cfg: ExperimentConfig, nimg: int, ema_std: float,
                  kind: str = "denoiser") -> None:
     """Write a network (safetensors) whose metadata carries everything needed to rebuild it.
 
-    ``kind`` is ``denoiser`` (read by ``load_network``) or ``classifier`` (``edmkit.classifier.load_classifier``);
+    ``kind`` is ``denoiser`` (read by ``load_network``) or ``classifier`` (:func:`load_classifier`);
     denoiser files leave the ``kind`` entry out, as files written before it existed do.
     """
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
@@ -97,7 +79,7 @@ def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu")
     """Rebuild the denoiser from a network file's config and load its weights strictly; returns (net in eval mode, metadata)."""
     meta = read_network_metadata(path)
     if meta["kind"] != "denoiser":
-        raise CheckpointError(f"{path}: a {meta['kind']} file, not a denoiser (load a classifier with edmkit.classifier.load_classifier)")
+        raise CheckpointError(f"{path}: a {meta['kind']} file, not a denoiser (load a classifier with edmkit.checkpoint.load_classifier)")
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -158,7 +140,25 @@ def find_network(source: str | os.PathLike, *, ema_std: float | None = None) -> 
     return files[-1]
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write a JSON file."""
-    text = json.dumps(obj, indent=2, sort_keys=True).encode()
-    atomic_write(path, lambda f: f.write(text))
+def load_classifier(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[NoisyClassifier, dict[str, Any]]:
+    """Rebuild a classifier from its file's config and load its weights strictly; returns (classifier in eval mode, metadata)."""
+    meta = read_network_metadata(path)
+    if meta["kind"] != "classifier":
+        raise CheckpointError(f"{path}: a {meta['kind']} file, not a classifier (train one with edmkit train-classifier)")
+    clf = build_classifier(meta["config"]).to(device)
+    try:
+        clf.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: classifier weights do not match its config ({str(e).splitlines()[0]})") from None
+    return clf.eval().requires_grad_(False), meta
+
+
+def check_classifier(model: NetworkConfig, classifier: NetworkConfig, *, class_idx: int | None = None) -> None:
+    """Refuse a classifier of other images than the model's: resolution, channels, class count, class index."""
+    if (model.resolution, model.channels) != (classifier.resolution, classifier.channels):
+        raise ValueError(f"classifier takes {classifier.resolution}x{classifier.resolution}x{classifier.channels} images "
+                         f"but the model makes {model.resolution}x{model.resolution}x{model.channels}")
+    if model.label_dim and model.label_dim != classifier.label_dim:
+        raise ValueError(f"classifier has {classifier.label_dim} classes but the model has {model.label_dim}")
+    if class_idx is not None and not 0 <= class_idx < classifier.label_dim:
+        raise ValueError(f"class {class_idx} out of range: the classifier has {classifier.label_dim} classes (0-{classifier.label_dim - 1})")

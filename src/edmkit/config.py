@@ -1,4 +1,4 @@
-"""Typed, frozen experiment configuration and named presets.
+"""Typed, frozen experiment configuration (named presets and resolving flags against them: ``presets.py``).
 
 Durations are counted in images (``*_nimg``) so schedules do not change with batch size; strings such
 as ``"2Mi"`` / ``"500Ki"`` / ``"64k"`` are accepted wherever a count of images is parsed.
@@ -71,7 +71,7 @@ LADDER: dict[str, LadderSwitches] = {
 }
 FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
-EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (its METRICS; kept here so configs validate without torch)
+EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
 def ladder_switches(name: str) -> LadderSwitches:
@@ -191,7 +191,7 @@ class TrainConfig:
     max_bad_steps: int = 20                     # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
     keep_states: int = 2                        # resumable training states kept in the run folder (the newest)
     augment_p: float = 0.0                      # non-leaky augmentation: probability of each transform (EDM App. C); 0 = off
-    task: str = "generate"                      # "generate" (p(y)) or "sr": cascade super-resolution stage p(y | low-res y), edmkit.cascade
+    task: str = "generate"                      # "generate" (p(y)) or "sr": cascade super-resolution stage p(y | low-res y), edmkit.sampling.cascade
     sr_scale: int = 2                           # sr: the low-res input is y box-downsampled by this factor (then nearest-upsampled)
     sr_aug_max: float = 0.5                     # sr: noise-conditioning augmentation sigma_aug ~ U[0, sr_aug_max] in training (pixel units)
     sr_aug_sample: float = 0.1                  # sr: the fixed sigma_aug of the conditioning image at sampling (grids, restore default)
@@ -200,7 +200,7 @@ class TrainConfig:
     eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
     eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
-    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr (metrics.evaluate.METRICS)
+    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr (EVAL_METRICS)
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
@@ -273,68 +273,10 @@ def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
     return out
 
 
-def _preset(network: dict | None = None, loss: dict | None = None, optim: dict | None = None, ema: dict | None = None, train: dict | None = None) -> ExperimentConfig:
-    return ExperimentConfig(NetworkConfig(**(network or {})), LossConfig(**(loss or {})), OptimConfig(**(optim or {})),
-                            EMAConfig(**(ema or {})), TrainConfig(**(train or {})))
-
-
-PRESETS: dict[str, ExperimentConfig] = {
-    # seconds on CPU: tests and smoke runs
-    "tiny": _preset(network=dict(model_channels=8, channel_mult=(1, 2), attn_resolutions=(14,), channels_per_head=16, logvar_channels=16),
-                    optim=dict(lr_ref_nimg=2000, warmup_nimg=64),
-                    ema=dict(snapshot_nimg=256),
-                    train=dict(batch=16, total_nimg=640, status_nimg=64, grid_nimg=320, state_nimg=160, grid_n=16, sample_steps=4)),
-    # the default: recognisable MNIST digits in about 15 minutes on 2 CPU cores (trials: benchmarks/mnist_recipe.py)
-    "mnist": _preset(network=dict(model_channels=16, channel_mult=(1, 2, 4), channels_per_head=32), loss=dict(P_mean=-0.8, P_std=1.6),
-                     optim=dict(lr_ref_nimg=20_000), ema=dict(sample_std=0.10, snapshot_nimg=20_000),
-                     train=dict(total_nimg=108_000, grid_nimg=20_000, state_nimg=10_000)),
-    # CIFAR-10 32x32 sized for one GPU (EDM2 XS-like width)
-    "cifar10": _preset(network=dict(resolution=32, channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=3, attn_resolutions=(16, 8)),
-                       loss=dict(P_mean=-0.8, P_std=1.6), optim=dict(lr=0.010, lr_ref_nimg=70_000 * 128, warmup_nimg=10_000_000 // 10),
-                       ema=dict(snapshot_nimg=4_000_000, sample_std=0.10),
-                       train=dict(data="cifar-10-python.tar.gz", batch=512, total_nimg=200_000_000, status_nimg=128_000, grid_nimg=5_000_000, state_nimg=5_000_000)),
-    # CIFAR-10 on a CPU for a first look (hours): small network, short schedule
-    "cifar10-small": _preset(network=dict(resolution=32, channels=3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)),
-                             optim=dict(lr_ref_nimg=200_000, warmup_nimg=5_000),
-                             ema=dict(snapshot_nimg=100_000, sample_std=0.05),
-                             train=dict(data="cifar-10-python.tar.gz", batch=64, total_nimg=2_000_000, status_nimg=10_000, grid_nimg=100_000, state_nimg=50_000)),
-}
-DEFAULT_PRESET = "mnist"
-
-
-def get_preset(name: str) -> ExperimentConfig:
-    """Look up a named preset; unknown names raise ValueError listing the valid ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
-def resolve_ladder(cfg: ExperimentConfig, rung: str) -> ExperimentConfig:
-    """Select EDM2 rung ``rung`` and derive its loss / optimizer parts (EDM2 Table 1).
-
-    Sets ``network.ladder``; ``loss.uncertainty`` (B+ on, A off); constant lr for A-D (``optim.lr_ref_nimg = 0``;
-    E+ keep the preset's decay); and the rung's ``lr`` where it has one (A-C). Apply it to a preset *before*
-    any explicit override (the CLI does: preset -> ``--config`` -> ``--formulation`` -> other flags), so an
-    explicit value always wins over the derived one.
-    """
-    s = ladder_switches(rung)
-    cfg = cfg.override("network", ladder=rung).override("loss", uncertainty=s.uncertainty_loss)
-    if not s.lr_decay:
-        cfg = cfg.override("optim", lr_ref_nimg=0)
-    if s.lr is not None:
-        cfg = cfg.override("optim", lr=s.lr)
-    return cfg
-
-
-# The default training density of each formulation's time variable, where it differs from the preset's:
-# rectified flow samples t ~ logit-normal(0, 1) (Esser et al. 2024, SD3), i.e. ln sigma ~ N(0, 1).
-FORMULATION_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"edm": {}, "ddpm": {}, "flow": {"P_mean": 0.0, "P_std": 1.0}}
-
-
-def resolve_formulation(cfg: ExperimentConfig, formulation: str) -> ExperimentConfig:
-    """Select a formulation (``edm``, ``ddpm``, ``flow``) and its default time density; apply before explicit overrides."""
-    if formulation not in FORMULATIONS:
-        raise ValueError(f"unknown formulation {formulation!r}; valid: {', '.join(FORMULATIONS)}")
-    cfg = cfg.override("network", formulation=formulation)
-    loss_kw = FORMULATION_LOSS_DEFAULTS[formulation]
-    return cfg.override("loss", **loss_kw) if loss_kw else cfg
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """``"fid,kid,pr"`` -> ("fid", "kid", "pr"); unknown names raise ValueError."""
+    names = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metrics {', '.join(unknown) or text!r}; valid: {', '.join(EVAL_METRICS)}")
+    return names

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw
 
-from edmkit.data import image_grid
+from edmkit.data.images import image_grid
 
 HEADER_PX = 12  # height of the text strip above each frame (PIL's default bitmap font is ~11 px)
 
@@ -79,7 +79,7 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, *, duration_ms: in
 class ReverseProcessRecorder:
     """Sampler callback that keeps x_i and D(x_i; σ_i) of the first `num` images at every step.
 
-    Pass it as ``callback`` to a sampler or to :func:`edmkit.generate.generate_images` (which adds
+    Pass it as ``callback`` to a sampler or to :func:`edmkit.sampling.generate.generate_images` (which adds
     the batch's first index as ``start``, so images split over several batches are kept in order),
     then call :meth:`frames` or :meth:`save`.
     """
@@ -227,7 +227,7 @@ def _labelled_series(rows: list[dict], key: str) -> dict[str, tuple[list, list]]
 def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> str:
     """Sample `num` images from the run's newest network, recording the reverse process; returns a note."""
     from edmkit.checkpoint import find_network, load_network
-    from edmkit.generate import generate_images
+    from edmkit.sampling.generate import generate_images
 
     path = find_network(run_dir)
     net, meta = load_network(path, device=device)

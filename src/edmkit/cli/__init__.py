@@ -8,9 +8,7 @@ commands on ``main`` when imported below. Heavy imports (training, sampling, met
 so ``edmkit --help`` is fast.
 """
 
-from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.cli import dataset, generate, metrics, posthoc, train  # noqa: F401  (registers the commands on main)
-from edmkit.cli.train import resolve_augment, resolve_diagnostics, resolve_eval, resolve_task, resolve_train_config
+from edmkit.cli._common import main  # the console-script entry point (pyproject: edmkit.cli:main)
 
-__all__ = ["NIMG", "check_output_target", "main", "parse_int_list", "pick_device", "resolve_augment", "resolve_diagnostics",
-           "resolve_eval", "resolve_task", "resolve_train_config", "user_errors"]
+__all__ = ["main"]
+from edmkit.cli import dataset, generate, metrics, posthoc, train  # noqa: F401, E402  (registers the commands on main)

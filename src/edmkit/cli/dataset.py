@@ -1,4 +1,4 @@
-"""``edmkit dataset``: convert a source to the checked zip format, or summarize one (logic in ``edmkit.convert``)."""
+"""``edmkit dataset``: convert a source to the checked zip format, or summarize one (logic in ``edmkit.data.convert``)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def dataset_convert(source, dest, resolution, center_crop, classes, channels, sk
     """
     import warnings
 
-    from edmkit.convert import convert_dataset, format_summary
+    from edmkit.data.convert import convert_dataset, format_summary
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -50,8 +50,8 @@ def dataset_convert(source, dest, resolution, center_crop, classes, channels, sk
 @user_errors
 def dataset_info(source) -> None:
     """Summarize SRC: image count, resolution, channels, classes (with counts) and the class names by index."""
-    from edmkit.convert import dataset_summary, format_summary
-    from edmkit.data import load_dataset
+    from edmkit.data.convert import dataset_summary, format_summary
+    from edmkit.data.dataset import load_dataset
 
     data = load_dataset(source)
     click.echo(format_summary(dataset_summary(data)))

@@ -55,8 +55,8 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
       edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 7 --classifier-scale 2 --reject-threshold 0.9 --out grid.png
     """
     from edmkit.checkpoint import find_network, load_network
-    from edmkit.generate import generate_images, load_guide, parse_pair, parse_seeds
     from edmkit.report import ReverseProcessRecorder
+    from edmkit.sampling.generate import generate_images, load_guide, parse_pair, parse_seeds
 
     if n is not None and seeds is not None:
         raise ValueError("give --n or --seeds, not both")
@@ -105,8 +105,8 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
 
 def load_generate_classifier(path, model, *, class_idx, scale, reject_threshold, gif, device):
     """The classifier of ``generate`` (or None), checked against the model and the classifier options."""
-    from edmkit.classifier import check_classifier, load_classifier
-    from edmkit.rejection import check_threshold
+    from edmkit.checkpoint import check_classifier, load_classifier
+    from edmkit.sampling.rejection import check_threshold
 
     if scale < 0:
         raise ValueError(f"--classifier-scale must be >= 0, got {scale}")
@@ -137,7 +137,7 @@ def classifier_generate_kw(clf, model, *, class_idx, scale) -> dict:
 
 def rejection_generate(sample, clf, *, seed_list, class_idx, threshold, batch, max_tries):
     """Rejection sampling for ``generate``: consecutive seeds from the first asked for, until len(seed_list) are accepted."""
-    from edmkit.rejection import candidate_seeds, rejection_sample
+    from edmkit.sampling.rejection import candidate_seeds, rejection_sample
 
     n = len(seed_list)
     candidates = candidate_seeds(seed_list, max_tries=max_tries)
@@ -155,7 +155,7 @@ def rejection_generate(sample, clf, *, seed_list, class_idx, threshold, batch, m
 
 
 def write_images(x: torch.Tensor, out: Path, *, seeds: list[int]) -> None:
-    from edmkit.data import float_to_images, save_image_grid, save_images
+    from edmkit.data.images import float_to_images, save_image_grid, save_images
 
     if out.suffix.lower() == ".png":
         save_image_grid(x, out)
@@ -200,10 +200,11 @@ def restore(checkpoint, task, image, mask, scale, method, sr_aug, out, truth, st
       edmkit restore --checkpoint runs/mnist --task sr --scale 2 --image low.png --method ccdf --out out.png
     """
     from edmkit.checkpoint import find_network, load_network
-    from edmkit.data import images_to_float, save_image_grid
-    from edmkit.generate import class_labels, sampling_sigmas
-    from edmkit.inverse import check_mask, check_scale, read_image_file, restore as restore_images, upsample, write_image_file
-    from edmkit.samplers import SeededRandn, get_sampler
+    from edmkit.data.images import images_to_float, read_image_file, save_image_grid, write_image_file
+    from edmkit.diffusion.inverse import restore as restore_images
+    from edmkit.diffusion.operators import check_mask, check_scale, upsample
+    from edmkit.diffusion.samplers import SeededRandn, get_sampler
+    from edmkit.sampling.generate import class_labels, sampling_sigmas
 
     if (task == "inpaint") != (mask is not None):
         raise ValueError("--task inpaint needs --mask" if mask is None else "--mask is only for --task inpaint")
@@ -219,8 +220,8 @@ def restore(checkpoint, task, image, mask, scale, method, sr_aug, out, truth, st
     m = read_image_file(mask).to(dev) if task == "inpaint" else None
     rnd = SeededRandn([seed], device=dev)
     labels = class_labels([seed], label_dim=c.label_dim, class_idx=class_idx, device=dev) if c.label_dim else None
-    if method == "cascade":  # a trained SR stage (edmkit.cascade), not a zero-shot method
-        from edmkit.cascade import super_resolve
+    if method == "cascade":  # a trained SR stage (edmkit.sampling.cascade), not a zero-shot method
+        from edmkit.sampling.cascade import super_resolve
 
         if task != "sr" or scale != meta["config"].train.sr_scale:
             raise ValueError(f"--method cascade is for --task sr with the model's --scale {meta['config'].train.sr_scale}")

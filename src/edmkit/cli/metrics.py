@@ -9,6 +9,7 @@ import click
 from edmkit import dist
 from edmkit.cli._common import check_output_target, main, pick_device, user_errors
 from edmkit.cli.generate import classifier_generate_kw, load_generate_classifier
+from edmkit.config import parse_metrics
 
 
 def metrics_options(fn):
@@ -40,7 +41,7 @@ def metrics_echo():
 
 
 def finish_metrics(result: dict, out: Path, echo) -> None:
-    from edmkit.checkpoint import write_json
+    from edmkit.files import write_json
     from edmkit.metrics.evaluate import format_results
 
     if dist.is_main():
@@ -76,8 +77,9 @@ def metrics_group() -> None:
 @user_errors
 def metrics_ref(data, out, max_features, detector, detector_sha256, batch, device, quiet) -> None:
     """Reference statistics of a dataset: feature mean and covariance over all images, plus raw features."""
-    from edmkit.data import load_dataset
-    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.data.dataset import load_dataset
+    from edmkit.metrics import evaluate as ev
+    from edmkit.metrics import reference as rf
     from edmkit.metrics.detectors import conversion_notice, load_detector
 
     if max_features < 0:
@@ -127,10 +129,11 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     import time
 
     from edmkit.checkpoint import find_network, load_network
-    from edmkit.generate import parse_seeds
-    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.metrics import evaluate as ev
+    from edmkit.metrics import reference as rf
+    from edmkit.sampling.generate import parse_seeds
 
-    names = ev.parse_metrics(metric_names)
+    names = parse_metrics(metric_names)
     seed_list = parse_seeds(seeds) if seeds else list(range(ev.PUBLISHED_N if n is None else max(n, 0)))
     if n is not None and len(seed_list) != n:
         raise ValueError(f"--n {n} but --seeds {seeds} gives {len(seed_list)} seeds")
@@ -156,7 +159,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
                   **classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
     rejection = None
     if reject_threshold is not None:
-        from edmkit.rejection import Rejection
+        from edmkit.sampling.rejection import Rejection
 
         rejection = Rejection(classifier=clf, class_idx=class_idx, threshold=reject_threshold, max_tries=max_tries)
     start = time.monotonic()
@@ -167,7 +170,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     if clf is not None:
         result.update(classifier=str(classifier_path))
     if rejection is not None:
-        from edmkit.rejection import resolve_max_tries
+        from edmkit.sampling.rejection import resolve_max_tries
 
         result.update(rejection=dict(class_idx=class_idx, threshold=reject_threshold, max_tries=resolve_max_tries(len(seed_list), max_tries)))
     finish_metrics(result, out_path, echo)
@@ -182,10 +185,11 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
 @user_errors
 def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of a folder of images against a reference (repeat r: images r*n .. (r+1)*n-1)."""
-    from edmkit.data import load_dataset
-    from edmkit.metrics import evaluate as ev, reference as rf
+    from edmkit.data.dataset import load_dataset
+    from edmkit.metrics import evaluate as ev
+    from edmkit.metrics import reference as rf
 
-    names = ev.parse_metrics(metric_names)
+    names = parse_metrics(metric_names)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
     ref = rf.load_reference(ref_path)
@@ -217,12 +221,14 @@ def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, de
 @user_errors
 def metrics_memorization(checkpoint, source, data, n, space, top, steps, out, detector, detector_sha256, batch, device, quiet) -> None:
     """Near-copies of training images: flagged when the nearest training image is closer than 1/3 of the next neighbours' mean distance."""
-    from edmkit.checkpoint import find_network, load_network, write_json
-    from edmkit.data import float_to_images, load_dataset
-    from edmkit.generate import generate_images
+    from edmkit.checkpoint import find_network, load_network
+    from edmkit.data.dataset import load_dataset
+    from edmkit.data.images import float_to_images
+    from edmkit.files import write_json
     from edmkit.metrics import evaluate as ev
     from edmkit.metrics.detectors import load_detector
     from edmkit.metrics.memorization import save_pairs
+    from edmkit.sampling.generate import generate_images
 
     if (checkpoint is None) == (source is None):
         raise ValueError("give --checkpoint (generate samples) or --images (read them), not both or neither")
@@ -275,7 +281,7 @@ def metrics_probe(checkpoint, data, sigma, block, test_fraction, seed, n, ema_st
       edmkit metrics probe --checkpoint runs/mnist --data mnist5k --sigma 0.5 --block dec.7x7_in0
     """
     from edmkit.checkpoint import find_network, load_network
-    from edmkit.data import load_dataset
+    from edmkit.data.dataset import load_dataset
     from edmkit.metrics.probe import linear_probe, resolve_block
 
     dev = pick_device(device)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from edmkit.config import ExperimentConfig
-    from edmkit.precond import Denoiser
+    from edmkit.diffusion.precond import Denoiser
 
 
 @main.command()
@@ -47,7 +47,8 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_imag
     """
     import warnings
 
-    from edmkit import phema as ph
+    from edmkit.training import phema as ph
+    from edmkit.training import phema_sweep as phs
 
     sigma_rels = parse_float_list(sigma_rel, name="--sigma-rel") if sigma_rel else None
     if sigma_rels is None and not do_sweep:
@@ -66,16 +67,16 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_imag
                 click.echo(f"  -> {path}")
             return
         snaps = ph.collect_snapshots(run_dir)
-        ph.check_sigma_rels(sigma_rels or ph.DEFAULT_SWEEP)
+        ph.check_sigma_rels(sigma_rels or phs.DEFAULT_SWEEP)
         ph.resolve_at_nimg(snaps, at_nimg)
         dev = pick_device(device)
         if score_kind == "fid":  # reference and detector are checked before any reconstruction is written
             score = fid_score_of(snaps[-1].config, ref_path, detector=detector, n=score_n, steps=score_steps,
                                  batch=64 if batch is None else batch, device=dev)
         else:
-            score = ph.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev,
+            score = phs.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev,
                                        batch=256 if batch is None else batch)
-        result = ph.sweep(run_dir, out_dir=out_dir, sigma_rels=sigma_rels or ph.DEFAULT_SWEEP, score_fn=score, at_nimg=at_nimg,
+        result = phs.sweep(run_dir, out_dir=out_dir, sigma_rels=sigma_rels or phs.DEFAULT_SWEEP, score_fn=score, at_nimg=at_nimg,
                           device=dev, progress=not quiet)
     for row in result["rows"]:
         click.echo(f"sigma_rel {row['sigma_rel']:<6g} {result['score_name']} {row['score']:.5f}   cond(A) {row['cond']:.2e}  gain {row['gain']:.2f}  fit error {row['fit_error']:.2%}")
@@ -89,15 +90,15 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_imag
 
 def fid_score_of(cfg: ExperimentConfig, ref_path: str, *, detector: str | None, n: int, steps: int, batch: int,
                  device: torch.device) -> Callable[[Denoiser], float]:
-    """``phema.fid_score`` for a run's network against the reference file ``ref_path`` (notices echoed once)."""
-    from edmkit import phema as ph
+    """``phema_sweep.fid_score`` for a run's network against the reference file ``ref_path`` (notices echoed once)."""
     from edmkit.metrics import reference as rf
+    from edmkit.training import phema_sweep as phs
 
     ref = rf.load_reference(ref_path)
     det = rf.reference_detector(ref, detector, device=device, ref_path=ref_path, log=click.echo)
     c = cfg.network
-    return ph.fid_score(ref, det, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, n=n, steps=steps, batch=batch,
-                        device=device, log=click.echo)
+    return phs.fid_score(ref, det, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, n=n, steps=steps, batch=batch,
+                         device=device, log=click.echo)
 
 
 def echo_reconstruction(info: dict) -> None:

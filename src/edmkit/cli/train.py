@@ -1,4 +1,4 @@
-"""``edmkit train`` and ``edmkit train-classifier``, with the helpers that turn flags into an ``ExperimentConfig``."""
+"""``edmkit train`` and ``edmkit train-classifier``: flags in, ``presets.resolve_config`` turns them into an ``ExperimentConfig``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import click
 
 from edmkit import dist
 from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRESETS, ExperimentConfig, get_preset, resolve_formulation, resolve_ladder
+from edmkit.config import FORMULATIONS, LADDER, PRECISIONS
+from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_config
 
 
 @main.command()
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Named configuration: {', '.join(PRESETS)}.")
+@click.option("--config-file", type=click.Path(dir_okay=False), default=None, help="Start from this config file (JSON, as --dry-run prints it) instead of --preset; flags still override it.")
 @click.option("--config", "ladder", default=None, help=f"EDM2 config-ladder rung ({', '.join(LADDER)}; default: the preset's, G). Also sets its loss weighting and lr schedule (A: no uncertainty; A-D: constant lr; A-C: lr 1e-3); --lr still wins.")
 @click.option("--formulation", default=None, help=f"Diffusion formulation: {', '.join(FORMULATIONS)} (default: the preset's, edm). flow also sets logit-normal(0, 1) t.")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state. Under torchrun spell it --run-dir (torchrun's parser takes --run for its --run-path).")
@@ -39,7 +41,7 @@ from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRES
 @click.option("--log", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]), help="Also send the stats records to TensorBoard or Weights & Biases (package must be installed); repeatable.")
 @click.option("--batch-per-device", type=int, default=None, help="Images per process per forward/backward; below batch / processes, gradients are accumulated (default: batch / processes).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Backbone arithmetic (autocast): fp32 (default), bf16, fp16 (with loss scaling). Norms, preconditioning and the loss stay fp32.")
-@click.option("--compile/--no-compile", "compile_net", default=None, help="torch.compile the backbone (slow first steps; off by default).")
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the backbone (slow first steps; off by default).")
 @click.option("--keep-states", type=int, default=None, help="Resumable training states kept in the run folder (default 2).")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
 @click.option("--snapshot-every", "snapshot_nimg", type=NIMG, default=None, help="Save EMA snapshots (for post-hoc EMA) every this many images.")
@@ -56,37 +58,26 @@ from edmkit.config import DEFAULT_PRESET, FORMULATIONS, LADDER, PRECISIONS, PRES
 @click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
 @click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr (default fid,kid).")
 @user_errors
-def train(preset, ladder, formulation, run_dir, data, classes, center_crop, resolution, batch, total_nimg, lr, seed, cond, p_uncond, stratified, device, force, dry_run, quiet,
-          val_fraction, val_nimg, grad_clip, loggers, batch_per_device, precision, compile_net, keep_states, max_bad_steps,
-          snapshot_nimg, snapshot_dtype, snapshot_budget_mb, augment_p, task, sr_scale, sr_aug_max, eval_nimg, eval_ref, eval_n, eval_steps,
-          eval_detector, eval_metrics) -> None:
+def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, classes, **overrides) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
 
     \b
+    Examples:
+      edmkit train                                   # the default: preset mnist, run folder runs/mnist
+      edmkit train --preset tiny --duration 2k --run runs/smoke
+      edmkit train --preset mnist --dry-run > run.json && edmkit train --config-file run.json --lr 0.005
     Several processes (CPU: gloo, GPUs: nccl), same results as one process for the same --batch:
       torchrun --nproc_per_node=4 -m edmkit train --preset cifar10 --batch 512 --run-dir runs/c10
     """
-    cfg = resolve_train_config(get_preset(preset), ladder=ladder, formulation=formulation, data=data, resolution=resolution, batch=batch,
-                               classes=parse_int_list(classes, name="--classes"), center_crop=center_crop,
-                               total_nimg=total_nimg, lr=lr, seed=seed, cond=cond, p_uncond=p_uncond, stratified=stratified)
-    cfg = resolve_diagnostics(cfg, val_fraction=val_fraction, val_nimg=val_nimg, grad_clip=grad_clip)
-    execution = dict(batch_per_device=batch_per_device, precision=precision, compile=compile_net, keep_states=keep_states, max_bad_steps=max_bad_steps)
-    if any(v is not None for v in execution.values()):
-        cfg = cfg.override("train", **{k: v for k, v in execution.items() if v is not None})
-    snapshots = dict(snapshot_nimg=snapshot_nimg, snapshot_dtype=snapshot_dtype, snapshot_budget_mb=snapshot_budget_mb)
-    if any(v is not None for v in snapshots.values()):
-        cfg = cfg.override("ema", **{k: v for k, v in snapshots.items() if v is not None})
-    if augment_p is not None:
-        cfg = resolve_augment(cfg, augment_p)
-    cfg = resolve_task(cfg, task=task, sr_scale=sr_scale, sr_aug_max=sr_aug_max)
-    cfg = resolve_eval(cfg, eval_nimg=eval_nimg, eval_ref=eval_ref, eval_n=eval_n, eval_steps=eval_steps, eval_detector=eval_detector,
-                       eval_metrics=eval_metrics)
+    base = load_config_file(config_file) if config_file else preset
+    cfg = resolve_config(base, classes=parse_int_list(classes, name="--classes"), **overrides)
     if dry_run:
         click.echo(cfg.to_json())
         return
-    from edmkit.train import train as run_training  # heavy imports only when training
+    from edmkit.training.loop import train as run_training  # heavy imports only when training
 
-    run_dir = Path(run_dir or Path("runs") / "-".join([preset] + [v for v in (ladder, formulation) if v]))
+    name = Path(config_file).stem if config_file else preset
+    run_dir = Path(run_dir or Path("runs") / "-".join([name] + [v for v in (overrides["ladder"], overrides["formulation"]) if v]))
     # DDP on CPU: 1x1-conv weight gradients come with other (equivalent) strides for their size-1 dims; harmless
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
@@ -97,89 +88,6 @@ def train(preset, ladder, formulation, run_dir, data, classes, center_crop, reso
         return
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
-
-
-def resolve_task(cfg: ExperimentConfig, *, task=None, sr_scale=None, sr_aug_max=None) -> ExperimentConfig:
-    """``--task sr --sr-scale S --sr-aug-max A``: the cascade SR stage and the network inputs it needs (after ``--augment``)."""
-    if task is None and (sr_scale is not None or sr_aug_max is not None):
-        raise ValueError("--sr-scale / --sr-aug-max are for --task sr")
-    if task != "sr":
-        return cfg if task is None else cfg.override("train", task=task)
-    from edmkit.cascade import resolve_sr
-
-    if sr_aug_max is not None:
-        cfg = cfg.override("train", sr_aug_max=sr_aug_max, sr_aug_sample=min(cfg.train.sr_aug_sample, sr_aug_max))
-    return resolve_sr(cfg, scale=cfg.train.sr_scale if sr_scale is None else sr_scale)
-
-
-def resolve_augment(cfg: ExperimentConfig, p: float) -> ExperimentConfig:
-    """``--augment P``: augmentation probability P and, for P > 0, the augment-label conditioning it needs (EDM App. C)."""
-    from edmkit.augment import AUGMENT_DIM
-
-    cfg = cfg.override("train", augment_p=p)
-    return cfg.override("network", augment_dim=AUGMENT_DIM) if p > 0 else cfg
-
-
-def resolve_eval(cfg: ExperimentConfig, *, eval_nimg=None, eval_ref=None, eval_n=None, eval_steps=None, eval_detector=None,
-                 eval_metrics=None) -> ExperimentConfig:
-    """Apply the in-training evaluation flags (``None`` = keep the preset's value); ``--eval-metrics`` parsed as by ``metrics gen``."""
-    if eval_metrics is not None:
-        from edmkit.metrics.evaluate import parse_metrics
-
-        eval_metrics = parse_metrics(eval_metrics)
-    kw = dict(eval_nimg=eval_nimg, eval_ref=eval_ref, eval_n=eval_n, eval_steps=eval_steps, eval_detector=eval_detector, eval_metrics=eval_metrics)
-    kw = {k: v for k, v in kw.items() if v is not None}
-    cfg = cfg.override("train", **kw) if kw else cfg
-    if set(kw) - {"eval_nimg"} and not cfg.train.eval_nimg:
-        raise ValueError("--eval-ref / --eval-n / --eval-steps / --eval-detector / --eval-metrics take effect with --eval-every K")
-    return cfg
-
-
-def resolve_diagnostics(cfg: ExperimentConfig, *, val_fraction=None, val_nimg=None, grad_clip=None) -> ExperimentConfig:
-    """Apply the held-out split, validation interval and gradient clipping flags (``None`` = keep the preset's value)."""
-    train_kw = {k: v for k, v in dict(val_fraction=val_fraction, val_nimg=val_nimg).items() if v is not None}
-    if train_kw:
-        cfg = cfg.override("train", **train_kw)
-    if grad_clip is not None:
-        cfg = cfg.override("optim", grad_clip=grad_clip)
-    return cfg
-
-
-def resolve_train_config(cfg: ExperimentConfig, *, ladder=None, formulation=None, data=None, resolution=None, batch=None, total_nimg=None, lr=None,
-                         seed=None, cond=None, p_uncond=None, classes=None, center_crop=None, stratified=None) -> ExperimentConfig:
-    """Apply command-line overrides (``None`` = keep the preset's value).
-
-    The rung and formulation go first, so the values they derive (uncertainty weighting, lr, lr decay, t density)
-    yield to any explicit flag applied after them.
-    """
-    if ladder is not None:
-        cfg = resolve_ladder(cfg, ladder)
-    if formulation is not None:
-        cfg = resolve_formulation(cfg, formulation)
-    if resolution is not None:
-        cfg = cfg.override("network", resolution=resolution)
-    train_kw = {k: v for k, v in dict(data=data, batch=batch, total_nimg=total_nimg, seed=seed, center_crop=center_crop,
-                                      classes=tuple(classes) if classes is not None else None).items() if v is not None}
-    if train_kw:
-        cfg = cfg.override("train", **train_kw)
-    if lr is not None:
-        cfg = cfg.override("optim", lr=lr)
-    if cond is not None:
-        label_dim = 0
-        if cond:
-            from edmkit.train import dataset_of
-
-            label_dim = dataset_of(cfg).num_classes
-            if not label_dim:
-                raise ValueError(f"--cond needs labels, but {cfg.train.data} has none")
-        cfg = cfg.override("network", label_dim=label_dim)
-    if p_uncond is not None:
-        if p_uncond > 0 and not cfg.network.label_dim:
-            raise ValueError("--p-uncond drops class labels: it needs a class-conditional model (--cond)")
-        cfg = cfg.override("loss", p_uncond=p_uncond)
-    if stratified is not None:
-        cfg = cfg.override("loss", stratified=stratified)
-    return cfg
 
 
 @main.command("train-classifier")
@@ -207,12 +115,9 @@ def train_classifier_cmd(data, out, nimg, preset, classes, batch, lr, seed, forc
       edmkit train-classifier --data mnist5k --out clf.safetensors --duration 20k --preset mnist
       edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 3 --classifier-scale 1 --out grid.png
     """
-    from edmkit.classifier import train_classifier
+    from edmkit.training.classifier import train_classifier
 
     check_output_target(Path(out))
-    changes = {k: v for k, v in dict(data=data, batch=batch, seed=seed, classes=tuple(parse_int_list(classes, name="--classes") or ()) if classes else None).items()
-               if v is not None}
-    cfg = get_preset(preset)
-    cfg = cfg.override("train", **changes) if changes else cfg
+    cfg = resolve_config(preset, data=data, batch=batch, seed=seed, classes=parse_int_list(classes, name="--classes"))
     result = train_classifier(cfg, out, nimg=nimg, lr=lr, force=force, device=pick_device(device), progress=not quiet, log=click.echo)
     click.echo(f"wrote {out} (EMA sigma_rel {result['ema_std']:g} after {result['nimg']} images; training state in {result['state_dir']})")

@@ -8,10 +8,3 @@ Modules:
     evaluate      features of generators / image sets, scores, repeats, torchrun reduction
     probe         linear probe: ridge classifier on frozen, pooled denoiser block features at a fixed σ
 """
-
-from edmkit.metrics.detectors import DETECTORS, Detector, DetectorError, cache_dir, load_detector
-from edmkit.metrics.memorization import Memorization, memorization, save_pairs
-from edmkit.metrics.stats import FeatureStats, feature_stats, frechet_distance, kid, precision_recall
-
-__all__ = ["DETECTORS", "Detector", "DetectorError", "FeatureStats", "Memorization", "cache_dir", "feature_stats", "frechet_distance", "kid",
-           "load_detector", "memorization", "precision_recall", "save_pairs"]

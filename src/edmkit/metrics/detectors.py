@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edmkit.checkpoint import atomic_write
+from edmkit.files import atomic_write
 
 CACHE_ENV = "EDMKIT_CACHE"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

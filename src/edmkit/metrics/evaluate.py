@@ -9,7 +9,7 @@
   so μ, Σ and FID do not depend on the number of ranks beyond floating-point summation order. The
   raw features kept for KID / precision-recall are gathered in rank order and cut to the cap, so
   with more images than the cap they are a different (equally random) subset per rank count.
-- Rejection sampling (``edmkit.rejection.Rejection``): the n images scored are the first n accepted
+- Rejection sampling (``edmkit.sampling.rejection.Rejection``): the n images scored are the first n accepted
   candidates, tried in seed order; repeat r draws its candidates from its own range of max_tries seeds.
   It runs in one process (which candidates are scored depends on all earlier ones).
 """
@@ -18,24 +18,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from edmkit import dist
 from tqdm.auto import tqdm
 
-from edmkit.data import float_to_images, images_to_float
+from edmkit import dist
+from edmkit.config import EVAL_METRICS
+from edmkit.data.images import float_to_images, images_to_float
 from edmkit.metrics.detectors import Detector, conversion_notice
 from edmkit.metrics.memorization import Memorization, memorization
 from edmkit.metrics.reference import Reference, check_detector, shape_notice
 from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
+from edmkit.sampling.rejection import Rejection, RejectionTally, accepted_batches, candidate_seeds
 
-if TYPE_CHECKING:  # edmkit.rejection imports edmkit.classifier, which imports edmkit.train, which imports this module: imported where used
-    from edmkit.rejection import Rejection, RejectionTally
-
-METRICS = ("fid", "kid", "pr")
 PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
 
 
@@ -123,8 +119,7 @@ def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device
     With `rejection`, `seeds` are candidates tried in order, and only the first `n` accepted images are yielded
     (counts in `tally`); fewer than `n` accepted among all candidates raises ValueError once they are used up.
     """
-    from edmkit.rejection import RejectionTally, accepted_batches
-    from edmkit.generate import generate_images  # the sampling stack only when generating
+    from edmkit.sampling.generate import generate_images  # the sampling stack only when generating
 
     def sample(chunk: Sequence[int]) -> torch.Tensor:
         return generate_images(net, seeds=list(chunk), batch=batch, device=device, **generate_kw)
@@ -173,15 +168,6 @@ def compute_reference(
 
 # ---------------------------------------------------------------------------------------------
 # Scores, repeats, summaries.
-
-
-def parse_metrics(text: str) -> tuple[str, ...]:
-    """``"fid,kid,pr"`` -> ("fid", "kid", "pr"); unknown names raise ValueError."""
-    names = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
-    unknown = [m for m in names if m not in METRICS]
-    if unknown or not names:
-        raise ValueError(f"unknown metrics {', '.join(unknown) or text!r}; valid: {', '.join(METRICS)}")
-    return names
 
 
 def score(stats: FeatureStats, features: np.ndarray, ref: Reference, *, metrics: Sequence[str], kid_subsets: int = 100,
@@ -256,7 +242,7 @@ def format_results(result: dict) -> list[str]:
 
 
 def evaluate_generator(
-    net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = METRICS,
+    net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = EVAL_METRICS,
     batch: int = 64, device: torch.device | str = "cpu", generate_kw: dict | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
     pr_k: int = 3, progress: bool = False, rejection: Rejection | None = None,
 ) -> dict:
@@ -281,7 +267,6 @@ def evaluate_generator(
         ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``; with rejection each
         repeat also has ``tried``, ``accepted`` and ``accept_rate`` (accepted / tried), and ``seeds`` names the candidates tried.
     """
-    from edmkit.rejection import RejectionTally, candidate_seeds
 
     check_detector(ref, detector)
     rank, world = dist.rank(), dist.world_size()
@@ -326,7 +311,7 @@ def memorization_check(samples: torch.Tensor, train: torch.Tensor, *, space: str
 
 
 def evaluate_images(
-    images: torch.Tensor, *, ref: Reference, detector: Detector, n: int | None = None, repeats: int = 1, metrics: Sequence[str] = METRICS,
+    images: torch.Tensor, *, ref: Reference, detector: Detector, n: int | None = None, repeats: int = 1, metrics: Sequence[str] = EVAL_METRICS,
     batch: int = 250, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3, progress: bool = False,
 ) -> dict:
     """Score an in-memory image set (e.g. a folder) against a reference; repeat r uses images [r·n, (r+1)·n).

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edmkit.data import float_to_images, save_image_grid
+from edmkit.data.images import float_to_images, save_image_grid
 
 METRICS = ("l2", "cosine")
 

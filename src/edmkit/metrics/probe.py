@@ -19,8 +19,9 @@ from typing import Callable
 
 import torch
 
-from edmkit.data import ImageDataset, images_to_float
-from edmkit.samplers import SeededRandn
+from edmkit.data.dataset import ImageDataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.samplers import SeededRandn
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edmkit.checkpoint import atomic_write
+from edmkit.files import atomic_write
 from edmkit.metrics.detectors import DETECTORS, Detector, load_detector
 
 REF_FORMAT = "edmkit-metrics-ref"

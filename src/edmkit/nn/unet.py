@@ -21,7 +21,7 @@ switch lives in exactly one place:
 Optional conditioning on augment labels (non-leaky augmentation, EDM App. C; ``augment_dim > 0``): a
 bias-free linear embedding of the labels added to the noise embedding (MP sum in G), zeros when not given.
 Optional conditioning image (cascade super-resolution, SR3; ``cond_channels > 0``): concatenated to the input
-channels, zeros when not given (``edmkit.cascade``; its noise-augmentation level rides on the augment labels).
+channels, zeros when not given (``edmkit.sampling.cascade``; its noise-augmentation level rides on the augment labels).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def encoder_blocks(*, in_channels: int, resolution: int, block_channels: list[in
                    attn_resolutions: tuple[int, ...], switches: LadderSwitches, **block_kw) -> torch.nn.ModuleDict:
     """The U-Net encoder (EDM2 Fig. 21): a 3x3 conv, then per level an optional downsampling block and ``num_blocks`` blocks.
 
-    Shared by ``UNet`` and the noise-aware classifier (``edmkit.classifier``). Keys ``{res}x{res}_conv|_down|_block{i}``;
+    Shared by ``UNet`` and the noise-aware classifier (``edmkit.diffusion.classifier``). Keys ``{res}x{res}_conv|_down|_block{i}``;
     the conv takes ``x`` alone, every block ``(x, emb)``. Output channels: ``block_channels[-1]``.
     """
     enc = torch.nn.ModuleDict()

@@ -23,15 +23,17 @@ import torch
 from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig, snapshot_disk_estimate
-from edmkit.data import ImageDataset, save_image_grid
-from edmkit.generate import generate_images
-from edmkit.logging_sinks import Sink, make_sinks
-from edmkit.loss import EDMLoss
-from edmkit.metrics import evaluate as metrics_eval, reference as metrics_ref
+from edmkit.data.dataset import ImageDataset
+from edmkit.data.images import save_image_grid
+from edmkit.diffusion.loss import EDMLoss
+from edmkit.diffusion.precond import Denoiser
+from edmkit.metrics import evaluate as metrics_eval
+from edmkit.metrics import reference as metrics_ref
 from edmkit.metrics.detectors import Detector
-from edmkit.precond import Denoiser
-from edmkit.run_state import RunError, TrainState
-from edmkit.validation import Validator, make_validator
+from edmkit.sampling.generate import generate_images
+from edmkit.training.logging_sinks import Sink, make_sinks
+from edmkit.training.run_state import RunError, TrainState
+from edmkit.training.validation import Validator, make_validator
 
 
 def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]], *, sinks: Sequence[Sink] = ()) -> None:
@@ -128,7 +130,7 @@ class Evaluator:
 
     ref: metrics_ref.Reference
     detector: Detector
-    metrics: tuple[str, ...]    # of metrics.evaluate.METRICS
+    metrics: tuple[str, ...]    # of config.EVAL_METRICS
     n: int                      # images per evaluation, seeds 0..n-1
     steps: int                  # sampler steps (Heun, Karras sigmas: edmkit generate's defaults)
     batch: int                  # images per sampling / detector batch (does not change the scores)

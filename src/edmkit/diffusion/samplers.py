@@ -3,7 +3,7 @@
 Every sampler is ``sample(denoiser, noise, sigmas, *, labels=None, ..., callback=None) -> x0``
 (the contract of k-diffusion, github.com/crowsonkb/k-diffusion, MIT; implemented here from the
 papers). A denoiser is any callable ``(x [N,C,H,W], sigma [N] float32, labels [N,L] | None) ->
-D(x; σ) [N,C,H,W]``; grids come from :mod:`edmkit.schedules` and end in σ = 0.
+D(x; σ) [N,C,H,W]``; grids come from :mod:`edmkit.diffusion.schedules` and end in σ = 0.
 
 Symbols (pixel scale, x = y + σ·n, EDM Table 1):
     σ_i          the grid, decreasing, i = 0 … N; the sampler starts at x_0 = noise·σ_0.

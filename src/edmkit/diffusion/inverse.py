@@ -1,8 +1,8 @@
 """Zero-shot inverse problems (inpainting, super-resolution) as conditioning of any sampler.
 
-Everything here is a denoiser combinator (as in :mod:`edmkit.guidance`) or a thin wrapper around the
+Everything here is a denoiser combinator (as in :mod:`edmkit.diffusion.guidance`) or a thin wrapper around the
 sampler contract ``sample(denoiser, noise, sigmas, *, labels, randn, callback)`` of
-:mod:`edmkit.samplers`, so every sampler (Euler, Heun, DDIM, DDPM, DPM-Solver++) works unchanged.
+:mod:`edmkit.diffusion.samplers`, so every sampler (Euler, Heun, DDIM, DDPM, DPM-Solver++) works unchanged.
 
 Symbols (pixel scale, x = y + σ·n):
     A, A⁺         a linear measurement operator and its pseudo-inverse, with A(A⁺(v)) = v.
@@ -37,102 +37,11 @@ import math
 from functools import partial
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from edmkit.samplers import Callback, Denoiser, Randn
-
-Operator = Callable[[Tensor], Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement operators A and pseudo-inverses A⁺ ([N, C, H, W] in, [N, C, h, w] out).
-
-
-def check_mask(mask: Tensor, image: Tensor) -> Tensor:
-    """Validate an inpainting mask against an image and return it as float32 0/1 (1 = known).
-
-    Args:
-        mask: [H, W], [1|C, H, W] or [N|1, 1|C, H, W]; nonzero = known pixel.
-        image: [N, C, H, W] image it applies to.
-
-    Returns:
-        float32 [N|1, 1|C, H, W] mask of 0s and 1s on the image's device.
-    """
-    m = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(0) if mask.ndim == 3 else mask
-    if m.ndim != 4 or image.ndim != 4:
-        raise ValueError(f"mask must be [H, W], [C, H, W] or [N, C, H, W] and image [N, C, H, W]; got {tuple(mask.shape)}, {tuple(image.shape)}")
-    if m.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"mask size {m.shape[-1]}x{m.shape[-2]} does not match image size {image.shape[-1]}x{image.shape[-2]}")
-    if m.shape[1] not in (1, image.shape[1]):
-        raise ValueError(f"mask has {m.shape[1]} channels; the image has {image.shape[1]} (give 1 or {image.shape[1]})")
-    if m.shape[0] not in (1, image.shape[0]):
-        raise ValueError(f"mask batch {m.shape[0]} does not match image batch {image.shape[0]}")
-    m = (m != 0).to(device=image.device, dtype=torch.float32)
-    known = m.flatten(1).sum(1)  # [N|1]
-    if bool((known == 0).any()):
-        raise ValueError("the mask has no known pixels (all zero): nothing to condition on")
-    return m
-
-
-def mask_operator(mask: Tensor) -> Operator:
-    """Inpainting measurement A(x) = m ⊙ x (A = A⁺ = A^T, a projection)."""
-    return lambda x: mask * x
-
-
-def check_scale(resolution: int, scale: int) -> None:
-    """Raise ValueError unless `scale` >= 1 divides `resolution` (box down/up sampling needs it)."""
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"super-resolution scale must be an integer >= 1, got {scale!r}")
-    if resolution % scale != 0:
-        raise ValueError(f"scale {scale} does not divide the image size {resolution}")
-
-
-def downsample(x: Tensor, *, scale: int) -> Tensor:
-    """Box-filter downsampling A: mean of each scale×scale block, [N, C, H, W] -> [N, C, H/s, W/s]."""
-    check_scale(x.shape[-1], scale)
-    check_scale(x.shape[-2], scale)
-    return F.avg_pool2d(x, scale)
-
-
-def upsample(x: Tensor, *, scale: int) -> Tensor:
-    """Nearest upsampling A⁺ (the pseudo-inverse of box downsampling): [N, C, h, w] -> [N, C, h·s, w·s]."""
-    return x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-
-
-def low_pass(x: Tensor, *, scale: int) -> Tensor:
-    """ILVR's low-pass filter LP = A⁺A: block means spread back over each block (Choi et al. 2021, Eq. 8)."""
-    return upsample(downsample(x, scale=scale), scale=scale)
-
-
-def gaussian_blur_operator(*, std: float, size: int | None = None) -> Operator:
-    """Gaussian blur A(x) = k * x per channel, zero padding (a differentiable operator for DPS).
-
-    Args:
-        std: kernel standard deviation in pixels (> 0).
-        size: odd kernel width; default 2·ceil(3·std) + 1.
-    """
-    if std <= 0:
-        raise ValueError(f"blur std must be > 0, got {std}")
-    size = 2 * math.ceil(3 * std) + 1 if size is None else size
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"blur kernel size must be odd and >= 1, got {size}")
-    t = torch.arange(size, dtype=torch.float32) - size // 2
-    k1 = torch.exp(-0.5 * (t / std) ** 2)
-    k2 = torch.outer(k1, k1) / k1.sum() ** 2  # [size, size], sums to 1
-
-    def blur(x: Tensor) -> Tensor:
-        c = x.shape[1]
-        weight = k2.to(x).expand(c, 1, size, size)  # depthwise [C, 1, k, k]
-        return F.conv2d(x, weight, padding=size // 2, groups=c)
-
-    return blur
-
-
-# ---------------------------------------------------------------------------------------------
-# Projection (replacement, ILVR, CCDF's data consistency) and sampler wrappers.
+from edmkit.diffusion.operators import Operator, check_mask, check_scale, downsample, low_pass, mask_operator, upsample
+from edmkit.diffusion.samplers import Callback, Denoiser, Randn
 
 
 def projected(denoiser: Denoiser, *, y_full: Tensor, project: Operator) -> Denoiser:
@@ -214,7 +123,7 @@ def sample_resampled(
     γ = S_churn/steps sees steps = 1; resample = 1 is still the plain step-by-step sampler.
 
     Args:
-        sample: a sampler of the :mod:`edmkit.samplers` contract.
+        sample: a sampler of the :mod:`edmkit.diffusion.samplers` contract.
         denoiser: D(x; σ) callable (usually conditioned).
         noise: [N, C, H, W] unit noise (the sampler starts at σ_0·noise).
         sigmas: [steps + 1] decreasing grid.
@@ -243,10 +152,6 @@ def sample_resampled(
             if not last:  # RePaint's jump back: forward-diffuse from σ_{i+1} to σ_i
                 x = x + math.sqrt(s[i] ** 2 - s[i + 1] ** 2) * noise_fn(x)
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Reconstruction guidance / DPS.
 
 
 def reconstruction_guided(
@@ -287,14 +192,6 @@ def reconstruction_guided(
     return denoise
 
 
-def measurement_error(x: Tensor, *, y: Tensor, operator: Operator) -> Tensor:
-    """‖A(x) − y‖ per sample: [N, C, H, W] -> [N]."""
-    return (operator(x.float()) - y.to(torch.float32)).flatten(1).norm(dim=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# One call per task and method (used by ``edmkit restore``), and image files.
-
 METHODS = {"inpaint": ("replace", "dps"), "sr": ("ilvr", "ccdf", "dps")}
 
 
@@ -326,7 +223,7 @@ def restore(
         denoiser: D(x; σ) callable.
         y: inpaint: [N, C, H, W] image (values under mask = 0 are ignored); sr: [N, C, H/s, W/s].
         task: ``"inpaint"`` or ``"sr"``.
-        sample: a sampler of the :mod:`edmkit.samplers` contract.
+        sample: a sampler of the :mod:`edmkit.diffusion.samplers` contract.
         sigmas: [steps + 1] decreasing grid ending in 0 (CCDF truncates it at σ_start).
         noise: [N, C, H, W] unit Gaussian noise; sets the output shape.
         mask: inpaint: 1 = known pixel (see :func:`check_mask`).
@@ -382,28 +279,3 @@ def _plain(sample: Callable[..., Tensor], denoiser: Denoiser, noise: Tensor, sig
     if randn is not None and "randn" in inspect.signature(sample).parameters:
         sampler_kw = dict(sampler_kw, randn=randn)
     return sample(denoiser, noise, sigmas, labels=labels, **sampler_kw)
-
-
-def read_image_file(path: str, *, channels: int | None = None) -> Tensor:
-    """Read a PNG/JPEG/... as uint8 [1, C, H, W]; channels 1 or 3 converts, None keeps gray as 1 and colour as 3."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if channels is None:
-            channels = 3 if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV") else 1
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        array = torch.from_numpy(np.asarray(image.convert("L" if channels == 1 else "RGB")).copy())
-    return (array[None] if channels == 1 else array.permute(2, 0, 1))[None]  # [1, C, H, W]
-
-
-def write_image_file(x: Tensor, path: str) -> None:
-    """Write one image [1, C, H, W] (float in [−1, 1], C = 1 or 3) as a PNG without padding."""
-    from PIL import Image
-
-    from edmkit.data import float_to_images
-
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3):
-        raise ValueError(f"expected one image [1, 1|3, H, W], got shape {tuple(x.shape)}")
-    array = float_to_images(x.cpu())[0].permute(1, 2, 0).numpy()  # [H, W, C]
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)

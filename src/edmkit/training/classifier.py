@@ -1,22 +1,22 @@
 """A noise-aware classifier p(y | x, σ) for classifier guidance and rejection sampling.
 
-Symbols: x = y_img + σ n a noisy image (EDM σ-space, data in [-1, 1]); y a class in [0, K); c_in, c_noise
-the formulation's preconditioning (``edmkit.precond.FORMULATIONS``), so the network sees unit-variance input
+The network is :mod:`edmkit.diffusion.classifier`. Symbols: x = y_img + σ n a noisy image (EDM σ-space, data in [-1, 1]); y a class in [0, K); c_in, c_noise
+the formulation's preconditioning (``edmkit.diffusion.precond.FORMULATIONS``), so the network sees unit-variance input
 and the same noise embedding as the denoiser.
 
 Network: the U-Net's encoder (``edmkit.nn.unet.encoder_blocks``, EDM2 config G: magnitude-preserving,
 forced weight normalization) conditioned on c_noise through the same Fourier embedding, then global average
 pooling, pixel normalization and an MP linear head -> K logits. Trained with cross-entropy on x + σ n, σ drawn
 from the diffusion loss's density (``make_loss(cfg).sample_sigma``), as "trained with noisy data and the class
-labels" in Dhariwal & Nichol 2021 (ADM, Sec. 4). Training reuses diffusion training's pieces (``edmkit.train``):
+labels" in Dhariwal & Nichol 2021 (ADM, Sec. 4). Training reuses diffusion training's pieces (``edmkit.training``):
 Adam with the inverse-sqrt lr schedule (EDM2 Eq. 67), a power-function EMA (EDM2 Sec. 3) whose weights are the
 saved classifier, per-step seeded noise, and resumable states (``<out stem>-state/`` beside the file).
 
 Files: the usual network safetensors (``checkpoint.save_network``) with metadata ``kind = "classifier"``; the
 config's ``network.label_dim`` is the class count K. ``checkpoint.load_network`` refuses them;
-:func:`load_classifier` reads them.
+``checkpoint.load_classifier`` reads them.
 
-Rejection sampling with this classifier is :mod:`edmkit.rejection`.
+Rejection sampling with this classifier is :mod:`edmkit.sampling.rejection`.
 """
 
 from __future__ import annotations
@@ -29,93 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edmkit.checkpoint import CheckpointError, read_network_metadata, save_network
-from edmkit.config import ExperimentConfig, NetworkConfig, ladder_switches
-from edmkit.data import ImageDataset, images_to_float, load_dataset
-from edmkit.ema import PowerFunctionEMA
-from edmkit.loss import make_loss
-from edmkit.nn.mp import MPFourier, mp_silu, normalize
-from edmkit.nn.unet import encoder_blocks, learned_layer
-from edmkit.precond import FORMULATIONS
-from edmkit.schedules import learning_rate
-from edmkit.train import RunError, StopRequest, TrainState, due, prepare_run_dir, resume, save_training_state, step_generator
-
-CLEAN_SIGMA = 0.002  # "clean" = the smallest σ of the default sampling grid (EDM σ_min)
-
-
-class NoisyClassifier(torch.nn.Module):
-    """Logits of p(y | x, σ): U-Net encoder blocks + global average pool + MP linear head (config G)."""
-
-    def __init__(self, *, resolution: int, channels: int, num_classes: int, model_channels: int = 32,
-                 channel_mult: tuple[int, ...] = (1, 2, 2), num_blocks: int = 1, attn_resolutions: tuple[int, ...] = (),
-                 channels_per_head: int = 64, emb_mult: int = 4, sigma_data: float = 0.5, formulation: str = "edm") -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-        s = ladder_switches("G")
-        self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
-        self.sigma_data = sigma_data
-        self.precond = FORMULATIONS[formulation]
-        block_channels = [model_channels * m for m in channel_mult]
-        emb_channels = model_channels * emb_mult
-        self.emb_fourier = MPFourier(model_channels)
-        self.emb_noise = learned_layer(model_channels, emb_channels, switches=s)
-        self.enc = encoder_blocks(in_channels=channels + 1, resolution=resolution, block_channels=block_channels,  # + ones channel
-                                  num_blocks=num_blocks, emb_channels=emb_channels, attn_resolutions=tuple(attn_resolutions),
-                                  switches=s, channels_per_head=channels_per_head)
-        self.head = learned_layer(block_channels[-1], num_classes, switches=s)
-        self.head_gain = torch.nn.Parameter(torch.ones([]))  # learned logit temperature
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Args: x [N, C, H, W] noisy images (σ-space), sigma [N] or scalar. Returns logits [N, K] float32."""
-        if x.shape[1:] != (self.channels, self.resolution, self.resolution):
-            raise ValueError(f"classifier takes [N, {self.channels}, {self.resolution}, {self.resolution}] images, got {list(x.shape)}")
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-        _, _, c_in, c_noise = self.precond(sigma, sigma_data=self.sigma_data)
-        emb = mp_silu(self.emb_noise(self.emb_fourier(c_noise.flatten())))  # [N, E]
-        h = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
-        for name, block in self.enc.items():
-            h = block(h) if name.endswith("_conv") else block(h, emb)
-        h = normalize(h.mean(dim=(2, 3)), dim=1)  # global average pool [N, C_last], unit RMS
-        return self.head(h, gain=self.head_gain)  # [N, K]
-
-
-def build_classifier(cfg: ExperimentConfig) -> NoisyClassifier:
-    """The classifier a config describes; ``cfg.network.label_dim`` is its class count."""
-    n = cfg.network
-    return NoisyClassifier(resolution=n.resolution, channels=n.channels, num_classes=n.label_dim, model_channels=n.model_channels,
-                           channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
-                           channels_per_head=n.channels_per_head, sigma_data=n.sigma_data, formulation=n.formulation)
-
-
-def load_classifier(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[NoisyClassifier, dict[str, Any]]:
-    """Rebuild a classifier from its file's config and load its weights strictly; returns (classifier in eval mode, metadata)."""
-    from safetensors.torch import load_file
-
-    meta = read_network_metadata(path)
-    if meta["kind"] != "classifier":
-        raise CheckpointError(f"{path}: a {meta['kind']} file, not a classifier (train one with edmkit train-classifier)")
-    clf = build_classifier(meta["config"]).to(device)
-    try:
-        clf.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: classifier weights do not match its config ({str(e).splitlines()[0]})") from None
-    return clf.eval().requires_grad_(False), meta
-
-
-def check_classifier(model: NetworkConfig, classifier: NetworkConfig, *, class_idx: int | None = None) -> None:
-    """Refuse a classifier of other images than the model's: resolution, channels, class count, class index."""
-    if (model.resolution, model.channels) != (classifier.resolution, classifier.channels):
-        raise ValueError(f"classifier takes {classifier.resolution}x{classifier.resolution}x{classifier.channels} images "
-                         f"but the model makes {model.resolution}x{model.resolution}x{model.channels}")
-    if model.label_dim and model.label_dim != classifier.label_dim:
-        raise ValueError(f"classifier has {classifier.label_dim} classes but the model has {model.label_dim}")
-    if class_idx is not None and not 0 <= class_idx < classifier.label_dim:
-        raise ValueError(f"class {class_idx} out of range: the classifier has {classifier.label_dim} classes (0-{classifier.label_dim - 1})")
-
-
-# --- training ----------------------------------------------------------------------------------------------
+from edmkit.checkpoint import save_network
+from edmkit.config import ExperimentConfig
+from edmkit.data.dataset import ImageDataset, dataset_of
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.classifier import CLEAN_SIGMA, build_classifier
+from edmkit.diffusion.loss import make_loss
+from edmkit.diffusion.schedules import learning_rate
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.loop import due
+from edmkit.training.run_state import RunError, StopRequest, TrainState, prepare_run_dir, resume, save_training_state
+from edmkit.training.step_inputs import step_generator
 
 
 @torch.no_grad()
@@ -132,9 +56,8 @@ def accuracy_at(classifier: Callable, images: torch.Tensor, labels: torch.Tensor
 
 def labelled_data(cfg: ExperimentConfig, data: ImageDataset | None = None) -> ImageDataset:
     """The config's dataset (or `data`), which must carry at least 2 classes of labels."""
-    n, t = cfg.network, cfg.train
-    if data is None:
-        data = load_dataset(t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)
+    n = cfg.network
+    data = dataset_of(cfg) if data is None else data
     if data.labels is None or data.num_classes < 2:
         raise ValueError(f"{data.name}: a classifier needs labelled data with at least 2 classes")
     if tuple(data.images.shape[1:]) != (n.channels, n.resolution, n.resolution):
@@ -199,7 +122,7 @@ def train_classifier(cfg: ExperimentConfig, out_path: str | os.PathLike, *, nimg
                      force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume) a noise-aware classifier on x + σ n (σ from the diffusion loss density); save its EMA to `out_path`.
 
-    As diffusion training (``edmkit.train``): Adam (``cfg.optim``: betas, eps, ``lr`` or `lr`) with the inverse-sqrt
+    As diffusion training (``edmkit.training``): Adam (``cfg.optim``: betas, eps, ``lr`` or `lr`) with the inverse-sqrt
     schedule and warm-up (EDM2 Eq. 67), a power-function EMA (EDM2 Sec. 3) of σ_rel :func:`classifier_ema_std`, and
     resumable states (``train.save_training_state`` / ``train.resume``) every ``train.state_nimg`` images, at the end
     and on SIGINT / SIGTERM, in :func:`classifier_state_dir` beside the output. Re-running with the same `out_path`

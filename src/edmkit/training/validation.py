@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from edmkit.data import ImageDataset, images_to_float
-from edmkit.loss import EDMLoss
+from edmkit.data.dataset import ImageDataset
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import EDMLoss
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig

@@ -1,7 +1,7 @@
 """Rejection sampling: generate candidates, keep those a noise-aware classifier assigns to the requested class.
 
 Each candidate image (one per seed) is generated as usual, then classified clean, at the smallest σ of the default
-sampling grid (``edmkit.classifier.CLEAN_SIGMA``, EDM σ_min), by a :class:`edmkit.classifier.NoisyClassifier`. It is
+sampling grid (``edmkit.diffusion.classifier.CLEAN_SIGMA``, EDM σ_min), by a :class:`edmkit.diffusion.classifier.NoisyClassifier`. It is
 accepted when the predicted class is the requested one and its probability p(class | x, σ) is at least τ
 (:func:`accept`); the others are dropped. This is the seed notes' "reject generated samples if the provided
 conditions can be estimated from the generated samples".
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from edmkit.classifier import CLEAN_SIGMA
+from edmkit.diffusion.classifier import CLEAN_SIGMA
 
 
 def check_threshold(threshold: float) -> None:

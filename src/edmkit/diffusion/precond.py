@@ -136,7 +136,7 @@ class Denoiser(torch.nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Args: x [N, C, H, W], sigma [N] or scalar, labels [N, L] or None, augment_labels [N, A] or None (= zeros,
         no augmentation: sampling; EDM App. C), cond [N, C_cond, H, W] conditioning image in [-1, 1] pixel units or
-        None (cascade SR, ``edmkit.cascade``; fed to F scaled by 1 / sigma_data). Returns D [N, C, H, W] (float32)."""
+        None (cascade SR, ``edmkit.sampling.cascade``; fed to F scaled by 1 / sigma_data). Returns D [N, C, H, W] (float32)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.precond(sigma, sigma_data=self.sigma_data)

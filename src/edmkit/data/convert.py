@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from edmkit.checkpoint import atomic_write
-from edmkit.data import ImageDataset, load_dataset, save_image_grid
+from edmkit.data.dataset import ImageDataset, load_dataset
+from edmkit.data.images import save_image_grid
+from edmkit.files import atomic_write
 
 
 def dataset_summary(data: ImageDataset) -> dict[str, Any]:

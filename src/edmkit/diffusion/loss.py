@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edmkit.precond import DDPM_T, ddpm_sigmas, flow_sigma_to_t, flow_t_to_sigma
+from edmkit.diffusion.precond import DDPM_T, ddpm_sigmas, flow_sigma_to_t, flow_t_to_sigma
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig

@@ -1,7 +1,7 @@
 """Guidance as denoiser combinators: each function takes denoisers and returns a new denoiser.
 
 A denoiser is ``(x [N,C,H,W], sigma [N] float32, labels [N,L] | None) -> D(x; σ) [N,C,H,W]``
-(see :mod:`edmkit.samplers`), so guided denoisers drop into any sampler unchanged.
+(see :mod:`edmkit.diffusion.samplers`), so guided denoisers drop into any sampler unchanged.
 
 Symbols:
     D_main, D_guide   the denoiser being guided and the one it is pushed away from.
@@ -23,7 +23,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from edmkit.samplers import Denoiser
+from edmkit.diffusion.samplers import Denoiser
 
 WeightFn = Callable[[Tensor], Union[Tensor, float]]
 
@@ -175,7 +175,7 @@ def classifier_guided(
 
     Args:
         denoiser: D(x; σ, labels), conditional or not.
-        classifier: (x [N,C,H,W], sigma [N]) -> logits [N, K] of p(y | x, σ) (e.g. ``edmkit.classifier.NoisyClassifier``).
+        classifier: (x [N,C,H,W], sigma [N]) -> logits [N, K] of p(y | x, σ) (e.g. ``edmkit.diffusion.classifier.NoisyClassifier``).
         scale: s >= 0.
         class_idx: the class y for every image; None takes y = argmax of the labels the sampler passes.
 

@@ -16,16 +16,22 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from edmkit.checkpoint import find_network, load_network, read_network_metadata
 from edmkit.config import NetworkConfig
-from edmkit.guidance import classifier_free, classifier_guided, dynamic_threshold, guidance_interval, guided, oscillating
-from edmkit.samplers import Denoiser, SeededRandn, get_sampler
-from edmkit.schedules import sigma_schedule
+from edmkit.diffusion.guidance import (
+    classifier_free,
+    classifier_guided,
+    dynamic_threshold,
+    guidance_interval,
+    guided,
+    oscillating,
+)
+from edmkit.diffusion.samplers import Denoiser, SeededRandn, get_sampler
+from edmkit.diffusion.schedules import sigma_schedule
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -117,7 +123,7 @@ def guided_denoiser(
 ) -> Denoiser:
     """The denoiser a sampler runs, built from the guidance options (the one place they are combined).
 
-    D_w = D_guide + w·(D_main − D_guide) (see :mod:`edmkit.guidance`), where the guide is `guide`
+    D_w = D_guide + w·(D_main − D_guide) (see :mod:`edmkit.diffusion.guidance`), where the guide is `guide`
     (autoguidance, Karras et al. 2024) or, without one, the model's own unconditional branch with
     zero labels (classifier-free guidance, Ho & Salimans 2022; needs a class-conditional model).
     w is `guidance`, or the Imagen Video schedule `oscillate` = (high, low) cycled per step after
@@ -222,7 +228,7 @@ def generate_images(
     oscillate, oscillate_warmup, threshold, classifier, classifier_scale, classifier_class) — and options of
     the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta). A `guide` passed here is not checked
     against the model (use :func:`load_guide`, which is), nor is a `classifier` (use
-    ``edmkit.classifier.check_classifier``). `callback` gets the sampler's step dict
+    ``edmkit.checkpoint.check_classifier``). `callback` gets the sampler's step dict
     plus ``start``, the index of the batch's first image in `seeds`.
     """
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from edmkit.augment import apply_augment, augment_params
-from edmkit.cascade import training_condition
 from edmkit.config import ExperimentConfig
-from edmkit.loss import EDMLoss
+from edmkit.data.augment import apply_augment, augment_params
+from edmkit.diffusion.loss import EDMLoss
+from edmkit.sampling.cascade import training_condition
 
 
 def step_seed(seed: int, step: int, chunk: int = 0) -> int:

@@ -4,7 +4,7 @@ Symbols (pixel scale, [-1, 1]):
     y          the high-resolution training image [N, C, H, W].
     s          the scale factor (``train.sr_scale``).
     z          the conditioning image: A⁺A y, y box-downsampled by s and nearest-upsampled back to H x W
-               (``edmkit.inverse.downsample`` / ``upsample``, the same operators as zero-shot SR).
+               (``edmkit.diffusion.operators.downsample`` / ``upsample``, the same operators as zero-shot SR).
     σ_aug      the noise-conditioning augmentation level: z is fed as z + σ_aug ε (Ho et al. 2022, "Cascaded
                Diffusion Models", Sec. 3.2; Saharia et al. 2022, Imagen Sec. 2.5). Training draws
                σ_aug ~ U[0, σ_aug,max] per image; sampling fixes it (``train.sr_aug_sample``).
@@ -26,45 +26,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from edmkit.inverse import check_scale, downsample, upsample
+from edmkit.diffusion.operators import check_scale, downsample, upsample
+from edmkit.presets import SR_AUGMENT_DIM
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig
-    from edmkit.samplers import Randn
-
-SR_AUGMENT_DIM = 1  # augment-label columns the cascade stage adds: sigma_aug / sigma_aug_max
-
-
-def sr_augment_dim(*, augment_p: float) -> int:
-    """augment_dim of an SR network: the non-leaky augmentation's columns (if on) plus the σ_aug column."""
-    from edmkit.augment import AUGMENT_DIM
-
-    return (AUGMENT_DIM if augment_p > 0 else 0) + SR_AUGMENT_DIM
-
-
-def resolve_sr(cfg: ExperimentConfig, *, scale: int) -> ExperimentConfig:
-    """``--task sr --sr-scale s``: the SR task and the network inputs it needs (conditioning channels, σ_aug label)."""
-    cfg = cfg.override("train", task="sr", sr_scale=scale)
-    cfg = cfg.override("network", cond_channels=cfg.network.channels, augment_dim=sr_augment_dim(augment_p=cfg.train.augment_p))
-    check_sr_config(cfg)
-    return cfg
-
-
-def check_sr_config(cfg: ExperimentConfig) -> None:
-    """Raise ValueError unless an ``sr`` config is consistent (no-op for ``generate``)."""
-    t, n = cfg.train, cfg.network
-    if t.task != "sr":
-        if n.cond_channels:
-            raise ValueError(f"network.cond_channels = {n.cond_channels} needs train.task = 'sr'")
-        return
-    if t.sr_scale < 2:
-        raise ValueError(f"super-resolution scale must be >= 2, got {t.sr_scale}")
-    if n.resolution % t.sr_scale:
-        raise ValueError(f"--sr-scale {t.sr_scale} does not divide the image size {n.resolution}: use a divisor of {n.resolution}")
-    if n.cond_channels != n.channels:
-        raise ValueError(f"task sr needs network.cond_channels = channels = {n.channels} (got {n.cond_channels})")
-    if n.augment_dim != sr_augment_dim(augment_p=t.augment_p):
-        raise ValueError(f"task sr needs network.augment_dim = {sr_augment_dim(augment_p=t.augment_p)} (got {n.augment_dim})")
+    from edmkit.diffusion.samplers import Randn
 
 
 def low_res_condition(y: Tensor, *, scale: int) -> Tensor:
@@ -159,7 +126,7 @@ def super_resolve(denoiser: Callable[..., Tensor], low_res: Tensor, *, cfg: Expe
     Args:
         denoiser: the SR network of config ``cfg`` (``train.task == "sr"``).
         low_res: [N, C, H/s, W/s] in [-1, 1], s = ``cfg.train.sr_scale``.
-        sample: a sampler of the :mod:`edmkit.samplers` contract.
+        sample: a sampler of the :mod:`edmkit.diffusion.samplers` contract.
         sigmas: [steps + 1] decreasing grid ending in 0.
         noise: [N, C, H, W] unit Gaussian start noise.
         sigma_aug: fixed augmentation level (default ``cfg.train.sr_aug_sample``).

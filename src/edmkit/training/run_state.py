@@ -20,9 +20,9 @@ import torch
 from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig, config_diff
-from edmkit.ema import PowerFunctionEMA
-from edmkit.precond import Denoiser
-
+from edmkit.diffusion.precond import Denoiser
+from edmkit.files import write_json
+from edmkit.training.ema import PowerFunctionEMA
 
 # Fields that change only how long or how often things happen, not what the weights become: a resumed run may change them.
 RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg", "train.state_nimg", "train.grid_n", "train.sample_steps",
@@ -82,7 +82,7 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False
         diff = [d for d in config_diff(old, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
         if diff and not force:
             raise RunError(f"{run_dir} holds a run with another config ({'; '.join(diff)}); use another --run folder, or --force to continue with the new config")
-    ckpt.write_json(cfg_file, cfg.to_dict())
+    write_json(cfg_file, cfg.to_dict())
 
 
 def resume(state: TrainState, run_dir: Path, log: Callable[[str], None]) -> None:

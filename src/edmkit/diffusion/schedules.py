@@ -1,7 +1,7 @@
 """Noise-level (σ) discretisations for sampling; a flat module of functions.
 
 Every σ grid is computed in float64 and returned as a decreasing float32 1-D tensor of length
-``steps + 1`` that ends in 0, so that any sampler in :mod:`edmkit.samplers` can consume any grid.
+``steps + 1`` that ends in 0, so that any sampler in :mod:`edmkit.diffusion.samplers` can consume any grid.
 
 Symbols:
     σ (sigma)       noise standard deviation in pixel scale, x = y + σ·n (EDM Table 1).
@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from edmkit.precond import ddpm_sigmas  # the one definition of the DDPM noise levels
+from edmkit.diffusion.precond import ddpm_sigmas  # the one definition of the DDPM noise levels
 
 
 def _check_steps(steps: int) -> None:

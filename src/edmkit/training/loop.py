@@ -29,26 +29,33 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from edmkit import checkpoint as ckpt
-from edmkit.augment import AUGMENT_DIM
-from edmkit.cascade import check_sr_config
 from edmkit import dist
 from edmkit.config import ExperimentConfig
-from edmkit.data import ImageDataset, images_to_float, load_dataset, sample_order
-from edmkit.ema import PowerFunctionEMA
-from edmkit.loss import EDMLoss, make_loss
-from edmkit.monitor import (KID_PR_MIN_FEATURES, Evaluator, Monitor, append_record, check_snapshot_budget,  # noqa: F401 (re-exported)
-                            make_evaluator, make_monitor, metric_labels, preserved_rng, read_val_history, sampling_net, save_grid,
-                            save_snapshot, write_evaluation, write_stats, write_validation)
-from edmkit.precond import Denoiser
-from edmkit.run_state import (RESUMABLE_CHANGES, RunError, StopRequest, TrainState, prepare_run_dir,  # noqa: F401 (re-exported)
-                              prepare_run_dir_on_main, resume, save_training_state)
-from edmkit.schedules import learning_rate
-from edmkit.step_inputs import (AUGMENT_CHUNK, SR_CHUNK, Shard, drop_labels, label_keep_mask, make_shard,  # noqa: F401 (re-exported)
-                                step_augment, step_generator, step_noise, step_seed, step_sr_condition)
-from edmkit.validation import split_dataset
+from edmkit.data.augment import AUGMENT_DIM
+from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
+from edmkit.data.images import images_to_float
+from edmkit.diffusion.loss import EDMLoss, make_loss
+from edmkit.diffusion.precond import Denoiser
+from edmkit.diffusion.schedules import learning_rate
+from edmkit.presets import check_sr_config
+from edmkit.training.ema import PowerFunctionEMA
+from edmkit.training.monitor import (
+    Monitor,
+    check_snapshot_budget,
+    make_evaluator,
+    make_monitor,
+    save_grid,
+    save_snapshot,
+    write_evaluation,
+    write_stats,
+    write_validation,
+)
+from edmkit.training.run_state import RunError, StopRequest, TrainState, prepare_run_dir_on_main, resume, save_training_state
+from edmkit.training.step_inputs import Shard, make_shard, step_augment, step_noise, step_seed, step_sr_condition
+from edmkit.training.validation import split_dataset
 
 # make_batch, make_loss and make_monitor are called from this module through its own globals, so replacing
-# ``edmkit.train.<name>`` (as tests do) changes what train() and training_loop() use.
+# ``edmkit.training.<name>`` (as tests do) changes what train() and training_loop() use.
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 
@@ -141,12 +148,6 @@ def clip_grad_norm(net: torch.nn.Module, *, max_norm: float) -> float:
 def due(prev_nimg: int, nimg: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (prev_nimg, nimg]."""
     return nimg // every > prev_nimg // every
-
-
-def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset:
-    """The images a config trains on (or ``source`` prepared the same way): resolution, channels, classes, crop."""
-    n, t = cfg.network, cfg.train
-    return load_dataset(source or t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)
 
 
 def load_training_data(cfg: ExperimentConfig) -> ImageDataset:

@@ -1,0 +1,239 @@
+"""Named presets, and the one function that turns a preset (or a config file) plus overrides into a resolved config.
+
+``resolve_config(base, **overrides)`` is what ``edmkit train`` calls with its flags (``None`` = keep the base's
+value) and what Python users call for the same result. It applies, in this order, so that derived values yield to
+explicit ones: the EDM2 rung (``ladder``) and the ``formulation`` with the values they derive; the plain field
+overrides of :data:`FIELDS`; ``cond`` (class count read from the data) and ``p_uncond``; ``augment_p`` with the
+augment-label width it needs; the cascade ``task``; the in-training evaluation. The super-resolution stage's
+config rules (:func:`resolve_sr`, :func:`check_sr_config`) live here too, being pure config.
+
+This module sits above ``data`` (``cond`` counts the dataset's classes, ``augment_p`` needs the augment-label width).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edmkit.config import (
+    FORMULATIONS,
+    EMAConfig,
+    ExperimentConfig,
+    LossConfig,
+    NetworkConfig,
+    OptimConfig,
+    TrainConfig,
+    ladder_switches,
+    parse_metrics,
+)
+
+
+def _preset(network: dict | None = None, loss: dict | None = None, optim: dict | None = None, ema: dict | None = None, train: dict | None = None) -> ExperimentConfig:
+    return ExperimentConfig(NetworkConfig(**(network or {})), LossConfig(**(loss or {})), OptimConfig(**(optim or {})),
+                            EMAConfig(**(ema or {})), TrainConfig(**(train or {})))
+
+
+PRESETS: dict[str, ExperimentConfig] = {
+    # seconds on CPU: tests and smoke runs
+    "tiny": _preset(network=dict(model_channels=8, channel_mult=(1, 2), attn_resolutions=(14,), channels_per_head=16, logvar_channels=16),
+                    optim=dict(lr_ref_nimg=2000, warmup_nimg=64),
+                    ema=dict(snapshot_nimg=256),
+                    train=dict(batch=16, total_nimg=640, status_nimg=64, grid_nimg=320, state_nimg=160, grid_n=16, sample_steps=4)),
+    # the default: recognisable MNIST digits in about 15 minutes on 2 CPU cores (trials: benchmarks/mnist_recipe.py)
+    "mnist": _preset(network=dict(model_channels=16, channel_mult=(1, 2, 4), channels_per_head=32), loss=dict(P_mean=-0.8, P_std=1.6),
+                     optim=dict(lr_ref_nimg=20_000), ema=dict(sample_std=0.10, snapshot_nimg=20_000),
+                     train=dict(total_nimg=108_000, grid_nimg=20_000, state_nimg=10_000)),
+    # CIFAR-10 32x32 sized for one GPU (EDM2 XS-like width)
+    "cifar10": _preset(network=dict(resolution=32, channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=3, attn_resolutions=(16, 8)),
+                       loss=dict(P_mean=-0.8, P_std=1.6), optim=dict(lr=0.010, lr_ref_nimg=70_000 * 128, warmup_nimg=10_000_000 // 10),
+                       ema=dict(snapshot_nimg=4_000_000, sample_std=0.10),
+                       train=dict(data="cifar-10-python.tar.gz", batch=512, total_nimg=200_000_000, status_nimg=128_000, grid_nimg=5_000_000, state_nimg=5_000_000)),
+    # CIFAR-10 on a CPU for a first look (hours): small network, short schedule
+    "cifar10-small": _preset(network=dict(resolution=32, channels=3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)),
+                             optim=dict(lr_ref_nimg=200_000, warmup_nimg=5_000),
+                             ema=dict(snapshot_nimg=100_000, sample_std=0.05),
+                             train=dict(data="cifar-10-python.tar.gz", batch=64, total_nimg=2_000_000, status_nimg=10_000, grid_nimg=100_000, state_nimg=50_000)),
+}
+
+
+DEFAULT_PRESET = "mnist"
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    """Look up a named preset; unknown names raise ValueError listing the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_ladder(cfg: ExperimentConfig, rung: str) -> ExperimentConfig:
+    """Select EDM2 rung ``rung`` and derive its loss / optimizer parts (EDM2 Table 1).
+
+    Sets ``network.ladder``; ``loss.uncertainty`` (B+ on, A off); constant lr for A-D (``optim.lr_ref_nimg = 0``;
+    E+ keep the preset's decay); and the rung's ``lr`` where it has one (A-C). Apply it to a preset *before*
+    any explicit override (the CLI does: preset -> ``--config`` -> ``--formulation`` -> other flags), so an
+    explicit value always wins over the derived one.
+    """
+    s = ladder_switches(rung)
+    cfg = cfg.override("network", ladder=rung).override("loss", uncertainty=s.uncertainty_loss)
+    if not s.lr_decay:
+        cfg = cfg.override("optim", lr_ref_nimg=0)
+    if s.lr is not None:
+        cfg = cfg.override("optim", lr=s.lr)
+    return cfg
+
+
+# The default training density of each formulation's time variable, where it differs from the preset's:
+# rectified flow samples t ~ logit-normal(0, 1) (Esser et al. 2024, SD3), i.e. ln sigma ~ N(0, 1).
+FORMULATION_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"edm": {}, "ddpm": {}, "flow": {"P_mean": 0.0, "P_std": 1.0}}
+
+
+def resolve_formulation(cfg: ExperimentConfig, formulation: str) -> ExperimentConfig:
+    """Select a formulation (``edm``, ``ddpm``, ``flow``) and its default time density; apply before explicit overrides."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; valid: {', '.join(FORMULATIONS)}")
+    cfg = cfg.override("network", formulation=formulation)
+    loss_kw = FORMULATION_LOSS_DEFAULTS[formulation]
+    return cfg.override("loss", **loss_kw) if loss_kw else cfg
+
+
+SR_AUGMENT_DIM = 1  # augment-label columns the cascade stage adds: sigma_aug / sigma_aug_max
+
+
+def sr_augment_dim(*, augment_p: float) -> int:
+    """augment_dim of an SR network: the non-leaky augmentation's columns (if on) plus the σ_aug column."""
+    from edmkit.data.augment import AUGMENT_DIM  # torch only when a config asks for augmentation
+
+    return (AUGMENT_DIM if augment_p > 0 else 0) + SR_AUGMENT_DIM
+
+
+def resolve_sr(cfg: ExperimentConfig, *, scale: int) -> ExperimentConfig:
+    """``--task sr --sr-scale s``: the SR task and the network inputs it needs (conditioning channels, σ_aug label)."""
+    cfg = cfg.override("train", task="sr", sr_scale=scale)
+    cfg = cfg.override("network", cond_channels=cfg.network.channels, augment_dim=sr_augment_dim(augment_p=cfg.train.augment_p))
+    check_sr_config(cfg)
+    return cfg
+
+
+def check_sr_config(cfg: ExperimentConfig) -> None:
+    """Raise ValueError unless an ``sr`` config is consistent (no-op for ``generate``)."""
+    t, n = cfg.train, cfg.network
+    if t.task != "sr":
+        if n.cond_channels:
+            raise ValueError(f"network.cond_channels = {n.cond_channels} needs train.task = 'sr'")
+        return
+    if t.sr_scale < 2:
+        raise ValueError(f"super-resolution scale must be >= 2, got {t.sr_scale}")
+    if n.resolution % t.sr_scale:
+        raise ValueError(f"--sr-scale {t.sr_scale} does not divide the image size {n.resolution}: use a divisor of {n.resolution}")
+    if n.cond_channels != n.channels:
+        raise ValueError(f"task sr needs network.cond_channels = channels = {n.channels} (got {n.cond_channels})")
+    if n.augment_dim != sr_augment_dim(augment_p=t.augment_p):
+        raise ValueError(f"task sr needs network.augment_dim = {sr_augment_dim(augment_p=t.augment_p)} (got {n.augment_dim})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a base config (preset or file) and overrides.
+
+# Plain replacements: override name -> (section, field). The names are the ``edmkit train`` flags.
+FIELDS: dict[str, tuple[str, str]] = {
+    "resolution": ("network", "resolution"),
+    "data": ("train", "data"), "classes": ("train", "classes"), "center_crop": ("train", "center_crop"),
+    "batch": ("train", "batch"), "total_nimg": ("train", "total_nimg"), "seed": ("train", "seed"),
+    "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "stratified": ("loss", "stratified"),
+    "val_fraction": ("train", "val_fraction"), "val_nimg": ("train", "val_nimg"),
+    "batch_per_device": ("train", "batch_per_device"), "precision": ("train", "precision"), "compile": ("train", "compile"),
+    "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"),
+    "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
+}
+EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")
+DERIVED = ("ladder", "formulation", "cond", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")
+OVERRIDES = tuple(FIELDS) + DERIVED + EVAL_FIELDS  # every name resolve_config accepts
+
+
+def load_config_file(path: str | Path) -> ExperimentConfig:
+    """Read a config file as ``edmkit train --dry-run`` prints it (JSON; any subset of sections and fields)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON config ({e.msg} at line {e.lineno}); write one with edmkit train --dry-run") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: a config file holds one JSON object of sections (network, loss, optim, ema, train), each an object of fields")
+    try:
+        return ExperimentConfig.from_dict(data)
+    except ValueError as e:  # unknown fields, values out of range
+        raise ValueError(f"{path}: {e}") from None
+
+
+def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: Any) -> ExperimentConfig:
+    """A preset name (or a config) with overrides applied; ``None`` values keep the base's.
+
+    Args:
+        base: a preset name (:data:`PRESETS`) or an ``ExperimentConfig`` (e.g. from :func:`load_config_file`).
+        overrides: any of :data:`OVERRIDES` (the ``edmkit train`` flags): ``ladder`` (EDM2 rung A-G), ``formulation``,
+            the plain fields of :data:`FIELDS`, ``cond`` (bool: class-conditional on the data's labels), ``p_uncond``,
+            ``augment_p``, ``task`` / ``sr_scale`` / ``sr_aug_max``, ``eval_*`` (``eval_metrics`` as "fid,kid" or a tuple).
+
+    Raises:
+        ValueError: an unknown preset or override name, or values that do not fit together.
+    """
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown config override(s) {', '.join(unknown)}; valid: {', '.join(OVERRIDES)}")
+    o = {k: v for k, v in overrides.items() if v is not None}
+    cfg = get_preset(base) if isinstance(base, str) else base
+    if "ladder" in o:
+        cfg = resolve_ladder(cfg, o["ladder"])
+    if "formulation" in o:
+        cfg = resolve_formulation(cfg, o["formulation"])
+    for section in ("network", "train", "optim", "loss", "ema"):
+        changes = {FIELDS[k][1]: tuple(v) if k == "classes" else v for k, v in o.items() if k in FIELDS and FIELDS[k][0] == section}
+        cfg = cfg.override(section, **changes) if changes else cfg
+    if "cond" in o:
+        cfg = cfg.override("network", label_dim=_class_count(cfg) if o["cond"] else 0)
+    if "p_uncond" in o:
+        if o["p_uncond"] > 0 and not cfg.network.label_dim:
+            raise ValueError("--p-uncond drops class labels: it needs a class-conditional model (--cond)")
+        cfg = cfg.override("loss", p_uncond=o["p_uncond"])
+    if "augment_p" in o:
+        from edmkit.data.augment import AUGMENT_DIM  # torch only when a config asks for augmentation
+
+        cfg = cfg.override("train", augment_p=o["augment_p"])
+        cfg = cfg.override("network", augment_dim=AUGMENT_DIM) if o["augment_p"] > 0 else cfg
+    cfg = _resolve_task(cfg, task=o.get("task"), sr_scale=o.get("sr_scale"), sr_aug_max=o.get("sr_aug_max"))
+    return _resolve_eval(cfg, {k: o[k] for k in EVAL_FIELDS if k in o})
+
+
+def _class_count(cfg: ExperimentConfig) -> int:
+    """``cond``: the class count of the config's dataset (loaded only for this), which must have labels."""
+    from edmkit.data.dataset import dataset_of  # torch and the data only when conditioning asks for them
+
+    label_dim = dataset_of(cfg).num_classes
+    if not label_dim:
+        raise ValueError(f"--cond needs labels, but {cfg.train.data} has none")
+    return label_dim
+
+
+def _resolve_task(cfg: ExperimentConfig, *, task: str | None, sr_scale: int | None, sr_aug_max: float | None) -> ExperimentConfig:
+    """``task="sr"`` with ``sr_scale`` / ``sr_aug_max``: the cascade SR stage and the network inputs it needs (after ``augment_p``)."""
+    if task is None and (sr_scale is not None or sr_aug_max is not None):
+        raise ValueError("--sr-scale / --sr-aug-max are for --task sr")
+    if task != "sr":
+        return cfg if task is None else cfg.override("train", task=task)
+    if sr_aug_max is not None:
+        cfg = cfg.override("train", sr_aug_max=sr_aug_max, sr_aug_sample=min(cfg.train.sr_aug_sample, sr_aug_max))
+    return resolve_sr(cfg, scale=cfg.train.sr_scale if sr_scale is None else sr_scale)
+
+
+def _resolve_eval(cfg: ExperimentConfig, kw: dict[str, Any]) -> ExperimentConfig:
+    """The in-training evaluation overrides; ``eval_metrics`` parsed as by ``edmkit metrics gen``."""
+    if isinstance(kw.get("eval_metrics"), str):
+        kw["eval_metrics"] = parse_metrics(kw["eval_metrics"])
+    cfg = cfg.override("train", **kw) if kw else cfg
+    if set(kw) - {"eval_nimg"} and not cfg.train.eval_nimg:
+        raise ValueError("--eval-ref / --eval-n / --eval-steps / --eval-detector / --eval-metrics take effect with --eval-every K")
+    return cfg

@@ -1,0 +1,1 @@
+"""Seeds to images: generation with guidance, rejection sampling, the super-resolution cascade."""
