@@ -69,10 +69,19 @@ def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an edmkit checkpoint (no edmkit metadata)")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this edmkit ({FORMAT_VERSION})")
-    return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]),
-            "kind": meta.get("kind", "denoiser")}
+    try:
+        _check_version(path, int(meta.get("format_version", -1)))
+        return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]),
+                "kind": meta.get("kind", "denoiser")}
+    except KeyError as e:
+        raise CheckpointError(f"{path}: edmkit metadata without its {e.args[0]!r} entry (a damaged or hand-made file); use another file") from None
+    except ValueError as e:  # CheckpointError included: its message already names the file
+        raise e if isinstance(e, CheckpointError) else CheckpointError(f"{path}: damaged edmkit metadata ({e}); use another file") from None
+
+
+def _check_version(path: str | os.PathLike, version: int) -> None:
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} is newer than this edmkit ({FORMAT_VERSION}); upgrade edmkit to read it")
 
 
 def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[Denoiser, dict[str, Any]]:
@@ -105,6 +114,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an edmkit training state")
+    _check_version(path, int(state.get("format_version", -1)))
     return state
 
 

@@ -88,11 +88,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (so all ranks take the same branch)."""
+    return bool(max_over_ranks(int(flag)))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of all ranks, on every rank."""
     if not is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=_collective_device())
+        return value
+    t = torch.tensor([float(value)], device=_collective_device())
     td.all_reduce(t, op=td.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def broadcast_from_main(obj: Any) -> Any:

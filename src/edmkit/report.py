@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 
 from edmkit.data.images import image_grid
+from edmkit.files import atomic_write
 
 HEADER_PX = 12  # height of the text strip above each frame (PIL's default bitmap font is ~11 px)
 
@@ -126,21 +127,11 @@ class ReverseProcessRecorder:
 RUN_FILES = ("stats.jsonl", "config.json", "grid-*.png", "network-*.safetensors")
 
 
-def read_stats(path: str | Path) -> list[dict]:
-    """Records of a ``stats.jsonl`` (one JSON object per line); a torn last line of a live run is skipped."""
-    import json
+def read_stats(path: str | Path, *, notice: Callable[[str], None] | None = None) -> list[dict]:
+    """Records of a ``stats.jsonl`` that carry an image count; an unreadable (torn) line is dropped with a ``notice``."""
+    from edmkit.training.monitor import read_records
 
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written by the training process right now
-        if isinstance(rec, dict) and isinstance(rec.get("nimg"), (int, float)):
-            records.append(rec)
-    return records
+    return [rec for _, rec in read_records(Path(path), notice=notice) if isinstance(rec.get("nimg"), (int, float))]
 
 
 def plot_series(path: Path, series: dict[str, tuple[list, list]], *, title: str, ylabel: str, log_y: bool = False,
@@ -240,7 +231,7 @@ def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, devic
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: int = 4, gif_steps: int | None = None,
-                 device: torch.device | str = "cpu") -> Path:
+                 device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> Path:
     """Write ``index.html`` and its PNG/GIF files for a training run folder; returns the page's path.
 
     Args:
@@ -250,6 +241,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: i
         gif_n: images in the reverse-process GIF (0: no GIF).
         gif_steps: sampler steps of the GIF (default: the run's ``sample_steps``).
         device: where the GIF is sampled.
+        log: where notices go (a torn line of ``stats.jsonl`` dropped).
     """
     import html
     import shutil
@@ -262,7 +254,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: i
     out = run_dir / "report" if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stats = run_dir / "stats.jsonl"
-    records = read_stats(stats) if stats.is_file() else []
+    records = read_stats(stats, notice=log) if stats.is_file() else []
     parts = [f"<h1>Training report: {html.escape(run_dir.resolve().name)}</h1>",
              f"<p>{len(records)} stats records" + (f", up to {max(r['nimg'] for r in records)} training images" if records else "") + "</p>"]
     plots = _stats_plots(records, out)
@@ -284,5 +276,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: i
         parts.append(f"<h2>Reverse diffusion</h2><p>{note}</p>")
     style = "body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}img{image-rendering:pixelated;max-width:640px}"
     page = f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title><style>{style}</style></head><body>\n'
-    (out / "index.html").write_text(page + "\n".join(parts) + "\n</body></html>\n", encoding="utf-8")
+    text = (page + "\n".join(parts) + "\n</body></html>\n").encode()
+    atomic_write(out / "index.html", lambda f: f.write(text))
     return out / "index.html"

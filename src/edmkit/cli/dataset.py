@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edmkit.cli._common import main, parse_int_list, user_errors
+from edmkit.files import writer_lock
 
 
 @main.group("dataset")
@@ -35,7 +36,7 @@ def dataset_convert(source, dest, resolution, center_crop, classes, channels, sk
 
     from edmkit.data.convert import convert_dataset, format_summary
 
-    with warnings.catch_warnings(record=True) as caught:
+    with writer_lock(dest, what="output file", file=True), warnings.catch_warnings(record=True) as caught:  # one writer at a time
         warnings.simplefilter("always")
         info = convert_dataset(source, dest, resolution=resolution, channels=None if channels is None else int(channels),
                                classes=parse_int_list(classes, name="--classes"), center_crop=center_crop, skip_bad=skip_bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from edmkit import dist
 from edmkit.cli._common import check_output_target, main, pick_device, user_errors
 from edmkit.cli.generate import classifier_generate_kw, load_generate_classifier
 from edmkit.config import parse_metrics
+from edmkit.files import writer_lock
 
 
 def metrics_options(fn):
@@ -86,17 +88,18 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
         raise ValueError("--max-features must be >= 0")
     check_output_target(Path(out))
     dev = dist.init(pick_device(device))
-    echo = metrics_echo()
-    ds = load_dataset(data)
-    det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=echo)
-    notice = conversion_notice(det.spec, channels=ds.images.shape[1], resolution=ds.images.shape[-1])
-    if notice:
-        echo(notice)
-    ref = ev.compute_reference(ds.images, detector=det, source=str(data), batch=batch, max_features=max_features, progress=not quiet)
-    if ev.dist.is_main():
-        rf.save_reference(out, ref)
-    echo(f"wrote {out}: {ref.n} images of {ds.name}, {ref.features.shape[1]}-d {ref.detector} features ({len(ref.features)} kept), "
-         f"detector sha256 {ref.detector_sha256}")
+    with writer_lock(out, what="output file", file=True) if dist.is_main() else contextlib.nullcontext():  # one writer at a time
+        echo = metrics_echo()
+        ds = load_dataset(data)
+        det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=echo)
+        notice = conversion_notice(det.spec, channels=ds.images.shape[1], resolution=ds.images.shape[-1])
+        if notice:
+            echo(notice)
+        ref = ev.compute_reference(ds.images, detector=det, source=str(data), batch=batch, max_features=max_features, progress=not quiet)
+        if ev.dist.is_main():
+            rf.save_reference(out, ref)
+        echo(f"wrote {out}: {ref.n} images of {ds.name}, {ref.features.shape[1]}-d {ref.detector} features ({len(ref.features)} kept), "
+             f"detector sha256 {ref.detector_sha256}")
 
 
 @metrics_group.command("gen")

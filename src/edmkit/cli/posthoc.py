@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from edmkit.cli._common import NIMG, main, pick_device, user_errors
+from edmkit.files import writer_lock
 
 if TYPE_CHECKING:
     import torch
@@ -59,25 +60,26 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_imag
         raise ValueError("--score fid needs --ref REF.npz (reference statistics from `edmkit metrics ref`)")
     if score_kind == "loss" and (ref_path is not None or detector is not None):
         raise ValueError("--ref and --detector are for --score fid")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ph.PosthocEMAWarning)  # the same messages are printed from info below
-        if not do_sweep:
-            for path, info in ph.save_reconstructions(run_dir, sigma_rels=sigma_rels, at_nimg=at_nimg, out_dir=out_dir, progress=not quiet):
-                echo_reconstruction(info)
-                click.echo(f"  -> {path}")
-            return
-        snaps = ph.collect_snapshots(run_dir)
-        ph.check_sigma_rels(sigma_rels or phs.DEFAULT_SWEEP)
-        ph.resolve_at_nimg(snaps, at_nimg)
-        dev = pick_device(device)
-        if score_kind == "fid":  # reference and detector are checked before any reconstruction is written
-            score = fid_score_of(snaps[-1].config, ref_path, detector=detector, n=score_n, steps=score_steps,
-                                 batch=64 if batch is None else batch, device=dev)
-        else:
-            score = phs.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev,
-                                       batch=256 if batch is None else batch)
-        result = phs.sweep(run_dir, out_dir=out_dir, sigma_rels=sigma_rels or phs.DEFAULT_SWEEP, score_fn=score, at_nimg=at_nimg,
-                          device=dev, progress=not quiet)
+    with writer_lock(out_dir, what="output folder"):  # one writer at a time
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ph.PosthocEMAWarning)  # the same messages are printed from info below
+            if not do_sweep:
+                for path, info in ph.save_reconstructions(run_dir, sigma_rels=sigma_rels, at_nimg=at_nimg, out_dir=out_dir, progress=not quiet):
+                    echo_reconstruction(info)
+                    click.echo(f"  -> {path}")
+                return
+            snaps = ph.collect_snapshots(run_dir)
+            ph.check_sigma_rels(sigma_rels or phs.DEFAULT_SWEEP)
+            ph.resolve_at_nimg(snaps, at_nimg)
+            dev = pick_device(device)
+            if score_kind == "fid":  # reference and detector are checked before any reconstruction is written
+                score = fid_score_of(snaps[-1].config, ref_path, detector=detector, n=score_n, steps=score_steps,
+                                     batch=64 if batch is None else batch, device=dev)
+            else:
+                score = phs.denoising_score(snaps[-1].config, n_images=score_images, n_sigmas=score_sigmas, data=data, device=dev,
+                                           batch=256 if batch is None else batch)
+            result = phs.sweep(run_dir, out_dir=out_dir, sigma_rels=sigma_rels or phs.DEFAULT_SWEEP, score_fn=score, at_nimg=at_nimg,
+                              device=dev, progress=not quiet)
     for row in result["rows"]:
         click.echo(f"sigma_rel {row['sigma_rel']:<6g} {result['score_name']} {row['score']:.5f}   cond(A) {row['cond']:.2e}  gain {row['gain']:.2f}  fit error {row['fit_error']:.2%}")
         if row["warnings"]:
@@ -134,5 +136,5 @@ def report(run_dir, out, gif_n, gif_steps, device) -> None:
 
     if gif_n < 0:
         raise ValueError("--gif-n must be >= 0")
-    page = write_report(run_dir, out, gif_n=gif_n, gif_steps=gif_steps, device=pick_device(device))
+    page = write_report(run_dir, out, gif_n=gif_n, gif_steps=gif_steps, device=pick_device(device), log=click.echo)
     click.echo(f"wrote {page}")

@@ -84,7 +84,7 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
         state = run_training(cfg, run_dir, device=pick_device(device), force=force, progress=not quiet, log=click.echo, loggers=loggers)
     finally:
         dist.shutdown()  # leave torchrun's process group (a no-op in one process)
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports
+    if int(os.environ.get("RANK", "0")) > 0 or state.stop_signal:  # under torchrun only rank 0 reports; a stopped run said so
         return
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")

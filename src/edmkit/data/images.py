@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from edmkit.files import atomic_write
+
 
 def images_to_float(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [N, C, H, W] in [0, 255] -> float32 in [-1, 1]: x / 127.5 - 1."""
@@ -63,7 +65,8 @@ def save_image_grid(x: torch.Tensor, path: str | Path, *, nrow: int | None = Non
     """Save images [N, C, H, W] (uint8 or float in [-1, 1]) as one PNG grid with 1 px padding."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _to_pil(image_grid(x, nrow=nrow)).save(path)
+    image = _to_pil(image_grid(x, nrow=nrow))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_images(x: torch.Tensor, folder: str | Path, *, start_index: int = 0) -> None:
@@ -71,7 +74,8 @@ def save_images(x: torch.Tensor, folder: str | Path, *, start_index: int = 0) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(_as_uint8(x)):
-        _to_pil(image).save(folder / f"{start_index + i:06d}.png")
+        pil = _to_pil(image)
+        atomic_write(folder / f"{start_index + i:06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
 
 
 def read_image_file(path: str, *, channels: int | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from edmkit.data.images import images_to_float
 from edmkit.diffusion.classifier import CLEAN_SIGMA, build_classifier
 from edmkit.diffusion.loss import make_loss
 from edmkit.diffusion.schedules import learning_rate
+from edmkit.files import writer_lock
 from edmkit.training.ema import PowerFunctionEMA
 from edmkit.training.loop import due
 from edmkit.training.run_state import RunError, StopRequest, TrainState, prepare_run_dir, resume, save_training_state
@@ -145,42 +146,43 @@ def train_classifier(cfg: ExperimentConfig, out_path: str | os.PathLike, *, nimg
     cfg = cfg.override("network", label_dim=data.num_classes).override("train", total_nimg=end_nimg)
     cfg = cfg if lr is None else cfg.override("optim", lr=lr)
     state_dir = classifier_state_dir(out_path)
-    try:
-        prepare_run_dir(state_dir, cfg, force=force)
-    except RunError as e:
-        raise RunError(f"cannot continue training {out_path}: {e}") from None
-    torch.manual_seed(cfg.train.seed)  # weight init
-    clf = build_classifier(cfg).to(device).train()
-    o, std = cfg.optim, classifier_ema_std(cfg)
-    opt = torch.optim.Adam(clf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    state = TrainState(net=clf, optimizer=opt, ema=PowerFunctionEMA(clf, stds=(std,)))
-    resume(state, state_dir, log)
-    loss_fn = make_loss(cfg)
-    train_idx, eval_idx = split_held_out(len(data.labels), eval_images=eval_images, seed=cfg.train.seed)
-    bar = tqdm(total=end_nimg, initial=min(state.nimg, end_nimg), disable=not progress, desc="train-classifier", unit="img")
-    with StopRequest() as stop:  # SIGINT / SIGTERM: finish the step, save, then stop
+    with writer_lock(state_dir, what="classifier state folder"):  # one writer at a time
         try:
-            while state.nimg < end_nimg and not stop.requested():
-                prev = state.nimg
-                stats = classifier_step(state, cfg, data, train_idx, loss_fn, device=device)
-                bar.update(state.nimg - prev)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
-                if due(prev, state.nimg, cfg.train.state_nimg) or state.nimg >= end_nimg:
-                    save_training_state(state, cfg, state_dir)
-        finally:
-            bar.close()
-        if stop.requested():
-            save_training_state(state, cfg, state_dir)
-            log(f"stopped by signal {stop.signum}: state saved at {state.nimg} images in {state_dir}; re-run to continue")
-            raise KeyboardInterrupt
-    ema = build_classifier(cfg).to(device)
-    ema.load_state_dict(state.ema.averaged(0), strict=True)
-    ema.eval()
-    save_network(out_path, ema.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=std, kind="classifier")
-    report = classifier_report(ema, data, eval_idx, loss_fn, num_bins=num_bins, seed=cfg.train.seed, device=device)
-    log(format_report(report))
-    last_lr = learning_rate(state.nimg, lr=o.lr, ref_nimg=o.lr_ref_nimg, warmup_nimg=o.warmup_nimg)
-    return {**report, "nimg": state.nimg, "lr": last_lr, "ema_std": std, "state_dir": str(state_dir)}
+            prepare_run_dir(state_dir, cfg, force=force)
+        except RunError as e:
+            raise RunError(f"cannot continue training {out_path}: {e}") from None
+        torch.manual_seed(cfg.train.seed)  # weight init
+        clf = build_classifier(cfg).to(device).train()
+        o, std = cfg.optim, classifier_ema_std(cfg)
+        opt = torch.optim.Adam(clf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        state = TrainState(net=clf, optimizer=opt, ema=PowerFunctionEMA(clf, stds=(std,)))
+        resume(state, state_dir, log)
+        loss_fn = make_loss(cfg)
+        train_idx, eval_idx = split_held_out(len(data.labels), eval_images=eval_images, seed=cfg.train.seed)
+        bar = tqdm(total=end_nimg, initial=min(state.nimg, end_nimg), disable=not progress, desc="train-classifier", unit="img")
+        with StopRequest() as stop:  # SIGINT / SIGTERM: finish the step, save, then stop
+            try:
+                while state.nimg < end_nimg and not stop.requested():
+                    prev = state.nimg
+                    stats = classifier_step(state, cfg, data, train_idx, loss_fn, device=device)
+                    bar.update(state.nimg - prev)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
+                    if due(prev, state.nimg, cfg.train.state_nimg) or state.nimg >= end_nimg:
+                        save_training_state(state, cfg, state_dir)
+            finally:
+                bar.close()
+            if stop.requested():
+                save_training_state(state, cfg, state_dir)
+                log(f"stopped by signal {stop.signum}: state saved at {state.nimg} images in {state_dir}; re-run to continue")
+                raise KeyboardInterrupt
+        ema = build_classifier(cfg).to(device)
+        ema.load_state_dict(state.ema.averaged(0), strict=True)
+        ema.eval()
+        save_network(out_path, ema.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=std, kind="classifier")
+        report = classifier_report(ema, data, eval_idx, loss_fn, num_bins=num_bins, seed=cfg.train.seed, device=device)
+        log(format_report(report))
+        last_lr = learning_rate(state.nimg, lr=o.lr, ref_nimg=o.lr_ref_nimg, warmup_nimg=o.warmup_nimg)
+        return {**report, "nimg": state.nimg, "lr": last_lr, "ema_std": std, "state_dir": str(state_dir)}
 
 
 def classifier_report(clf: Callable, data: ImageDataset, idx: torch.Tensor, loss_fn: Any, *, num_bins: int, seed: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,17 +41,19 @@ from edmkit.diffusion.schedules import learning_rate
 from edmkit.presets import check_sr_config
 from edmkit.training.ema import PowerFunctionEMA
 from edmkit.training.monitor import (
+    Evaluator,
     Monitor,
     check_snapshot_budget,
     make_evaluator,
     make_monitor,
+    rewind_records,
     save_grid,
     save_snapshot,
     write_evaluation,
     write_stats,
     write_validation,
 )
-from edmkit.training.run_state import RunError, StopRequest, TrainState, prepare_run_dir_on_main, resume, save_training_state
+from edmkit.training.run_state import RunError, StopRequest, TrainState, open_run_folder, resume, save_training_state
 from edmkit.training.step_inputs import Shard, make_shard, step_augment, step_noise, step_seed, step_sr_condition
 from edmkit.training.validation import split_dataset
 
@@ -170,23 +173,32 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
           force: bool = False, progress: bool = True, log: Callable[[str], None] = print, loggers: Sequence[str] = ()) -> TrainState:
     """Train (or resume) the run in ``run_dir`` up to ``cfg.train.total_nimg`` (or ``stop_nimg``, for tests).
 
-    ``loggers``: optional dashboards fed with the stats records, ``"tensorboard"`` and/or ``"wandb"``.
+    One process at a time writes a run folder (its writer lock, held by rank 0 until the end). ``loggers``: optional
+    dashboards fed with the stats records, ``"tensorboard"`` and/or ``"wandb"``.
     """
     run_dir = Path(run_dir)
     device = dist.init(device)  # under torchrun: join the process group (gloo / nccl); a no-op in one process
     log = log if dist.is_main() else lambda s: None
-    shard = make_shard(cfg, rank=dist.rank(), world=dist.world_size())
     evaluator = make_evaluator(cfg, device=device, log=log)  # before the run folder is touched: a bad file leaves it as it was
-    prepare_run_dir_on_main(run_dir, cfg, force=force)
+    with open_run_folder(run_dir, cfg, force=force):
+        return run_in_folder(cfg, run_dir, device=device, end_nimg=min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg),
+                             progress=progress, log=log, loggers=loggers, evaluator=evaluator)
+
+
+def run_in_folder(cfg: ExperimentConfig, run_dir: Path, *, device: torch.device, end_nimg: int, progress: bool, log: Callable[[str], None],
+                  loggers: Sequence[str], evaluator: Evaluator | None) -> TrainState:
+    """Build, resume and train; the caller holds the run folder (``open_run_folder``)."""
+    shard = make_shard(cfg, rank=dist.rank(), world=dist.world_size())
     data, val_data = split_dataset(load_training_data(cfg), fraction=cfg.train.val_fraction, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     net = ckpt.build_denoiser(cfg).to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    end_nimg = min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg)
     check_snapshot_budget(cfg, net, end_nimg=end_nimg, log=log)  # before anything is opened or resumed
     state = TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds),
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
     resume(state, run_dir, log)
+    if dist.is_main():
+        rewind_records(run_dir, up_to_nimg=state.nimg, log=log)  # stats.jsonl as of the resumed state: no records from after it
     state.train_net = wrap_for_training(net, cfg, device)
     loss_fn = make_loss(cfg)  # the formulation's loss (EDM / DDPM / flow), uncertainty-weighted per config
     monitor = make_monitor(cfg, run_dir, state, data, val_data, loss_fn, loggers=loggers, device=device, log=log) if dist.is_main() else Monitor()
@@ -205,11 +217,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
             bar.close()
             monitor.close()
         if stop.requested():  # SIGINT / SIGTERM (on any rank): the step finished, its state is saved; re-running resumes
+            signum = stop.signal_on_any_rank()
             if dist.is_main():
                 save_training_state(state, cfg, run_dir)
-            log(f"stopped by signal {stop.signum}: state saved at {state.nimg} images in {run_dir}")
+            log(f"stopped by signal {signum}: state saved at {state.nimg} images in {run_dir}; re-run the same command to resume")
             dist.barrier()  # no rank exits (and makes torchrun stop the others) before the state is written
-            raise KeyboardInterrupt
+            if signum != signal.SIGTERM:
+                raise KeyboardInterrupt  # Ctrl-C: the command exits 130
+            state.stop_signal = signum  # SIGTERM (preemption, a scheduler, kill): a clean return on every rank, exit 0
+            return state
     dist.barrier()
     return state
 

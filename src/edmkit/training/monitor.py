@@ -27,6 +27,7 @@ from edmkit.data.dataset import ImageDataset
 from edmkit.data.images import save_image_grid
 from edmkit.diffusion.loss import EDMLoss
 from edmkit.diffusion.precond import Denoiser
+from edmkit.files import atomic_write
 from edmkit.metrics import evaluate as metrics_eval
 from edmkit.metrics import reference as metrics_ref
 from edmkit.metrics.detectors import Detector
@@ -94,15 +95,43 @@ def make_monitor(cfg: ExperimentConfig, run_dir: Path, state: TrainState, train_
     return Monitor(sinks, validator, log)
 
 
-def read_val_history(run_dir: Path, *, up_to_nimg: int) -> list[tuple[float, float]]:
-    """(validation, training) losses of the ``"val"`` records at or before ``up_to_nimg``, oldest first (the last per image count)."""
-    path, by_nimg = run_dir / "stats.jsonl", {}
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in lines:
+def read_records(path: Path, *, notice: Callable[[str], None] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every readable line of a ``stats.jsonl``; a line that is not a JSON object (a crash cut it
+    short, or it is being written right now) is dropped with a notice, never an exception."""
+    out, dropped = [], 0
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append((line, rec))
+        elif line.strip():
+            dropped += 1
+    if dropped and notice is not None:
+        notice(f"{path}: dropped {dropped} unreadable line(s) (a write cut short by a crash, or one in progress)")
+    return out
+
+
+def rewind_records(run_dir: Path, *, up_to_nimg: int, log: Callable[[str], None]) -> None:
+    """Make ``stats.jsonl`` match a resumed state: drop records from after ``up_to_nimg`` (written before a crash, to be
+    written again) and unreadable lines; the file is replaced atomically, and left alone when nothing changes."""
+    path = run_dir / "stats.jsonl"
+    if not path.is_file():
+        return
+    records = read_records(path, notice=log)
+    kept = [line for line, rec in records if not isinstance(rec.get("nimg"), (int, float)) or rec["nimg"] <= up_to_nimg]
+    text = "".join(line + "\n" for line in kept)
+    if text != path.read_text():
+        if len(kept) < len(records):
+            log(f"{path}: dropped {len(records) - len(kept)} record(s) after the resumed state at {up_to_nimg} images")
+        atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_val_history(run_dir: Path, *, up_to_nimg: int) -> list[tuple[float, float]]:
+    """(validation, training) losses of the ``"val"`` records at or before ``up_to_nimg``, oldest first (the last per image count)."""
+    by_nimg = {}
+    for _, rec in read_records(run_dir / "stats.jsonl"):
         if rec.get("kind") == "val" and rec["nimg"] <= up_to_nimg and rec["loss"] is not None and rec["train_loss"] is not None:
             by_nimg[rec["nimg"]] = (rec["loss"], rec["train_loss"])
     return [by_nimg[k] for k in sorted(by_nimg)]

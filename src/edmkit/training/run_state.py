@@ -8,9 +8,11 @@ so states load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +23,7 @@ from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig, config_diff
 from edmkit.diffusion.precond import Denoiser
-from edmkit.files import write_json
+from edmkit.files import write_json, writer_lock
 from edmkit.training.ema import PowerFunctionEMA
 
 # Fields that change only how long or how often things happen, not what the weights become: a resumed run may change them.
@@ -50,6 +52,7 @@ class TrainState:
     totals: dict[str, float] = field(default_factory=lambda: {"train_sec": 0.0})
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # fp16 loss scaling
     train_net: torch.nn.Module | None = None  # what forward/backward run through (DDP / autocast / compiled); None: ``net``
+    stop_signal: int | None = None  # set when SIGTERM stopped the run early (its state saved); not part of the saved state
 
     def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),
@@ -78,7 +81,13 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False
         raise RunError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
     cfg_file = run_dir / "config.json"
     if cfg_file.is_file():
-        old = ExperimentConfig.from_json(cfg_file.read_text())
+        try:
+            old = ExperimentConfig.from_json(cfg_file.read_text())
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:  # not JSON, or not an edmkit config
+            if not force:
+                raise RunError(f"{cfg_file}: not an edmkit config ({str(e).splitlines()[0]}); remove it, use another --run folder, "
+                               "or pass --force to replace it") from None
+            old = cfg
         diff = [d for d in config_diff(old, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
         if diff and not force:
             raise RunError(f"{run_dir} holds a run with another config ({'; '.join(diff)}); use another --run folder, or --force to continue with the new config")
@@ -86,8 +95,13 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False
 
 
 def resume(state: TrainState, run_dir: Path, log: Callable[[str], None]) -> None:
-    """Load the newest readable training state; a damaged newest file falls back to the previous one."""
-    for path in reversed(ckpt.list_states(run_dir)):
+    """Load the newest readable training state; a damaged newest file falls back to the previous one.
+
+    Raises:
+        RunError: state files are there but none can be read (foreign or damaged): nothing is started over them.
+    """
+    paths = ckpt.list_states(run_dir)
+    for path in reversed(paths):
         try:
             state.load_dict(ckpt.load_state(path))
         except ckpt.CheckpointError as e:
@@ -95,19 +109,27 @@ def resume(state: TrainState, run_dir: Path, log: Callable[[str], None]) -> None
             continue
         log(f"resuming from {path.name} at {state.nimg} images")
         return
+    if paths:
+        raise RunError(f"{run_dir}: no readable training state among {', '.join(p.name for p in paths)}; move them away to start afresh, "
+                       "or use another --run folder")
 
 
-def prepare_run_dir_on_main(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:
-    """``prepare_run_dir`` on rank 0 only; its RunError is raised on every rank (none is left waiting)."""
-    error = None
-    if dist.is_main():
-        try:
-            prepare_run_dir(run_dir, cfg, force=force)
-        except RunError as e:
-            error = str(e)
-    error = dist.broadcast_from_main(error)
-    if error is not None:
-        raise RunError(error)
+@contextlib.contextmanager
+def open_run_folder(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> Iterator[None]:
+    """Hold the run folder for the whole run: rank 0 takes its writer lock (one writer per folder; the OS frees it
+    when the process dies) and prepares it (``prepare_run_dir``). A refusal is raised on every rank as ``RunError``."""
+    with contextlib.ExitStack() as held:
+        error = None
+        if dist.is_main():
+            try:
+                held.enter_context(writer_lock(run_dir, what="run folder"))
+                prepare_run_dir(run_dir, cfg, force=force)
+            except (RunError, OSError) as e:
+                error = str(e)
+        error = dist.broadcast_from_main(error)  # no rank is left waiting for one that gave up
+        if error is not None:
+            raise RunError(error)
+        yield
 
 
 def save_training_state(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, keep: int | None = None) -> None:
@@ -140,6 +162,10 @@ class StopRequest:
     def requested(self) -> bool:
         """Whether a stop was asked on any rank: a collective, so every rank takes the same branch."""
         return dist.any_rank(self.signum is not None)
+
+    def signal_on_any_rank(self) -> int:
+        """The stop signal, the same on every rank (a collective): SIGTERM if any rank got it, else SIGINT."""
+        return dist.max_over_ranks(self.signum or 0)  # SIGTERM (15) > SIGINT (2)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
