@@ -24,7 +24,7 @@ def test_help(cmd):
 def test_dry_run_prints_resolved_config():
     res = run("train", "--preset", "tiny", "--batch", "8", "--duration", "1Ki", "--dry-run")
     assert res.exit_code == 0
-    cfg = json.loads(res.output)
+    cfg = json.loads(res.stdout)  # stdout: the config JSON (stderr: its parameters and GFLOPs)
     assert cfg["train"]["batch"] == 8 and cfg["train"]["total_nimg"] == 1024
 
 
@@ -69,7 +69,7 @@ def test_class_subset_reaches_training_data():
 
     res = run("train", "--preset", "tiny", "--classes", "3,5", "--cond", "--dry-run")
     assert res.exit_code == 0, res.output
-    cfg = json.loads(res.output)
+    cfg = json.loads(res.stdout)  # stdout: the config JSON (stderr: its parameters and GFLOPs)
     assert cfg["train"]["classes"] == [3, 5] and cfg["network"]["label_dim"] == 2
     from edmkit.config import ExperimentConfig
 

@@ -154,7 +154,7 @@ def test_dataset_info_shows_names(tmp_path):
 def _dry_run_loss(*flags):
     res = run("train", "--preset", "tiny", *flags, "--dry-run")
     assert res.exit_code == 0, res.output
-    return json.loads(res.output)["loss"]
+    return json.loads(res.stdout)["loss"]
 
 
 def test_stratified_flag_sets_the_loss_field():

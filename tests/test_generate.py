@@ -432,7 +432,7 @@ def test_training_with_label_dropout_is_deterministic_and_resumable(tmp_path):
 
 
 def test_cli_p_uncond(tmp_path):
-    cfg = json.loads(run("train", "--preset", "tiny", "--cond", "--p-uncond", "0.1", "--dry-run").output)
+    cfg = json.loads(run("train", "--preset", "tiny", "--cond", "--p-uncond", "0.1", "--dry-run").stdout)
     assert cfg["loss"]["p_uncond"] == 0.1 and cfg["network"]["label_dim"] == 10
     assert "--cond" in error_of("train", "--preset", "tiny", "--p-uncond", "0.1", "--dry-run")
 

@@ -14,7 +14,7 @@ from edmkit.presets import OVERRIDES, get_preset, load_config_file, resolve_conf
 def dry_run(*args: str) -> ExperimentConfig:
     result = CliRunner().invoke(main, ["train", *args, "--dry-run"])
     assert result.exit_code == 0, result.output
-    return ExperimentConfig.from_json(result.output)
+    return ExperimentConfig.from_json(result.stdout)  # stderr: parameters and GFLOPs
 
 
 @pytest.mark.parametrize("flags, overrides", [

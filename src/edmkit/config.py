@@ -70,6 +70,7 @@ LADDER: dict[str, LadderSwitches] = {
     "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
 }
 FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
+ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
@@ -83,6 +84,7 @@ def ladder_switches(name: str) -> LadderSwitches:
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm
     resolution: int = 28                        # image height = width, pixels
     channels: int = 1                           # image channels (1 or 3)
     label_dim: int = 0                          # number of classes for conditioning; 0 = unconditional
@@ -92,7 +94,7 @@ class NetworkConfig:
     attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks
     channels_per_head: int = 64                 # attention head width
     dropout: float = 0.0                        # dropout inside residual blocks
-    ladder: str = "G"                           # EDM2 config-ladder rung (Table 1)
+    ladder: str = "G"                           # EDM2 config-ladder rung (Table 1); edm2-unet only
     formulation: str = "edm"                    # preconditioning + loss: edm, ddpm (epsilon, 1000-step VP), flow (rectified)
     sigma_data: float = 0.5                     # data std in [-1, 1] pixel units
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
@@ -105,7 +107,10 @@ class NetworkConfig:
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
         _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
                f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
+        _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
+        _check(self.arch == "edm2-unet" or self.ladder == "G",
+               f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")
         _check(self.formulation in FORMULATIONS, f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.sigma_data > 0, "sigma_data must be positive")

@@ -54,7 +54,25 @@ PRESETS: dict[str, ExperimentConfig] = {
                              optim=dict(lr_ref_nimg=200_000, warmup_nimg=5_000),
                              ema=dict(snapshot_nimg=100_000, sample_std=0.05),
                              train=dict(data="cifar-10-python.tar.gz", batch=64, total_nimg=2_000_000, status_nimg=10_000, grid_nimg=100_000, state_nimg=50_000)),
+    # EDM's CIFAR-10 networks (EDM App. F, Table 7): DDPM++ ~55.7M / NCSN++ ~56.4M parameters, EDM preconditioning and loss
+    # (no learned uncertainty), Adam lr 1e-3 constant after a 10 Mimg ramp, dropout 0.13, augmentation 0.12, 200 Mimg
+    "ddpmpp-cifar10": _preset(network=dict(arch="ddpmpp", resolution=32, channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                                           attn_resolutions=(16,), dropout=0.13, augment_dim=7),  # data.augment.AUGMENT_DIM
+                              loss=dict(P_mean=-1.2, P_std=1.2, uncertainty=False), optim=dict(lr=1e-3, lr_ref_nimg=0, warmup_nimg=10_000_000),
+                              ema=dict(snapshot_nimg=4_000_000),
+                              train=dict(data="cifar-10-python.tar.gz", batch=512, total_nimg=200_000_000, augment_p=0.12, status_nimg=128_000,
+                                         grid_nimg=5_000_000, state_nimg=5_000_000)),
+    # ADM as EDM trains it on ImageNet-64 (EDM App. F): ~296M parameters, class-conditional, dropout 0.1, lr 2e-4, batch 4096
+    "adm-imagenet64": _preset(network=dict(arch="adm", resolution=64, channels=3, label_dim=1000, model_channels=192, channel_mult=(1, 2, 3, 4),
+                                           num_blocks=3, attn_resolutions=(32, 16, 8), channels_per_head=64, dropout=0.1),
+                              loss=dict(P_mean=-1.2, P_std=1.2, uncertainty=False), optim=dict(lr=2e-4, lr_ref_nimg=0, warmup_nimg=10_000_000),
+                              ema=dict(snapshot_nimg=20_000_000),
+                              train=dict(data="imagenet-64x64.zip", batch=4096, total_nimg=2_500_000_000, status_nimg=1_000_000,
+                                         grid_nimg=50_000_000, state_nimg=50_000_000)),
 }
+PRESETS["ncsnpp-cifar10"] = PRESETS["ddpmpp-cifar10"].override("network", arch="ncsnpp")
+PRESETS.update({f"tiny-{arch}": PRESETS["tiny"].override("network", arch=arch, model_channels=16, channels_per_head=8)  # seconds on CPU
+                for arch in ("ddpmpp", "ncsnpp", "adm")})
 
 
 DEFAULT_PRESET = "mnist"
@@ -138,7 +156,7 @@ def check_sr_config(cfg: ExperimentConfig) -> None:
 
 # Plain replacements: override name -> (section, field). The names are the ``edmkit train`` flags.
 FIELDS: dict[str, tuple[str, str]] = {
-    "resolution": ("network", "resolution"),
+    "arch": ("network", "arch"), "resolution": ("network", "resolution"),
     "data": ("train", "data"), "classes": ("train", "classes"), "center_crop": ("train", "center_crop"),
     "batch": ("train", "batch"), "total_nimg": ("train", "total_nimg"), "seed": ("train", "seed"),
     "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "stratified": ("loss", "stratified"),

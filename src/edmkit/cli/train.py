@@ -10,13 +10,14 @@ import click
 
 from edmkit import dist
 from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.config import FORMULATIONS, LADDER, PRECISIONS
+from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS
 from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_config
 
 
 @main.command()
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help=f"Named configuration: {', '.join(PRESETS)}.")
 @click.option("--config-file", type=click.Path(dir_okay=False), default=None, help="Start from this config file (JSON, as --dry-run prints it) instead of --preset; flags still override it.")
+@click.option("--arch", default=None, help=f"Backbone: {', '.join(ARCHS)} (default: the preset's). --dry-run prints its parameters and GFLOPs.")
 @click.option("--config", "ladder", default=None, help=f"EDM2 config-ladder rung ({', '.join(LADDER)}; default: the preset's, G). Also sets its loss weighting and lr schedule (A: no uncertainty; A-D: constant lr; A-C: lr 1e-3); --lr still wins.")
 @click.option("--formulation", default=None, help=f"Diffusion formulation: {', '.join(FORMULATIONS)} (default: the preset's, edm). flow also sets logit-normal(0, 1) t.")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state. Under torchrun spell it --run-dir (torchrun's parser takes --run for its --run-path).")
@@ -72,12 +73,16 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
     base = load_config_file(config_file) if config_file else preset
     cfg = resolve_config(base, classes=parse_int_list(classes, name="--classes"), **overrides)
     if dry_run:
+        from edmkit.nn.build import network_cost
+
         click.echo(cfg.to_json())
+        params, gflops = network_cost(cfg.network)
+        click.echo(f"{cfg.network.arch}: {params / 1e6:.2f}M parameters, {gflops:.3g} GFLOPs per image per forward pass", err=True)
         return
     from edmkit.training.loop import train as run_training  # heavy imports only when training
 
     name = Path(config_file).stem if config_file else preset
-    run_dir = Path(run_dir or Path("runs") / "-".join([name] + [v for v in (overrides["ladder"], overrides["formulation"]) if v]))
+    run_dir = Path(run_dir or Path("runs") / "-".join([name] + [v for v in (overrides["arch"], overrides["ladder"], overrides["formulation"]) if v]))
     # DDP on CPU: 1x1-conv weight gradients come with other (equivalent) strides for their size-1 dims; harmless
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
