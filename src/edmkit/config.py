@@ -108,6 +108,16 @@ class NetworkConfig:
         _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
                f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        sizes = [self.resolution >> level for level in range(levels)]  # image size at each level
+        for r in self.attn_resolutions:
+            if r not in sizes and self.arch == "edm2-unet":
+                continue  # the EDM2 U-Net has always skipped such entries; configs in files written before this check keep loading
+            _check(r in sizes, f"attention at {r}x{r} does not occur in a {levels}-level network on {self.resolution}x{self.resolution} "
+                               f"images: choose attention resolutions among {', '.join(map(str, sizes))} (--attn)")
+            width = self.model_channels * self.channel_mult[sizes.index(r)]
+            _check(self.arch == "ncsnpp" or self.arch == "ddpmpp" or width % self.channels_per_head == 0,
+                   f"attention at {r}x{r} has {width} channels, not a multiple of channels_per_head {self.channels_per_head}: "
+                   f"change model_channels or channels_per_head")
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
         _check(self.arch == "edm2-unet" or self.ladder == "G",
                f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")

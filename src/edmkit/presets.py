@@ -156,7 +156,7 @@ def check_sr_config(cfg: ExperimentConfig) -> None:
 
 # Plain replacements: override name -> (section, field). The names are the ``edmkit train`` flags.
 FIELDS: dict[str, tuple[str, str]] = {
-    "arch": ("network", "arch"), "resolution": ("network", "resolution"),
+    "arch": ("network", "arch"), "resolution": ("network", "resolution"), "attn_resolutions": ("network", "attn_resolutions"),
     "data": ("train", "data"), "classes": ("train", "classes"), "center_crop": ("train", "center_crop"),
     "batch": ("train", "batch"), "total_nimg": ("train", "total_nimg"), "seed": ("train", "seed"),
     "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "stratified": ("loss", "stratified"),
@@ -209,7 +209,7 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
     if "formulation" in o:
         cfg = resolve_formulation(cfg, o["formulation"])
     for section in ("network", "train", "optim", "loss", "ema"):
-        changes = {FIELDS[k][1]: tuple(v) if k == "classes" else v for k, v in o.items() if k in FIELDS and FIELDS[k][0] == section}
+        changes = {FIELDS[k][1]: tuple(v) if k in ("classes", "attn_resolutions") else v for k, v in o.items() if k in FIELDS and FIELDS[k][0] == section}
         cfg = cfg.override(section, **changes) if changes else cfg
     if "cond" in o:
         cfg = cfg.override("network", label_dim=_class_count(cfg) if o["cond"] else 0)

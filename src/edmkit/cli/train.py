@@ -25,6 +25,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--classes", default=None, help="Train on these classes only, e.g. 1 or 3,5 (relabelled 0..k-1 in this order).")
 @click.option("--center-crop", is_flag=True, default=None, help="Crop non-square images to a centred square before resizing.")
 @click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")
+@click.option("--attn", default=None, help="Self-attention at these resolutions, e.g. 16,8 (default: the preset's; none: --attn '').")
 @click.option("--batch", type=int, default=None, help="Global batch size.")
 @click.option("--duration", "total_nimg", type=NIMG, default=None, help="Training length in images, e.g. 80k, 2Mi.")
 @click.option("--lr", type=float, default=None, help="Reference learning rate (Adam).")
@@ -59,7 +60,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
 @click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr (default fid,kid).")
 @user_errors
-def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, classes, **overrides) -> None:
+def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, classes, attn, **overrides) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
 
     \b
@@ -71,7 +72,8 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
       torchrun --nproc_per_node=4 -m edmkit train --preset cifar10 --batch 512 --run-dir runs/c10
     """
     base = load_config_file(config_file) if config_file else preset
-    cfg = resolve_config(base, classes=parse_int_list(classes, name="--classes"), **overrides)
+    attn_resolutions = None if attn is None else (parse_int_list(attn, name="--attn") if attn.strip() else [])
+    cfg = resolve_config(base, classes=parse_int_list(classes, name="--classes"), attn_resolutions=attn_resolutions, **overrides)
     if dry_run:
         from edmkit.nn.build import network_cost
 
