@@ -39,9 +39,9 @@ def _common(n: NetworkConfig) -> dict:
 def _song_unet(variant: str) -> Callable[[NetworkConfig], torch.nn.Module]:
     def build(n: NetworkConfig) -> torch.nn.Module:
         """DDPM++ or NCSN++ (Song et al. 2021) as configured by EDM App. F."""
-        from edmkit.nn.songunet import SongUNet, variant_switches
+        from edmkit.nn.songunet import VARIANTS, SongUNet
 
-        return SongUNet(**_common(n), **variant_switches(variant))
+        return SongUNet(**_common(n), **VARIANTS[variant])
 
     return build
 
