@@ -122,3 +122,13 @@ def test_dry_run_prints_parameters_and_gflops(arch):
     assert result.exit_code == 0, result.output
     params, gflops = network_cost(get_preset(preset).network)
     assert f"{arch}: {params / 1e6:.2f}M parameters, {gflops:.3g} GFLOPs" in result.stderr
+
+
+@pytest.mark.parametrize("preset, millions", [("ddpmpp-cifar10", 55.7), ("ncsnpp-cifar10", 56.4), ("adm-imagenet64", 296.0)])
+def test_presets_reproduce_the_sources_sizes(preset, millions):
+    from edmkit.data.augment import AUGMENT_DIM
+
+    cfg = get_preset(preset)
+    params, _ = network_cost(cfg.network)
+    assert abs(params / 1e6 - millions) / millions < 0.005, params
+    assert cfg.network.augment_dim in (0, AUGMENT_DIM) and (cfg.train.augment_p > 0) == (cfg.network.augment_dim > 0)
