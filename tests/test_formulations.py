@@ -1,15 +1,18 @@
-"""EDM / DDPM (epsilon, discrete VP) / rectified-flow formulations: preconditioning, sigma <-> t, losses, training."""
+"""EDM / DDPM (epsilon, discrete VP) / rectified-flow / VP / VE / iDDPM formulations: preconditioning, sigma <-> t, losses, training."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from edmkit import checkpoint as ckpt
+from edmkit.cli import main
 from edmkit.config import FORMULATIONS as CONFIG_FORMULATIONS
 from edmkit.config import NetworkConfig
-from edmkit.diffusion.loss import LOSSES, DDPMLoss, EDMLoss, FlowLoss, make_loss
+from edmkit.diffusion.loss import LOSSES, DDPMLoss, EDMLoss, FlowLoss, IDDPMLoss, VELoss, VPLoss, make_loss
 from edmkit.diffusion.precond import (
     FORMULATIONS,
     Denoiser,
@@ -19,7 +22,9 @@ from edmkit.diffusion.precond import (
     ddpm_t_to_sigma,
     flow_sigma_to_t,
     flow_t_to_sigma,
+    iddpm_sigmas,
     network_target,
+    vp_sigma_to_t,
 )
 from edmkit.diffusion.schedules import vp_sigmas
 from edmkit.nn.unet import UNet
@@ -76,6 +81,32 @@ def test_flow_input_is_the_interpolant_and_target_the_velocity(sigma):
     assert c_noise.item() == pytest.approx(t.item())
 
 
+@pytest.mark.parametrize("formulation", ["vp", "iddpm"])
+@pytest.mark.parametrize("sigma", SIGMAS.tolist() + [500.0])
+def test_vp_and_iddpm_input_unit_variance_for_unit_data_and_target_is_eps(formulation, sigma):
+    """What EDM Table 1 promises for VP and iDDPM: c_in x has unit variance for unit-variance data (sigma_data = 1: c_in ignores
+    sigma_data), and the target is eps (unit variance for any data). With sigma_data = 0.5 the input is below 1 at low sigma."""
+    sigma = torch.tensor(sigma)
+    y, eps, x = noisy(sigma, sigma_data=1.0)
+    _, _, c_in, _ = FORMULATIONS[formulation](sigma, sigma_data=1.0)
+    assert (c_in * x).std().item() == pytest.approx(1, abs=0.03)
+    assert torch.allclose(network_target(y, x, sigma, sigma_data=1.0, formulation=formulation), eps, atol=1e-3)
+    y, eps, x = noisy(sigma, sigma_data=0.5)
+    _, _, c_in, _ = FORMULATIONS[formulation](sigma, sigma_data=0.5)
+    expected = math.sqrt((0.25 + sigma.item() ** 2) / (1 + sigma.item() ** 2))
+    assert (c_in * x).std().item() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS.tolist())
+def test_ve_target_is_minus_eps_and_input_is_not_scaled(sigma):
+    """VE promises only a unit-variance target: (y - x) / sigma = -eps; c_in = 1 leaves the input's std at sqrt(sigma_data^2 + sigma^2)."""
+    sigma = torch.tensor(sigma)
+    y, eps, x = noisy(sigma, sigma_data=0.5)
+    assert torch.allclose(network_target(y, x, sigma, sigma_data=0.5, formulation="ve"), -eps, atol=1e-3)
+    _, _, c_in, _ = FORMULATIONS["ve"](sigma, sigma_data=0.5)
+    assert (c_in * x).std().item() == pytest.approx(math.sqrt(0.25 + sigma.item() ** 2), rel=0.03)
+
+
 def test_ddpm_sigma_t_round_trips_and_matches_the_schedule():
     t = torch.linspace(0, 999, 3001)
     assert torch.allclose(ddpm_sigma_to_t(ddpm_t_to_sigma(t)), t, atol=1e-3)
@@ -110,6 +141,9 @@ def papers_mse(formulation, y, eps, sigma):
 
     DDPM (Ho et al. 2020, L_simple): step t with sigma_t, x_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps, ||eps_theta(x_t, t/T) - eps||^2.
     Rectified flow: t = sigma / (1 + sigma), x_t = (1 - t) y + t eps, ||v_theta(x_t, t) - (eps - y)||^2.
+    VP (Song et al. 2021): t(sigma), alpha_bar = 1 / (1 + sigma^2), x_t as DDPM, ||eps_theta(x_t, 999 t) - eps||^2.
+    iDDPM: level j with u_j = sigma, alpha_bar_j = 1 / (1 + u_j^2), x_t as DDPM, ||eps_theta(x_t, 999 - j) - eps||^2.
+    VE (NCSN): x = y + sigma eps, score s_theta = F / sigma, sigma^2 ||s_theta + eps / sigma||^2 = ||F(x, ln(sigma/2)) + eps||^2.
     """
     affine = Affine()
     a, b = affine.a.item(), affine.b.item()
@@ -122,6 +156,18 @@ def papers_mse(formulation, y, eps, sigma):
         ab = alpha_bar[t].reshape(-1, 1, 1, 1)
         x_t = ab.sqrt() * y + (1 - ab).sqrt() * eps
         prediction, target = a * x_t + b * (t / 1000).reshape(-1, 1, 1, 1), eps
+    elif formulation in ("vp", "iddpm"):
+        ab = (1 / (1 + sigma**2)).reshape(-1, 1, 1, 1)
+        x_t = ab.sqrt() * y + (1 - ab).sqrt() * eps
+        if formulation == "vp":
+            c_noise = 999 * (torch.sqrt(0.01 + 2 * 19.9 * torch.log(sigma**2 + 1)) - 0.1) / 19.9
+        else:
+            j = (sigma[:, None] - iddpm_sigmas()).abs().argmin(dim=1)  # the level each sigma was drawn from
+            assert torch.allclose(iddpm_sigmas()[j], sigma, rtol=1e-6)
+            c_noise = 999 - j.double()
+        prediction, target = a * x_t + b * c_noise.reshape(-1, 1, 1, 1), eps
+    elif formulation == "ve":
+        prediction, target = a * (y + sigma.reshape(-1, 1, 1, 1) * eps) + b * (sigma / 2).log().reshape(-1, 1, 1, 1), -eps
     else:
         t = (sigma / (1 + sigma)).reshape(-1, 1, 1, 1)
         x_t = (1 - t) * y + t * eps
@@ -130,7 +176,7 @@ def papers_mse(formulation, y, eps, sigma):
 
 
 @pytest.mark.parametrize("uncertainty", [False, True])
-@pytest.mark.parametrize("formulation", ["ddpm", "flow"])
+@pytest.mark.parametrize("formulation", ["ddpm", "flow", "vp", "ve", "iddpm"])
 def test_losses_are_the_papers_eps_and_velocity_mse(formulation, uncertainty):
     """The optimized loss is the eps-MSE (DDPM) / velocity MSE (flow) computed from the papers' own variables; with the
     uncertainty weighting on, that MSE / e^u + u (EDM2 Eq. 21) with u the network's log-variance."""
@@ -174,7 +220,7 @@ def test_flow_logit_normal_t_is_lognormal_sigma_and_uniform_option():
 
 def test_make_loss_picks_the_formulation():
     tiny = get_preset("tiny")
-    for name, cls in [("edm", EDMLoss), ("ddpm", DDPMLoss), ("flow", FlowLoss)]:
+    for name, cls in [("edm", EDMLoss), ("ddpm", DDPMLoss), ("flow", FlowLoss), ("vp", VPLoss), ("ve", VELoss), ("iddpm", IDDPMLoss)]:
         assert type(make_loss(tiny.override("network", formulation=name))) is cls
 
 
@@ -184,7 +230,7 @@ def tiny_cfg(rung, formulation):
 
 
 @pytest.mark.parametrize("rung", ["A", "G"])
-@pytest.mark.parametrize("formulation", ["edm", "ddpm", "flow"])
+@pytest.mark.parametrize("formulation", list(CONFIG_FORMULATIONS))
 def test_a_train_step_runs_for_every_formulation_and_rung(formulation, rung):
     cfg = tiny_cfg(rung, formulation)
     torch.manual_seed(0)
@@ -197,7 +243,7 @@ def test_a_train_step_runs_for_every_formulation_and_rung(formulation, rung):
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-@pytest.mark.parametrize("formulation", ["ddpm", "flow"])
+@pytest.mark.parametrize("formulation", ["ddpm", "flow", "vp", "ve", "iddpm"])
 def test_sampling_needs_no_formulation_flag(formulation, tmp_path):
     """A network file carries its formulation: loading it rebuilds that preconditioning, and sampling from the file gives
     the saved network's images, not those of the same weights read as EDM."""
@@ -220,12 +266,50 @@ def test_sampling_needs_no_formulation_flag(formulation, tmp_path):
     assert (images - generate_images(as_edm, **kw)).abs().max() > 0.01
 
 
+def smooth_images(n, *, seed):
+    """[n, 1, 8, 8] images in [-1, 1]: a random 2x2 pattern, bilinearly upsampled (structure a tiny network can learn)."""
+    z = torch.rand(n, 1, 2, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.nn.functional.interpolate(z, size=8, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("formulation", ["vp", "ve", "iddpm"])
+def test_twenty_steps_lower_the_weighted_validation_error(formulation):
+    """20 steps of the tiny EDM2 U-Net (rung G) lower the lambda-weighted error at fixed sigmas (8 quantiles of the training
+    density) and fixed noise on held-out images. At init F = 0, so D = x and the error is ||eps||^2 ~ 1."""
+    cfg = tiny_cfg("G", formulation).override("train", batch=16)
+    torch.manual_seed(0)
+    net = ckpt.build_denoiser(cfg).train()
+    state = TrainState(net=net, optimizer=torch.optim.Adam(net.parameters(), lr=cfg.optim.lr), ema=PowerFunctionEMA(net, stds=cfg.ema.stds))
+    loss_fn = make_loss(cfg)
+    y_val, sigma = smooth_images(64, seed=1), loss_fn.sigma_quantiles(8).repeat_interleave(8)
+    noise = torch.randn(y_val.shape, generator=torch.Generator().manual_seed(2))
+
+    def val_error():
+        with torch.no_grad():
+            return loss_fn(net.eval(), y_val, None, sigma=sigma, noise=noise)[1].mean().item()
+
+    before = val_error()
+    assert before == pytest.approx(noise.square().mean().item(), rel=1e-4)  # D = c_skip x = x at init
+    for step in range(20):
+        train_step(state, loss_fn, cfg, smooth_images(16, seed=100 + step), None)
+    assert val_error() < 0.9 * before
+
+
+def test_dry_run_prints_each_new_formulation():
+    for name in ("vp", "ve", "iddpm"):
+        res = CliRunner().invoke(main, ["train", "--preset", "tiny", "--formulation", name, "--dry-run"], catch_exceptions=False)
+        assert res.exit_code == 0 and json.loads(res.output)["network"]["formulation"] == name
+
+
 def test_bad_formulation_names_and_combinations():
-    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
-        NetworkConfig(formulation="vp")
-    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
+    valid = "valid: edm, ddpm, flow, vp, ve, iddpm"
+    with pytest.raises(ValueError, match=valid):
+        NetworkConfig(formulation="VP")
+    with pytest.raises(ValueError, match=valid):
         Denoiser(UNet(resolution=8, channels=1, model_channels=8, channel_mult=(1,)), formulation="rf")
-    with pytest.raises(ValueError, match="valid: edm, ddpm, flow"):
+    with pytest.raises(ValueError, match=valid):
         resolve_formulation(get_preset("tiny"), "DDPM")
+    with pytest.raises(ValueError, match="rectified-flow option"):
+        make_loss(get_preset("tiny").override("network", formulation="ve").override("loss", uniform_t=True))
     with pytest.raises(ValueError, match="rectified-flow option"):
         make_loss(get_preset("tiny").override("loss", uniform_t=True))

@@ -6,12 +6,15 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.stats import kstest, norm
 
 from edmkit.diffusion.loss import (
     DDPMLoss,
     EDMLoss,
     FlowLoss,
+    IDDPMLoss,
+    VELoss,
+    VPLoss,
     ddpm_loss_weight,
     edm_loss_weight,
     flow_loss_weight,
@@ -19,6 +22,7 @@ from edmkit.diffusion.loss import (
     sample_sigma_stratified,
     uncertainty_weighted,
 )
+from edmkit.diffusion.precond import iddpm_sigmas
 
 
 def test_uncertainty_weighted_is_eq21():
@@ -125,3 +129,75 @@ def test_sigma_quantiles_are_midpoints_of_equal_mass_bins():
     steps = [125, 375, 625, 875]  # floor(1000 q)
     assert DDPMLoss().sigma_quantiles(4).tolist() == pytest.approx(np.sqrt((1 - alpha_bar[steps]) / alpha_bar[steps]).tolist(), rel=1e-6)
     assert FlowLoss(uniform_t=True).sigma_quantiles(4).tolist() == pytest.approx([p / (1 - p) for p in q], rel=1e-6)
+
+
+# --- EDM Table 1's VP, VE and iDDPM training densities and weights ---------------------------------------------
+
+
+def vp_t_of(sigma):
+    """EDM Table 1's sigma^-1 for VP (beta_d 19.9, beta_min 0.1), in float64 from the printed formula."""
+    return (np.sqrt(0.01 + 2 * 19.9 * np.log(sigma.astype(np.float64) ** 2 + 1)) - 0.1) / 19.9
+
+
+def test_new_columns_weight_is_inverse_sigma_squared():
+    """VP, VE, iDDPM: lambda(sigma) = 1 / sigma^2 (EDM Table 1), whatever sigma_data is."""
+    s = torch.tensor([0.01, 0.5, 3.0, 80.0, 2e4], dtype=torch.float64)
+    for cls in (VPLoss, VELoss, IDDPMLoss):
+        torch.testing.assert_close(cls(sigma_data=0.5).weight(s), 1 / s**2, rtol=1e-12, atol=0)
+
+
+def test_ve_draws_log_sigma_uniformly():
+    """ln sigma ~ U(ln 0.02, ln 100): inside the range and a KS test against the uniform law (fixed seed)."""
+    sigma = VELoss().sample_sigma(20_000, generator=torch.Generator().manual_seed(0))
+    assert sigma.dtype == torch.float32 and sigma.shape == (20_000,)
+    log = sigma.double().log().numpy()
+    lo, hi = math.log(0.02), math.log(100)
+    assert log.min() >= lo - 1e-6 and log.max() <= hi + 1e-6
+    assert kstest(log, "uniform", args=(lo, hi - lo)).pvalue > 0.01
+    assert kstest(log, "uniform", args=(lo, 0.9 * (hi - lo))).pvalue < 1e-6  # the test can tell a narrower range apart
+
+
+def test_vp_draws_t_uniformly():
+    """t(sigma) ~ U(eps_t = 1e-5, 1): inside the range and a KS test (fixed seed); so sigma in [sigma(1e-5), sigma(1)]."""
+    sigma = VPLoss().sample_sigma(20_000, generator=torch.Generator().manual_seed(0))
+    assert sigma.dtype == torch.float32
+    t = vp_t_of(sigma.numpy())
+    assert t.min() >= 1e-5 * (1 - 1e-4) and t.max() <= 1 + 1e-6
+    assert kstest(t, "uniform", args=(1e-5, 1 - 1e-5)).pvalue > 0.01
+    log = np.log(sigma.double().numpy())
+    assert kstest(log, "uniform", args=(log.min(), log.max() - log.min())).pvalue < 1e-6  # the test can tell a log-uniform sigma apart
+
+
+def test_iddpm_draws_levels_0_to_M_minus_1_uniformly():
+    """sigma = u_j, j ~ U{0..M-1}: only the levels, never u_M = 0, j uniform (mean, std, a chi-square over 10 bins)."""
+    u = iddpm_sigmas().float()
+    sigma = IDDPMLoss().sample_sigma(20_000, generator=torch.Generator().manual_seed(0))
+    j = (sigma[:, None] - u).abs().argmin(dim=1)
+    assert torch.equal(u[j], sigma) and (sigma > 0).all()
+    assert j.double().mean().item() == pytest.approx(499.5, abs=8) and j.double().std().item() == pytest.approx(1000 / math.sqrt(12), rel=0.03)
+    counts = torch.bincount(j // 100, minlength=10).double()
+    assert ((counts - 2000) ** 2 / 2000).sum().item() < 27.9  # chi-square, 9 dof, p = 0.001
+    strat = IDDPMLoss(stratified=True).sample_sigma(1000, generator=torch.Generator().manual_seed(1))
+    assert len(torch.unique(strat)) == 1000  # one draw per level
+
+
+def test_ve_and_vp_stratified_draws_are_evenly_spaced():
+    """Stratified: the uniform variable (ln sigma for VE, t for VP) takes one point per 1/n of its range."""
+    sigma = VELoss(stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    u = np.sort((np.log(sigma.double().numpy()) - math.log(0.02)) / math.log(5000))
+    assert np.diff(np.concatenate([u, [u[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-5)
+    sigma = VPLoss(stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    t = np.sort(vp_t_of(sigma.numpy()))
+    assert np.diff(np.concatenate([t, [t[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-4)
+
+
+def test_new_columns_sigma_quantiles():
+    """Midpoint quantiles q = (k + 1/2)/n of each density, ascending: VE exp(ln 0.02 + q ln 5000); VP sigma(1e-5 + (1 - 1e-5) q);
+    iDDPM u_j with j = M - 1 - floor(M q) (u_j decreases in j)."""
+    q = np.array([(k + 0.5) / 4 for k in range(4)])
+    assert VELoss().sigma_quantiles(4).tolist() == pytest.approx(np.exp(math.log(0.02) + q * math.log(5000)).tolist(), rel=1e-6)
+    t = 1e-5 + (1 - 1e-5) * q
+    assert VPLoss().sigma_quantiles(4).tolist() == pytest.approx(np.sqrt(np.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1).tolist(), rel=1e-6)
+    u = iddpm_sigmas().numpy()
+    got = IDDPMLoss().sigma_quantiles(4)
+    assert got.tolist() == pytest.approx(u[[874, 624, 374, 124]].tolist(), rel=1e-6) and (got.diff() > 0).all()

@@ -69,7 +69,7 @@ LADDER: dict[str, LadderSwitches] = {
     "F": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   False,  None),  # remove group norms
     "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
 }
-FORMULATIONS = ("edm", "ddpm", "flow")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
+FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
@@ -95,7 +95,7 @@ class NetworkConfig:
     channels_per_head: int = 64                 # attention head width
     dropout: float = 0.0                        # dropout inside residual blocks
     ladder: str = "G"                           # EDM2 config-ladder rung (Table 1); edm2-unet only
-    formulation: str = "edm"                    # preconditioning + loss: edm, ddpm (epsilon, 1000-step VP), flow (rectified)
+    formulation: str = "edm"                    # preconditioning + loss (EDM Table 1): edm, ddpm (eps, 1000-step), flow, vp, ve, iddpm
     sigma_data: float = 0.5                     # data std in [-1, 1] pixel units
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
     augment_dim: int = 0                        # augment-label conditioning width (EDM App. C; augment.AUGMENT_DIM = 7); 0 = none

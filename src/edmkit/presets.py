@@ -103,8 +103,11 @@ def resolve_ladder(cfg: ExperimentConfig, rung: str) -> ExperimentConfig:
 
 
 # The default training density of each formulation's time variable, where it differs from the preset's:
-# rectified flow samples t ~ logit-normal(0, 1) (Esser et al. 2024, SD3), i.e. ln sigma ~ N(0, 1).
-FORMULATION_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {"edm": {}, "ddpm": {}, "flow": {"P_mean": 0.0, "P_std": 1.0}}
+# rectified flow samples t ~ logit-normal(0, 1) (Esser et al. 2024, SD3), i.e. ln sigma ~ N(0, 1). ddpm, vp, ve and
+# iddpm fix their own density in their loss class (EDM Table 1) and ignore P_mean / P_std.
+FORMULATION_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "edm": {}, "ddpm": {}, "flow": {"P_mean": 0.0, "P_std": 1.0}, "vp": {}, "ve": {}, "iddpm": {},
+}
 
 
 def resolve_formulation(cfg: ExperimentConfig, formulation: str) -> ExperimentConfig:

@@ -6,7 +6,9 @@ u(sigma) the learned log-variance (uncertainty) of the per-sigma loss.
 Every loss is lambda(sigma) ||D(y + n; sigma) - y||^2 for its formulation's weight and sigma density
 (``make_loss`` picks it from the config): EDM's lambda with log-normal sigma; DDPM's epsilon MSE
 ||F - eps||^2 = ||D - y||^2 / sigma^2 with t uniform over the discrete steps; rectified flow's velocity MSE
-||F - v||^2 = ||D - y||^2 / t^2 with t logit-normal (= log-normal sigma) or uniform.
+||F - v||^2 = ||D - y||^2 / t^2 with t logit-normal (= log-normal sigma) or uniform; and EDM Table 1's other
+columns, all with lambda = 1 / sigma^2: VP (t ~ U(eps_t, 1)), VE (ln sigma ~ U(ln sigma_min, ln sigma_max)) and
+iDDPM (sigma = u_j, j uniform over 0..M-1).
 """
 
 from __future__ import annotations
@@ -16,7 +18,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edmkit.diffusion.precond import DDPM_T, ddpm_sigmas, flow_sigma_to_t, flow_t_to_sigma
+from edmkit.diffusion.precond import (
+    DDPM_T,
+    IDDPM_C1,
+    IDDPM_C2,
+    IDDPM_M,
+    VE_SIGMA_MAX,
+    VE_SIGMA_MIN,
+    VP_BETA_D,
+    VP_BETA_MIN,
+    VP_EPS_T,
+    ddpm_sigmas,
+    flow_sigma_to_t,
+    flow_t_to_sigma,
+    iddpm_sigmas,
+    vp_t_to_sigma,
+)
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig
@@ -108,8 +125,16 @@ def sample_t_discrete(n: int, *, num_steps: int, stratified: bool, generator: to
     return torch.randint(num_steps, (n,), generator=generator, device=device)
 
 
+def sample_uniform(n: int, *, stratified: bool, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """u ~ U(0, 1); stratified: u_i = (u_0 + i/n) mod 1 (VDM low discrepancy). Returns [n] float64."""
+    u0 = torch.rand(1 if stratified else n, generator=generator, device=device, dtype=torch.float64)
+    return (u0 + torch.arange(n, device=device, dtype=torch.float64) / n) % 1.0 if stratified else u0
+
+
 def ddpm_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
-    """1 / sigma^2: turns ||D - y||^2 into DDPM's ||eps_theta - eps||^2, since D = x - sigma eps_theta (Ho et al. 2020 Eq. 14)."""
+    """1 / sigma^2: turns ||D - y||^2 into DDPM's ||eps_theta - eps||^2, since D = x - sigma eps_theta (Ho et al. 2020 Eq. 14).
+
+    Also lambda(sigma) of EDM Table 1's VP, VE and iDDPM columns: there c_out = -+sigma, so it is the network-space MSE."""
     return sigma**-2
 
 
@@ -172,7 +197,83 @@ class FlowLoss(EDMLoss):
         return flow_loss_weight(sigma)
 
 
-LOSSES: dict[str, type[EDMLoss]] = {"edm": EDMLoss, "ddpm": DDPMLoss, "flow": FlowLoss}
+class VPLoss(EDMLoss):
+    """Continuous VP loss (EDM Table 1, VP; Song et al. 2021): t ~ U(eps_t, 1), sigma = sigma(t), lambda = 1 / sigma^2.
+
+    With ``vp_precond`` this is the eps-MSE ||F - eps||^2 at a continuous time t. ``P_mean`` / ``P_std`` are unused.
+    """
+
+    def __init__(self, *, epsilon_t: float = VP_EPS_T, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN, **kw) -> None:
+        super().__init__(**kw)
+        self.epsilon_t, self.beta_d, self.beta_min = epsilon_t, beta_d, beta_min
+
+    def _sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        t = self.epsilon_t + (1 - self.epsilon_t) * u  # U(0, 1) -> U(eps_t, 1)
+        return vp_t_to_sigma(t, beta_d=self.beta_d, beta_min=self.beta_min).to(torch.float32)
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
+
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        return self._sigma_at(midpoint_quantiles(n))  # sigma(t) is increasing, so quantiles of t map to those of sigma
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return ddpm_loss_weight(sigma)
+
+
+class VELoss(EDMLoss):
+    """VE / NCSN loss (EDM Table 1, VE; Song et al. 2021): ln sigma ~ U(ln sigma_min, ln sigma_max), lambda = 1 / sigma^2.
+
+    With ``ve_precond`` this is ||F + eps||^2. ``P_mean`` / ``P_std`` are unused.
+    """
+
+    def __init__(self, *, sigma_min: float = VE_SIGMA_MIN, sigma_max: float = VE_SIGMA_MAX, **kw) -> None:
+        super().__init__(**kw)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def _sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (lo + (hi - lo) * u).exp().to(torch.float32)
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
+
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        return self._sigma_at(midpoint_quantiles(n))
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return ddpm_loss_weight(sigma)
+
+
+class IDDPMLoss(EDMLoss):
+    """iDDPM loss as EDM Table 1 states it: sigma = u_j with j drawn uniformly from 0..M-1 (never u_M = 0), lambda = 1 / sigma^2.
+
+    The level index j is drawn like DDPM's step (``sample_t_discrete``, stratified if configured); sigma is the
+    cosine schedule's level u_j (``iddpm_sigmas``). iDDPM's hybrid loss and learned variances are not modelled.
+    ``P_mean`` / ``P_std`` are unused.
+    """
+
+    def __init__(self, *, M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2, **kw) -> None:
+        super().__init__(**kw)
+        self.M, self.C_1, self.C_2 = M, C_1, C_2
+
+    def _levels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return iddpm_sigmas(M=self.M, C_1=self.C_1, C_2=self.C_2, device=device)  # [M + 1] float64, decreasing
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        j = sample_t_discrete(n, num_steps=self.M, stratified=self.stratified, generator=generator, device=device)
+        return self._levels(device)[j].to(torch.float32)
+
+    def sigma_quantiles(self, n: int) -> torch.Tensor:
+        # u_j decreases in j, so the q-quantile of sigma is level M - 1 - floor(M q)
+        j = self.M - 1 - (midpoint_quantiles(n) * self.M).long().clamp(max=self.M - 1)
+        return self._levels()[j].to(torch.float32)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return ddpm_loss_weight(sigma)
+
+
+LOSSES: dict[str, type[EDMLoss]] = {"edm": EDMLoss, "ddpm": DDPMLoss, "flow": FlowLoss, "vp": VPLoss, "ve": VELoss, "iddpm": IDDPMLoss}
 
 
 def make_loss(cfg: ExperimentConfig) -> EDMLoss:

@@ -12,6 +12,16 @@ Formulations (``FORMULATIONS``):
 - ``flow``: rectified flow (Liu et al. 2023; Esser et al. 2024): x_t = (1 - t) y + t eps, F predicts the
   velocity v = eps - y. In sigma: sigma = t / (1 - t), and x_t = (1 - t) x, so x_t is the EDM variable
   scaled by c_in = 1 - t.
+- ``vp``: EDM Table 1, "VP" column: the continuous VP SDE of Song et al. 2021 (score_sde), sigma(t) =
+  sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), F predicts eps, c_noise = (M - 1) t(sigma).
+- ``ve``: EDM Table 1, "VE" column (NCSN, Song & Ermon 2019; Song et al. 2021): sigma(t) = sqrt(t), F predicts
+  -eps scaled by 1 / sigma, c_in = 1, c_noise = ln(sigma / 2).
+- ``iddpm``: EDM Table 1, "iDDPM" column (Nichol & Dhariwal 2021): the cosine schedule's M + 1 discrete levels
+  u_0 > ... > u_M = 0, F predicts eps, c_noise = M - 1 - j for the level u_j nearest sigma.
+
+``SIGMA_RANGES`` holds each formulation's natural sampling range (sigma_min, sigma_max), EDM Table 1's "Sampling" rows.
+Where c_noise is O(1000) (vp, iddpm) it is the paper's value, which the published baseline networks (positional
+embeddings over 0..999) expect; EDM2's Fourier features were designed for O(1) inputs like ln(sigma) / 4.
 """
 
 from __future__ import annotations
@@ -111,7 +121,116 @@ def flow_precond(sigma: torch.Tensor, *, sigma_data: float) -> Coefficients:
     return c_skip, c_out, c_in, c_noise
 
 
-FORMULATIONS: dict[str, Callable[..., Coefficients]] = {"edm": edm_precond, "ddpm": ddpm_precond, "flow": flow_precond}
+# --- VP: continuous variance-preserving SDE (Song et al. 2021), EDM Table 1 "VP" ---------------------------
+
+VP_BETA_D, VP_BETA_MIN = 19.9, 0.1  # linear beta(t) = beta_min + beta_d t of the VP SDE (EDM Table 1)
+VP_EPS_T, VP_EPS_S = 1e-5, 1e-3     # smallest t in training / in sampling (EDM Table 1)
+VP_M = 1000                          # c_noise = (M - 1) t, the DDPM step range the network's embedding was built for
+
+
+def vp_t_to_sigma(t: torch.Tensor, *, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1, VP; Eq. 28 of its App. B.2). Any shape."""
+    return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
+
+
+def vp_sigma_to_t(sigma: torch.Tensor, *, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(sigma^2 + 1)) - beta_min) / beta_d (EDM Table 1, VP: sigma^-1). Any shape.
+
+    Written as 2 L / (sqrt(beta_min^2 + 2 beta_d L) + beta_min), L = ln(1 + sigma^2), the same value without the
+    cancellation of the paper's form at small sigma.
+    """
+    L = torch.log1p(sigma**2)
+    return 2 * L / ((beta_min**2 + 2 * beta_d * L).sqrt() + beta_min)
+
+
+def vp_precond(sigma: torch.Tensor, *, sigma_data: float, M: int = VP_M) -> Coefficients:
+    """Continuous VP preconditioning (EDM Table 1, VP): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise (M-1) t(sigma).
+
+    ``sigma_data`` is not used: like DDPM, VP assumes unit-variance data (input unit variance only then); the target
+    (y - x) / -sigma = eps has unit variance for any data.
+    """
+    c_skip = torch.ones_like(sigma)
+    c_out = -sigma
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_noise = (M - 1) * vp_sigma_to_t(sigma)
+    return c_skip, c_out, c_in, c_noise
+
+
+# --- VE: variance-exploding SDE / NCSN (Song & Ermon 2019; Song et al. 2021), EDM Table 1 "VE" --------------
+
+VE_SIGMA_MIN, VE_SIGMA_MAX = 0.02, 100.0  # EDM Table 1, VE (CIFAR-10)
+
+
+def ve_precond(sigma: torch.Tensor, *, sigma_data: float) -> Coefficients:
+    """VE preconditioning (EDM Table 1, VE): c_skip 1, c_out sigma, c_in 1, c_noise ln(sigma / 2).
+
+    Only the target (y - x) / sigma = -eps has unit variance; the input x is not scaled (variance sigma_data^2 + sigma^2).
+    ``sigma_data`` is not used.
+    """
+    c_skip = torch.ones_like(sigma)
+    c_out = sigma
+    c_in = torch.ones_like(sigma)
+    c_noise = (0.5 * sigma).log()
+    return c_skip, c_out, c_in, c_noise
+
+
+# --- iDDPM: cosine schedule, discrete levels (Nichol & Dhariwal 2021), EDM Table 1 "iDDPM" -----------------
+
+IDDPM_M, IDDPM_C1, IDDPM_C2 = 1000, 0.001, 0.008  # steps M, ratio floor C_1, cosine offset C_2 (EDM Table 1)
+IDDPM_J0 = 8  # sampling starts at u_{j_0} (EDM Table 1, iDDPM "Sampling")
+
+
+def iddpm_alpha_bar(j: torch.Tensor, *, M: int = IDDPM_M, C_2: float = IDDPM_C2) -> torch.Tensor:
+    """alpha_bar(j) = sin^2(pi/2 j / (M (C_2 + 1))) (EDM Table 1, iDDPM: Nichol & Dhariwal's cosine schedule, j reversed)."""
+    return torch.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2
+
+
+def iddpm_sigmas(*, M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2, device: torch.device | str | None = None) -> torch.Tensor:
+    """The levels u_j, j = 0..M (EDM Table 1, iDDPM): u_M = 0, u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1).
+
+    The recursion multiplies u_j^2 + 1 by 1 / r_j, r_j = max(abar(j-1)/abar(j), C_1), so ln(u_j^2 + 1) = -sum_{k>j} ln r_k:
+    one reversed cumulative sum instead of M sequential steps. Returns [M + 1] float64, decreasing in j, ending in 0.
+    """
+    abar = iddpm_alpha_bar(torch.arange(M + 1, dtype=torch.float64, device=device), M=M, C_2=C_2)  # [M + 1]
+    log_r = (abar[:-1] / abar[1:]).clamp(min=C_1).log()  # [M]: entry k - 1 holds ln r_k, k = 1..M
+    log_u2p1 = -log_r.flip(0).cumsum(0).flip(0)  # [M]: ln(u_j^2 + 1), j = 0..M-1
+    return torch.cat([torch.expm1(log_u2p1).sqrt(), log_u2p1.new_zeros(1)])
+
+
+def iddpm_sigma_to_index(sigma: torch.Tensor, *, M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> torch.Tensor:
+    """argmin_j |u_j - sigma| over j = 0..M (EDM Table 1, iDDPM), same shape as sigma, int64."""
+    u = iddpm_sigmas(M=M, C_1=C_1, C_2=C_2, device=sigma.device)  # [M + 1]
+    flat = sigma.to(torch.float64).reshape(-1, 1)  # [S, 1]
+    return (flat - u).abs().argmin(dim=1).reshape(sigma.shape)
+
+
+def iddpm_precond(sigma: torch.Tensor, *, sigma_data: float, M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> Coefficients:
+    """iDDPM preconditioning (EDM Table 1, iDDPM): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise M-1-argmin_j |u_j - sigma|.
+
+    Epsilon prediction like ``vp_precond`` (``sigma_data`` unused); iDDPM's learned variances are not modelled (EDM
+    ignores them too). c_noise is -1 for sigma nearest u_M = 0.
+    """
+    c_skip = torch.ones_like(sigma)
+    c_out = -sigma
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_noise = (M - 1 - iddpm_sigma_to_index(sigma, M=M, C_1=C_1, C_2=C_2)).to(sigma.dtype)
+    return c_skip, c_out, c_in, c_noise
+
+
+FORMULATIONS: dict[str, Callable[..., Coefficients]] = {
+    "edm": edm_precond, "ddpm": ddpm_precond, "flow": flow_precond, "vp": vp_precond, "ve": ve_precond, "iddpm": iddpm_precond,
+}
+
+# Natural sampling range (sigma_min, sigma_max) of each formulation: EDM Table 1's "Sampling" rows (edm: Eq. 5's
+# defaults; ddpm: its first and last discrete step; vp: sigma(eps_s) .. sigma(1); ve: 0.02 .. 100; iddpm: u_{M-1} ..
+# u_{j_0}). Data for samplers and the CLI; the sampler defaults stay EDM's. Flow has none: t -> 1 is sigma -> inf.
+SIGMA_RANGES: dict[str, tuple[float, float]] = {
+    "edm": (0.002, 80.0),
+    "ddpm": (ddpm_sigmas()[0].item(), ddpm_sigmas()[-1].item()),
+    "vp": (vp_t_to_sigma(torch.tensor(VP_EPS_S, dtype=torch.float64)).item(), vp_t_to_sigma(torch.tensor(1.0, dtype=torch.float64)).item()),
+    "ve": (VE_SIGMA_MIN, VE_SIGMA_MAX),
+    "iddpm": (iddpm_sigmas()[IDDPM_M - 1].item(), iddpm_sigmas()[IDDPM_J0].item()),
+}
 
 
 class Denoiser(torch.nn.Module):
