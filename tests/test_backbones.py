@@ -68,9 +68,10 @@ def test_labels_and_augment_labels_condition_and_zeros_mean_none(arch):
     assert not torch.allclose(net(x, c_noise + 1, None), base)  # the noise level conditions it too
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_twenty_steps_lower_a_fixed_noise_loss(arch):
-    cfg = tiny(arch).override("train", batch=16)
+@pytest.mark.parametrize("arch, formulation", [(arch, "edm") for arch in ARCHS] + [("ddpmpp", "vp"), ("ncsnpp", "ve"), ("adm", "iddpm")])
+def test_twenty_steps_lower_a_fixed_noise_loss(arch, formulation):
+    """EDM's improved setting for every backbone, and the EDM paper's baselines (DDPM++ / VP, NCSN++ / VE, ADM / iDDPM)."""
+    cfg = tiny(arch, formulation=formulation).override("train", batch=16)
     y = images_to_float(load_dataset("mnist5k").images[:16])
     loss_fn = make_loss(cfg)
     g = torch.Generator().manual_seed(0)

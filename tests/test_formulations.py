@@ -24,7 +24,6 @@ from edmkit.diffusion.precond import (
     flow_t_to_sigma,
     iddpm_sigmas,
     network_target,
-    vp_sigma_to_t,
 )
 from edmkit.diffusion.schedules import vp_sigmas
 from edmkit.nn.unet import UNet
