@@ -297,7 +297,7 @@ def test_twenty_steps_lower_the_weighted_validation_error(formulation):
 def test_dry_run_prints_each_new_formulation():
     for name in ("vp", "ve", "iddpm"):
         res = CliRunner().invoke(main, ["train", "--preset", "tiny", "--formulation", name, "--dry-run"], catch_exceptions=False)
-        assert res.exit_code == 0 and json.loads(res.output)["network"]["formulation"] == name
+        assert res.exit_code == 0 and json.loads(res.stdout)["network"]["formulation"] == name  # stderr: params, GFLOPs
 
 
 def test_bad_formulation_names_and_combinations():

@@ -146,7 +146,7 @@ def test_cli_eval_flags(tmp_path, files):
             "--eval-metrics", "fid", "--eval-detector", str(files["detector"])]
     res = runner.invoke(main, args + ["--eval-ref", str(files["ref"]), "--dry-run"])
     assert res.exit_code == 0, res.output
-    t = json.loads(res.output)["train"]
+    t = json.loads(res.stdout)["train"]  # stderr: params, GFLOPs
     assert (t["eval_nimg"], t["eval_n"], t["eval_steps"], t["eval_metrics"], t["eval_ref"]) == (32, 8, 2, ["fid"], str(files["ref"]))
     res = runner.invoke(main, args + ["--eval-ref", str(tmp_path / "missing.npz"), "--quiet"])
     assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1 and "no such reference file" in res.output, res.output
