@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--train-nimg", default="4k")
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: small, medium")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", nargs=2, metavar=("ARCH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,7 +120,7 @@ def main() -> None:
         print(json.dumps(measure(*args.worker, batch_size=args.batch, steps=args.steps, train_nimg=parse_nimg(args.train_nimg))))
         return
     rows = []
-    for size in SIZES:
+    for size in args.sizes.split(","):
         for arch in ARCHS:
             cmd = [sys.executable, __file__, "--worker", arch, size, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--train-nimg", args.train_nimg]

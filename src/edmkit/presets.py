@@ -71,7 +71,8 @@ PRESETS: dict[str, ExperimentConfig] = {
                                          grid_nimg=50_000_000, state_nimg=50_000_000)),
 }
 PRESETS["ncsnpp-cifar10"] = PRESETS["ddpmpp-cifar10"].override("network", arch="ncsnpp")
-PRESETS.update({f"tiny-{arch}": PRESETS["tiny"].override("network", arch=arch, model_channels=16, channels_per_head=8)  # seconds on CPU
+# seconds on CPU: tests and smoke runs of each backbone; Adam lr 1e-3 as EDM trains these non-normalized networks (0.01 is for EDM2's)
+PRESETS.update({f"tiny-{arch}": PRESETS["tiny"].override("network", arch=arch, model_channels=16, channels_per_head=8).override("optim", lr=1e-3)
                 for arch in ("ddpmpp", "ncsnpp", "adm")})
 
 
