@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.nn.mp import resample
-from edmkit.nn.unet import num_groups, positional_embedding
+from edmkit.nn.unet import concat_cond, num_groups, positional_embedding
 
 
 def group_norm(channels: int) -> torch.nn.GroupNorm:
@@ -204,14 +204,7 @@ class ADMUNet(torch.nn.Module):
         """x [N, C_in, H, W], c_noise [N], labels [N, label_dim] or None, augment_labels [N, augment_dim] or None,
         cond [N, cond_channels, H, W] or None (zeros). Returns [N, out_channels, H, W]."""
         emb = self.embedding(c_noise, labels, augment_labels)
-        if self.cond_channels:  # SR3-style conditioning image as extra input channels
-            cond = torch.zeros_like(x[:, :1]).expand(-1, self.cond_channels, -1, -1) if cond is None else cond.to(x.dtype)
-            if cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
-                raise ValueError(f"conditioning image {tuple(cond.shape[1:])} does not match "
-                                 f"({self.cond_channels}, {x.shape[-2]}, {x.shape[-1]}); pass one of that shape")
-            x = torch.cat([x, cond], dim=1)  # [N, C_in + C_cond, H, W]
-        elif cond is not None:
-            raise ValueError("a conditioning image given to a network without one; build it with cond_channels > 0")
+        x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C_in + C_cond, H, W]
 
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
         skips = []

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edmkit.nn.unet import num_groups
+from edmkit.nn.unet import concat_cond, num_groups
 
 VARIANTS = MappingProxyType({
     "ddpmpp": MappingProxyType({"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
@@ -311,25 +311,12 @@ class SongUNet(torch.nn.Module):
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-    def _with_cond(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Concatenate the conditioning image (zeros when None): ``[N, C, H, W] -> [N, C + cond_channels, H, W]``."""
-        if not self.cond_channels:
-            if cond is not None:
-                raise ValueError("a conditioning image given to a network without conditioning channels (cond_channels = 0)")
-            return x
-        if cond is None:
-            cond = x.new_zeros(x.shape[0], self.cond_channels, *x.shape[2:])
-        if cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
-            expected = (self.cond_channels, *x.shape[2:])
-            raise ValueError(f"conditioning image {tuple(cond.shape[1:])} does not match {expected}: pass [N, *{expected}]")
-        return torch.cat([x, cond.to(x.dtype)], dim=1)
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W], c_noise [N], labels [N, label_dim] one-hot or None (zeros), augment_labels
         [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] or None (zeros). Returns [N, out_channels, H, W]."""
         emb = self._embedding(c_noise, labels, augment_labels)
-        x, skips = self._encode(self._with_cond(x, cond), emb)  # [N, C + C_cond, H, W] in
+        x, skips = self._encode(concat_cond(x, cond, cond_channels=self.cond_channels), emb)  # [N, C + C_cond, H, W] in
         return self._decode(x, skips, emb)
 
     def _encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -215,6 +215,22 @@ def encoder_blocks(*, in_channels: int, resolution: int, block_channels: list[in
     return enc
 
 
+def concat_cond(x: torch.Tensor, cond: torch.Tensor | None, *, cond_channels: int) -> torch.Tensor:
+    """SR3 / cascaded diffusion: the conditioning image (zeros when None) as extra input channels, for every backbone.
+
+    [N, C, H, W] -> [N, C + cond_channels, H, W]; a network without conditioning channels refuses one.
+    """
+    if not cond_channels:
+        if cond is not None:
+            raise ValueError("a conditioning image given to a network without conditioning channels (cond_channels = 0)")
+        return x
+    cond = x.new_zeros(x.shape[0], cond_channels, *x.shape[2:]) if cond is None else cond.to(x.dtype)
+    if cond.shape[1] != cond_channels or cond.shape[-2:] != x.shape[-2:]:
+        expected = (cond_channels, *x.shape[2:])
+        raise ValueError(f"conditioning image {tuple(cond.shape[1:])} does not match {expected}: pass [N, *{expected}]")
+    return torch.cat([x, cond], dim=1)
+
+
 class UNet(torch.nn.Module):
     """EDM2 U-Net backbone F(x; c_noise, labels) for square images; ``ladder`` picks the EDM2 rung A-G (Table 1)."""
 
@@ -315,13 +331,7 @@ class UNet(torch.nn.Module):
         s, mp = self.switches, self.switches.mp_fixed
         emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device, augment_labels=augment_labels)
 
-        if self.cond_channels:  # SR3 / cascaded diffusion: the (upsampled, noise-augmented) low-res image as extra input channels
-            cond = torch.zeros_like(x[:, :1]).expand(-1, self.cond_channels, -1, -1) if cond is None else cond.to(x.dtype)
-            if cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
-                raise ValueError(f"conditioning image {tuple(cond.shape[1:])} does not match ({self.cond_channels}, {x.shape[-2]}, {x.shape[-1]})")
-            x = torch.cat([x, cond], dim=1)  # [N, C + C_cond, H, W]
-        elif cond is not None:
-            raise ValueError("a conditioning image given to a network without conditioning channels (cond_channels = 0)")
+        x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C + C_cond, H, W]
 
         if not s.biases:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
