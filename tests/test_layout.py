@@ -19,6 +19,7 @@ LAYERS = [
     ("data", ("edmkit.data",)),
     ("presets", ("edmkit.presets",)),  # resolving flags counts the data's classes
     ("checkpoint", ("edmkit.checkpoint",)),
+    ("interop", ("edmkit.interop",)),  # reading other projects' network files (NVIDIA's EDM / EDM2 pickles)
     ("sampling", ("edmkit.sampling",)),
     ("metrics", ("edmkit.metrics",)),
     ("training", ("edmkit.training",)),

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,23 +43,29 @@ def build_denoiser(cfg: ExperimentConfig) -> Denoiser:
 
 
 def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, cfg: ExperimentConfig, nimg: int, ema_std: float,
-                 kind: str = "denoiser") -> None:
+                 kind: str = "denoiser", source: str = "", encoder: dict[str, Any] | None = None) -> None:
     """Write a network (safetensors) whose metadata carries everything needed to rebuild it.
 
     ``kind`` is ``denoiser`` (read by ``load_network``) or ``classifier`` (:func:`load_classifier`);
-    denoiser files leave the ``kind`` entry out, as files written before it existed do.
+    denoiser files leave the ``kind`` entry out, as files written before it existed do. ``source`` says where imported
+    weights came from (``edmkit import``); ``encoder`` is the spec of the space the network works in (None: pixels).
     """
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
                 "nimg": str(int(nimg)), "ema_std": repr(float(ema_std))}
     if kind != "denoiser":
         metadata["kind"] = kind
+    if source:
+        metadata["source"] = source
+    if encoder is not None:
+        metadata["encoder"] = json.dumps(encoder, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
 
 
 def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Metadata of a network file: ``config`` (ExperimentConfig), ``nimg`` (int), ``ema_std`` (float), ``kind`` (str)."""
+    """Metadata of a network file: ``config`` (ExperimentConfig), ``nimg`` (int), ``ema_std`` (float), ``kind`` (str),
+    ``source`` (str, "" unless imported), ``encoder`` (dict, or None for pixel space)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -72,7 +79,8 @@ def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         _check_version(path, int(meta.get("format_version", -1)))
         return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]),
-                "kind": meta.get("kind", "denoiser")}
+                "kind": meta.get("kind", "denoiser"), "source": meta.get("source", ""),
+                "encoder": json.loads(meta["encoder"]) if "encoder" in meta else None}
     except KeyError as e:
         raise CheckpointError(f"{path}: edmkit metadata without its {e.args[0]!r} entry (a damaged or hand-made file); use another file") from None
     except ValueError as e:  # CheckpointError included: its message already names the file
@@ -84,11 +92,18 @@ def _check_version(path: str | os.PathLike, version: int) -> None:
         raise CheckpointError(f"{path}: format version {version} is newer than this edmkit ({FORMAT_VERSION}); upgrade edmkit to read it")
 
 
-def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> tuple[Denoiser, dict[str, Any]]:
-    """Rebuild the denoiser from a network file's config and load its weights strictly; returns (net in eval mode, metadata)."""
+def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu", latent: bool = False) -> tuple[Denoiser, dict[str, Any]]:
+    """Rebuild the denoiser from a network file's config and load its weights strictly; returns (net in eval mode, metadata).
+
+    A network of a latent space (an imported EDM2 ImageNet-512 file) is refused unless ``latent``: its samples are
+    latents, which this edmkit cannot decode to images yet.
+    """
     meta = read_network_metadata(path)
     if meta["kind"] != "denoiser":
         raise CheckpointError(f"{path}: a {meta['kind']} file, not a denoiser (load a classifier with edmkit.checkpoint.load_classifier)")
+    if not latent and meta["encoder"] is not None and meta["encoder"].get("kind") != "pixels":
+        raise CheckpointError(f"{path}: a latent-space network ({meta['encoder'].get('class', meta['encoder']['kind'])}): sampling it needs "
+                              f"latent-diffusion support (decoding through its VAE), which this edmkit does not have yet")
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

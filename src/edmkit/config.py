@@ -86,7 +86,7 @@ def ladder_switches(name: str) -> LadderSwitches:
 class NetworkConfig:
     arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm
     resolution: int = 28                        # image height = width, pixels
-    channels: int = 1                           # image channels (1 or 3)
+    channels: int = 1                           # image channels (1 or 3; latent networks: the latent channels, e.g. 4)
     label_dim: int = 0                          # number of classes for conditioning; 0 = unconditional
     model_channels: int = 32                    # channels at the first level
     channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry)
@@ -103,7 +103,7 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
-        _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(self.channels >= 1, f"channels must be >= 1 (1 or 3 for images), got {self.channels}")
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
         _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
                f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
