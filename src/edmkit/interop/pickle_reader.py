@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,7 +112,9 @@ def _load_storage(data: bytes) -> Any:
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError("storage bytes of a wrong type")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch notes the pickle protocol of storages pickled by newer torch; harmless here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError ... for refused or damaged nested pickles
         raise UnsafePickleError(f"refused nested storage pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
