@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from edmkit.checkpoint import build_denoiser, load_network
+from edmkit.checkpoint import CheckpointError, build_denoiser, load_network
 from edmkit.cli import main
 from edmkit.config import ExperimentConfig, NetworkConfig
 from edmkit.interop.nvidia import read_network, snapshot_series
@@ -218,7 +218,7 @@ def test_snapshot_series_imports_as_a_run_phema_reconstructs(tmp_path, persisten
     assert meta["nimg"] == 1_048_576 and meta["ema_std"] == pytest.approx(0.07)
 
 
-def test_latent_network_imports_but_sampling_says_why_not(tmp_path, persistence):
+def test_latent_network_imports_and_says_what_it_needs(tmp_path, persistence):
     vae = Persistent("StabilityVAEEncoder", {"_init_kwargs": {"vae_name": "stabilityai/sd-vae-ft-mse", "raw_mean": [5.81, 3.25, 0.12, -2.15],
                                                               "raw_std": [4.17, 4.62, 3.71, 3.28], "final_mean": 0, "final_std": 0.5}})
     path, _ = edm2_file(tmp_path, encoder=vae)
@@ -226,7 +226,9 @@ def test_latent_network_imports_but_sampling_says_why_not(tmp_path, persistence)
     res = r.invoke(main, ["import", str(path), "--out", str(tmp_path / "lat.safetensors")])
     assert res.exit_code == 0 and "latent" in res.output, res.output
     res = r.invoke(main, ["generate", "--checkpoint", str(tmp_path / "lat.safetensors"), "--n", "1", "--out", str(tmp_path / "x.png")])
-    assert res.exit_code != 0 and "latent-space network" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "--vae DIR" in res.output and "Traceback" not in res.output  # sampling: tests/test_latent.py
+    with pytest.raises(CheckpointError, match="latent-space network"):  # metrics, restore: pixel-space networks only
+        load_network(tmp_path / "lat.safetensors")
     net, meta = load_network(tmp_path / "lat.safetensors", latent=True)
     assert meta["encoder"]["raw_mean"] == [5.81, 3.25, 0.12, -2.15] and meta["encoder"]["kind"] == "stability-vae"
 

@@ -17,6 +17,7 @@ LAYERS = [
     ("nn", ("edmkit.nn",)),
     ("diffusion", ("edmkit.diffusion",)),
     ("data", ("edmkit.data",)),
+    ("latent", ("edmkit.latent",)),  # encoders between images and what the network sees (pixels, VAEs)
     ("presets", ("edmkit.presets",)),  # resolving flags counts the data's classes
     ("checkpoint", ("edmkit.checkpoint",)),
     ("interop", ("edmkit.interop",)),  # reading other projects' network files (NVIDIA's EDM / EDM2 pickles)

@@ -95,15 +95,15 @@ def _check_version(path: str | os.PathLike, version: int) -> None:
 def load_network(path: str | os.PathLike, *, device: torch.device | str = "cpu", latent: bool = False) -> tuple[Denoiser, dict[str, Any]]:
     """Rebuild the denoiser from a network file's config and load its weights strictly; returns (net in eval mode, metadata).
 
-    A network of a latent space (an imported EDM2 ImageNet-512 file) is refused unless ``latent``: its samples are
-    latents, which this edmkit cannot decode to images yet.
+    A network of a latent space (``meta["encoder"]``, e.g. an imported EDM2 ImageNet-512 file) is refused unless
+    ``latent``: its samples are latents, to be decoded with ``edmkit.latent.encoder.encoder_from_spec(meta["encoder"])``.
     """
     meta = read_network_metadata(path)
     if meta["kind"] != "denoiser":
         raise CheckpointError(f"{path}: a {meta['kind']} file, not a denoiser (load a classifier with edmkit.checkpoint.load_classifier)")
     if not latent and meta["encoder"] is not None and meta["encoder"].get("kind") != "pixels":
-        raise CheckpointError(f"{path}: a latent-space network ({meta['encoder'].get('class', meta['encoder']['kind'])}): sampling it needs "
-                              f"latent-diffusion support (decoding through its VAE), which this edmkit does not have yet")
+        raise CheckpointError(f"{path}: a latent-space network ({meta['encoder'].get('kind')}): this works on pixel-space networks only "
+                              f"(edmkit generate samples and decodes latent networks: --vae DIR)")
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

@@ -40,11 +40,12 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: keep only images the classifier assigns to --class with confidence >= this, in (0, 1].")
 @click.option("--max-tries", type=int, default=None, help="With --reject-threshold: at most this many candidates (default 10 x the images asked for).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch (does not change the images).")
+@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Latent-space networks: the local diffusers folder of their VAE (default: the folder the network file records).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @user_errors
 def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmin, S_tmax, S_noise, eta, class_idx, guidance,
              guide_checkpoint, guide_ema, interval, oscillate, oscillate_warmup, threshold, gif, gif_n, ema_std,
-             classifier_path, classifier_scale, reject_threshold, max_tries, batch, device) -> None:
+             classifier_path, classifier_scale, reject_threshold, max_tries, batch, vae, device) -> None:
     """Sample images; image k depends only on its seed, whatever the batch size.
 
     \b
@@ -53,8 +54,10 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
       edmkit generate --checkpoint runs/cond --out grid.png --class 3 --guidance 2 --interval 0.3,5
       edmkit generate --checkpoint runs/big --guide-checkpoint runs/small --guidance 1.5 --out grid.png --gif reverse.gif
       edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 7 --classifier-scale 2 --reject-threshold 0.9 --out grid.png
+      edmkit generate --checkpoint img512-xs.safetensors --vae sd-vae-ft-mse/ --class 88 --out grid.png   # latent space
     """
     from edmkit.checkpoint import find_network, load_network
+    from edmkit.latent.encoder import encoder_from_spec
     from edmkit.report import ReverseProcessRecorder
     from edmkit.sampling.generate import generate_images, load_guide, parse_pair, parse_seeds
 
@@ -75,11 +78,15 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
         check_output_target(target)
     dev = pick_device(device)
     path = find_network(checkpoint, ema_std=ema_std)
-    net, meta = load_network(path, device=dev)
+    net, meta = load_network(path, device=dev, latent=True)
     cfg = meta["config"]
     c = cfg.network
-    click.echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}, {c.resolution}x{c.resolution}x{c.channels}")
-    guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev) if guide_checkpoint else None
+    encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)
+    space = "" if encoder.kind == "pixels" else f" latents ({encoder.kind}, {encoder.factor}x downsampling)"
+    click.echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}, {c.resolution}x{c.resolution}x{c.channels}{space}")
+    if encoder.kind != "pixels" and (gif or classifier_path):
+        raise ValueError("--gif and --classifier work on pixel-space networks only (this network samples latents)")
+    guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev, encoder=meta["encoder"]) if guide_checkpoint else None
     if guide is None and (guidance not in (None, 1) or oscillate) and c.label_dim and cfg.loss.p_uncond == 0:
         click.echo("warning: this model was trained without label dropout (p_uncond = 0): its unconditional branch is untrained", err=True)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
@@ -96,7 +103,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
                                           threshold=reject_threshold, batch=batch, max_tries=max_tries)
     else:
         x = sample(seeds=seed_list, progress=True, callback=recorder)
-    write_images(x, Path(out), seeds=seed_list)
+    write_images(encoder.decode(x), Path(out), seeds=seed_list)
     click.echo(f"wrote {len(seed_list)} images to {out}")
     if recorder is not None:
         recorder.save(gif)

@@ -220,7 +220,8 @@ def read_network(path: str | os.PathLike, *, stds: tuple[float, ...] | None = No
         raise CheckpointError(f"{path}: weights do not match edmkit's {n.arch} ({str(e).splitlines()[-1].strip()})") from None
     notes = [] if top.class_name == "Precond" else ["EDM files carry no uncertainty head: u(sigma) starts fresh (it weights training only)"]
     if encoder is not None and encoder["kind"] != "pixels":
-        notes.append(f"latent-space network ({encoder['kind']}): sampling it needs latent-diffusion support, not in this edmkit yet")
+        notes.append(f"latent-space network ({encoder['kind']}, VAE {encoder.get('vae_name', '?')}): edmkit generate decodes its "
+                     f"samples with a local copy of that VAE (--vae DIR); metrics and restoration take pixel-space networks only")
     return Imported(cfg=cfg, state=state, source=source, nimg=nimg, ema_std=ema_std, encoder=encoder, notes=notes)
 
 

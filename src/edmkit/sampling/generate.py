@@ -89,7 +89,7 @@ def check_guide(main: NetworkConfig, guide: NetworkConfig, *, name: str = "guide
 
 
 def load_guide(source: str | Path, *, like: NetworkConfig, ema_std: float | None = None,
-               device: torch.device | str = "cpu") -> Denoiser:
+               device: torch.device | str = "cpu", encoder: dict | None = None) -> Denoiser:
     """Load an autoguidance guide (a network file or run folder), checked against the main model's config.
 
     Args:
@@ -97,13 +97,25 @@ def load_guide(source: str | Path, *, like: NetworkConfig, ema_std: float | None
         like: network config of the model being guided.
         ema_std: with a run folder, the EMA profile to use (default: the run's sampling EMA).
         device: where to load it.
+        encoder: the main model's encoder spec (None: pixels); the guide must work in the same space.
 
     Returns:
         The guide denoiser in eval mode.
     """
     path = find_network(source, ema_std=ema_std)
-    check_guide(like, read_network_metadata(path)["config"].network, name=f"guide {path}")
-    return load_network(path, device=device)[0]
+    meta = read_network_metadata(path)
+    check_guide(like, meta["config"].network, name=f"guide {path}")
+    if same_space(meta["encoder"]) != same_space(encoder):
+        raise ValueError(f"guide {path} works in another space than the model ({(meta['encoder'] or {}).get('kind', 'pixels')} vs "
+                         f"{(encoder or {}).get('kind', 'pixels')}): a guide must denoise the same latents")
+    return load_network(path, device=device, latent=True)[0]
+
+
+def same_space(spec: dict | None) -> tuple:
+    """What identifies an encoder's space (kind and constants; not where its files lie)."""
+    if spec is None or spec.get("kind") == "pixels":
+        return ("pixels",)
+    return tuple(sorted((k, str(v)) for k, v in spec.items() if k not in ("path", "batch_size")))
 
 
 def guided_denoiser(

@@ -1,0 +1,1 @@
+"""Latent spaces: the ``Encoder`` seam between images and what a network sees (pixels, a diffusers VAE)."""

@@ -1,0 +1,234 @@
+"""Encoders: what turns images into what the network sees, and back (latent diffusion; EDM2 Sec. 5, App. C).
+
+``Encoder`` is the one seam: ``decode(latents) -> images in [-1, 1]``, ``encode(images) -> moments`` (the posterior
+mean and std of a VAE; pixels have std 0), ``latents(moments, noise)`` (a posterior sample, standardised), and a JSON
+``spec`` that network files and latent datasets carry (``checkpoint.save_network(encoder=...)``).
+
+Kinds (``encoder_from_spec``):
+
+- ``pixels``: today's pipeline, x / 127.5 - 1; ``decode`` is the identity (bit-identical to the pixel path).
+- ``diffusers-vae``: a diffusers ``AutoencoderKL`` (or ``AutoencoderTiny``) from a local folder (``save_pretrained``
+  layout), loaded with networking off. Latents are standardised per channel to std sigma_data:
+  final = (raw - raw_mean) * sigma_data / raw_std (EDM2's convention, with final_mean 0).
+- ``stability-vae``: the spec of EDM2's published latent networks (``edmkit import`` of ``edm2-img512-*``): the same
+  arithmetic with EDM2's constants and its [0, 1] VAE input range; the VAE itself (``stabilityai/sd-vae-ft-mse``)
+  comes from a local folder (``--vae``), never from the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edmkit.data.images import images_to_float
+
+INPUT_RANGES = ("[-1,1]", "[0,1]")  # what the VAE takes: diffusers' usual [-1, 1], or EDM2's [0, 1]
+
+
+class Encoder:
+    """Images <-> what the network sees. Subclasses set ``kind``, ``channels`` (latent), ``factor`` (downsampling)."""
+
+    kind = "pixels"
+    channels: int
+    factor: int = 1
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [N, C, H, W] -> (mean, std) of the final latents, each [N, c, H / f, W / f] float32."""
+        raise NotImplementedError
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A sample of the posterior: mean + std * noise (the mean when noise is None)."""
+        return mean if noise is None else mean + std * noise
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents [N, c, h, w] -> images [N, C, H, W] in [-1, 1] (float32)."""
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def to(self, device: torch.device | str) -> "Encoder":
+        """Run the encoder's own network (if any) on ``device``."""
+        return self
+
+
+class PixelEncoder(Encoder):
+    """The identity: the network sees pixels in [-1, 1] (``images_to_float``)."""
+
+    kind = "pixels"
+
+    def __init__(self, channels: int = 3) -> None:
+        self.channels = channels
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images_to_float(images)
+        return x, torch.zeros_like(x)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def vae_weights_file(folder: Path) -> Path:
+    """The weights file of a diffusers model folder (safetensors preferred)."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{folder}: no VAE weights (diffusion_pytorch_model.safetensors or .bin) in the folder")
+
+
+def load_diffusers_vae(folder: str | os.PathLike) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderTiny`` from a local ``save_pretrained`` folder, no network access."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such VAE folder (a diffusers save_pretrained folder with config.json and weights)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json: not a diffusers model folder")
+    vae_weights_file(folder)
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("latent networks need diffusers for the VAE: pip install -e \".[latent]\"") from None
+    import json
+
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if class_name not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ValueError(f"{folder}: a {class_name}, not an AutoencoderKL or AutoencoderTiny")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder}: cannot load the VAE ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return vae.eval().requires_grad_(False)
+
+
+class DiffusersVAE(Encoder):
+    """A diffusers VAE from a local folder, latents standardised per channel to std ``final_std`` (EDM2's recipe).
+
+    Args:
+        folder: the VAE's ``save_pretrained`` folder.
+        raw_mean, raw_std: per-channel mean / std of the raw latents (measured on the data, or EDM2's constants).
+        final_std: std of the standardised latents (the network's sigma_data; EDM2: 0.5).
+        input_range: "[-1,1]" (diffusers' convention) or "[0,1]" (EDM2's).
+        kind: "diffusers-vae" or "stability-vae" (the spec of an imported EDM2 network).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, raw_mean: list[float], raw_std: list[float], final_std: float = 0.5,
+                 final_mean: float = 0.0, input_range: str = "[-1,1]", kind: str = "diffusers-vae", batch_size: int = 8,
+                 vae: torch.nn.Module | None = None) -> None:
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"unknown VAE input range {input_range!r}; valid: {', '.join(INPUT_RANGES)}")
+        self.folder = Path(folder)
+        self.vae = vae if vae is not None else load_diffusers_vae(self.folder)
+        cfg = self.vae.config
+        self.channels = int(cfg.latent_channels)
+        self.image_channels = int(cfg.in_channels)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if len(raw_mean) != self.channels or len(raw_std) != self.channels:
+            raise ValueError(f"{self.folder}: the VAE has {self.channels} latent channels but the constants give {len(raw_mean)} / {len(raw_std)}")
+        self.kind, self.input_range, self.batch_size = kind, input_range, int(batch_size)
+        self.raw_mean, self.raw_std = [float(v) for v in raw_mean], [float(v) for v in raw_std]
+        self.final_mean, self.final_std = float(final_mean), float(final_std)
+        self.sha256 = file_sha256(vae_weights_file(self.folder))
+
+    def _constants(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, bias) [1, c, 1, 1] with final = raw * scale + bias."""
+        scale = torch.tensor([self.final_std / s for s in self.raw_std], dtype=torch.float32, device=like.device)
+        bias = self.final_mean - torch.tensor(self.raw_mean, dtype=torch.float32, device=like.device) * scale
+        return scale.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.vae.parameters()).device
+        x = images_to_float(images).to(device)
+        if self.input_range == "[0,1]":
+            x = (x + 1) / 2
+        means, stds = [], []
+        with torch.no_grad():
+            for batch in x.split(self.batch_size):
+                out = self.vae.encode(batch)
+                dist = getattr(out, "latent_dist", None)
+                mean, std = (dist.mean, dist.std) if dist is not None else (out.latents, torch.zeros_like(out.latents))
+                means.append(mean.float())
+                stds.append(std.float())
+        mean, std = torch.cat(means), torch.cat(stds)
+        scale, bias = self._constants(mean)
+        return mean * scale + bias, std * scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        scale, bias = self._constants(latents)
+        raw = ((latents.to(torch.float32) - bias) / scale).to(device)
+        with torch.no_grad():
+            x = torch.cat([self.vae.decode(batch).sample.float() for batch in raw.split(self.batch_size)])
+        if self.input_range == "[0,1]":
+            x = x * 2 - 1
+        return x.clamp(-1, 1).to(latents.device)
+
+    def to(self, device: torch.device | str) -> "DiffusersVAE":
+        self.vae.to(device)
+        return self
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.folder), "sha256": self.sha256, "input_range": self.input_range,
+                "raw_mean": self.raw_mean, "raw_std": self.raw_std, "final_mean": self.final_mean, "final_std": self.final_std,
+                "latent_channels": self.channels, "factor": self.factor, "batch_size": self.batch_size}
+
+
+def posterior_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of posterior samples z = mean + std * eps over a dataset ([N, c, h, w] each):
+    E[z] = E[mean], Var[z] = Var[mean] + E[std^2] (the law of total variance)."""
+    m = mean.to(torch.float64).transpose(0, 1).reshape(mean.shape[1], -1)
+    s2 = std.to(torch.float64).transpose(0, 1).reshape(std.shape[1], -1) ** 2
+    var = m.var(dim=1, unbiased=False) + s2.mean(dim=1)
+    return m.mean(dim=1).tolist(), var.sqrt().tolist()
+
+
+def measured_vae(folder: str | os.PathLike, images: torch.Tensor, *, final_std: float = 0.5, input_range: str = "[-1,1]",
+                 batch_size: int = 8) -> DiffusersVAE:
+    """A ``diffusers-vae`` encoder whose per-channel constants are measured on ``images`` (uint8 [N, C, H, W]), so
+    that the dataset's latents have mean 0 and std ``final_std`` per channel (EDM2's standardisation)."""
+    vae = load_diffusers_vae(folder)
+    c = int(vae.config.latent_channels)
+    probe = DiffusersVAE(folder, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, input_range=input_range,
+                         batch_size=batch_size, vae=vae)  # scale 1, bias 0: raw latents
+    raw_mean, raw_std = posterior_moments(*probe.encode(images))
+    return DiffusersVAE(folder, raw_mean=raw_mean, raw_std=raw_std, final_std=final_std, input_range=input_range,
+                        batch_size=batch_size, vae=vae)
+
+
+def encoder_from_spec(spec: dict[str, Any] | None, *, vae: str | os.PathLike | None = None, channels: int = 3) -> Encoder:
+    """The encoder a network file or latent dataset names. ``vae``: a local VAE folder (needed for the imported EDM2
+    spec, whose VAE is a hub name; otherwise overrides the recorded path, which must hold the same weights)."""
+    if spec is None or spec.get("kind") == "pixels":
+        return PixelEncoder(channels)
+    kind = spec.get("kind")
+    if kind == "stability-vae":
+        if vae is None:
+            raise ValueError(f"this network works in the latent space of {spec.get('vae_name', 'a Stability AI VAE')}: give its local "
+                             f"diffusers folder with --vae DIR (edmkit downloads nothing)")
+        return DiffusersVAE(vae, raw_mean=spec["raw_mean"], raw_std=spec["raw_std"], final_mean=float(spec.get("final_mean", 0)),
+                            final_std=float(spec.get("final_std", 0.5)), input_range="[0,1]", kind=kind,
+                            batch_size=int(spec.get("batch_size", 8)))
+    if kind == "diffusers-vae":
+        folder = Path(vae if vae is not None else spec["path"])
+        enc = DiffusersVAE(folder, raw_mean=spec["raw_mean"], raw_std=spec["raw_std"], final_mean=float(spec.get("final_mean", 0)),
+                           final_std=float(spec["final_std"]), input_range=spec.get("input_range", "[-1,1]"), kind=kind,
+                           batch_size=int(spec.get("batch_size", 8)))
+        if spec.get("sha256") and enc.sha256 != spec["sha256"]:
+            raise ValueError(f"{folder}: VAE weights differ from the ones recorded (sha256 {enc.sha256[:12]} vs {spec['sha256'][:12]}): "
+                             "latents of one encoder cannot be decoded by another")
+        return enc
+    raise ValueError(f"unknown encoder kind {kind!r} (this edmkit knows pixels, diffusers-vae, stability-vae)")

@@ -1,0 +1,128 @@
+"""Latent spaces: the Encoder seam (pixels bit-identical; a diffusers VAE from a local folder, offline), its
+standardisation, and sampling latent networks (trained or imported from EDM2) decoded to images."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edmkit.checkpoint import build_denoiser, save_network
+from edmkit.cli import main
+from edmkit.config import EMAConfig, ExperimentConfig, NetworkConfig
+from edmkit.data.images import images_to_float
+from edmkit.latent.encoder import DiffusersVAE, PixelEncoder, encoder_from_spec, measured_vae, posterior_moments
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_vae(folder, seed=0):
+    """A random-weight AutoencoderKL (3 -> 4 latent channels, 2x down), written with save_pretrained."""
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+def digits(n=16, seed=0):
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pixel_encoder_is_todays_pipeline():
+    images = digits()
+    mean, std = PixelEncoder().encode(images)
+    assert torch.equal(mean, images_to_float(images)) and not std.any()
+    assert PixelEncoder().decode(mean) is mean
+    assert isinstance(encoder_from_spec(None), PixelEncoder) and isinstance(encoder_from_spec({"kind": "pixels"}), PixelEncoder)
+
+
+def test_posterior_moments_is_the_law_of_total_variance():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4000, 2, 1, 1, generator=g) * torch.tensor([1.0, 3.0]).reshape(1, 2, 1, 1) + torch.tensor([0.5, -2.0]).reshape(1, 2, 1, 1)
+    std = torch.full_like(mean, 2.0)
+    m, s = posterior_moments(mean, std)
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    assert m == pytest.approx(z.mean(dim=(0, 2, 3)).tolist(), abs=0.15)
+    assert s == pytest.approx(z.std(dim=(0, 2, 3)).tolist(), rel=0.05)
+
+
+def test_measured_constants_give_sigma_data_latents_and_decode_inverts_the_standardisation(vae_dir):
+    images = digits(64)
+    enc = measured_vae(vae_dir, images, final_std=0.5)
+    mean, std = enc.encode(images)
+    assert mean.shape == (64, 4, 8, 8) and enc.factor == 2 and enc.channels == 4
+    z = enc.latents(mean, std, torch.randn(mean.shape, generator=torch.Generator().manual_seed(1)))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05
+    assert z.std(dim=(0, 2, 3)).tolist() == pytest.approx([0.5] * 4, rel=0.1)
+    raw = diffusers.AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        expected = raw.decode((mean - enc._constants(mean)[1]) / enc._constants(mean)[0]).sample.clamp(-1, 1)
+    assert torch.allclose(enc.decode(mean), expected, atol=1e-5)
+    again = encoder_from_spec(json.loads(json.dumps(enc.spec)))  # the spec alone rebuilds it
+    assert torch.equal(again.decode(mean), enc.decode(mean))
+
+
+def test_vae_folder_errors(tmp_path, vae_dir):
+    for folder, message in ((tmp_path / "nope", "no such VAE folder"), (tmp_path, "no config.json")):
+        with pytest.raises(ValueError, match=message):
+            DiffusersVAE(folder, raw_mean=[0] * 4, raw_std=[1] * 4)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no VAE weights"):
+        DiffusersVAE(tmp_path, raw_mean=[0] * 4, raw_std=[1] * 4)
+    with pytest.raises(ValueError, match="4 latent channels but the constants give 3"):
+        DiffusersVAE(vae_dir, raw_mean=[0] * 3, raw_std=[1] * 3)
+
+
+def latent_network(path, spec, *, seed=0):
+    n = NetworkConfig(resolution=8, channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=32)
+    cfg = ExperimentConfig(network=n, ema=EMAConfig(sample_std=0.0))
+    torch.manual_seed(seed)
+    net = build_denoiser(cfg)
+    with torch.no_grad():
+        net.net.out_gain.fill_(1.0)
+    save_network(path, net.state_dict(), cfg=cfg, nimg=0, ema_std=0.0, encoder=spec)
+    return path
+
+
+EDM2_SPEC = {"kind": "stability-vae", "class": "StabilityVAEEncoder", "vae_name": "stabilityai/sd-vae-ft-mse",
+             "raw_mean": [5.81, 3.25, 0.12, -2.15], "raw_std": [4.17, 4.62, 3.71, 3.28], "final_mean": 0, "final_std": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["diffusers-vae", "stability-vae"])
+def test_generate_decodes_latent_networks(tmp_path, vae_dir, kind):
+    """A latent network samples latents [N, 4, 8, 8]; generate writes the decoded 16 x 16 RGB images. The imported
+    EDM2 spec (an ImageNet-512 network's) needs --vae, and a guide must live in the same latent space."""
+    spec = measured_vae(vae_dir, digits()).spec if kind == "diffusers-vae" else EDM2_SPEC
+    f = latent_network(tmp_path / "lat.safetensors", spec)
+    r = CliRunner()
+    args = ["generate", "--checkpoint", str(f), "--n", "2", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.npz")]
+    if kind == "stability-vae":
+        res = r.invoke(main, args)
+        assert res.exit_code != 0 and "--vae DIR" in res.output and "Traceback" not in res.output
+    res = r.invoke(main, args + ["--vae", str(vae_dir)])
+    assert res.exit_code == 0, res.output
+    import numpy as np
+
+    images = np.load(tmp_path / "x.npz")["images"]
+    assert images.shape == (2, 3, 16, 16) and images.dtype == np.uint8 and len(np.unique(images)) > 10
+    pixel_guide = tmp_path / "pix.safetensors"
+    pn = NetworkConfig(resolution=8, channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=32)
+    save_network(pixel_guide, build_denoiser(ExperimentConfig(network=pn)).state_dict(), cfg=ExperimentConfig(network=pn), nimg=0, ema_std=0.05)
+    res = r.invoke(main, args + ["--vae", str(vae_dir), "--guide-checkpoint", str(pixel_guide), "--guidance", "1.5"])
+    assert res.exit_code != 0 and "another space" in res.output
+
+
+def test_latents_of_another_vae_are_refused(tmp_path, vae_dir):
+    spec = measured_vae(vae_dir, digits()).spec
+    f = latent_network(tmp_path / "lat.safetensors", spec)
+    other = tiny_vae(tmp_path / "other-vae", seed=1)
+    res = CliRunner().invoke(main, ["generate", "--checkpoint", str(f), "--n", "1", "--steps", "2", "--vae", str(other),
+                                    "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert res.exit_code != 0 and "VAE weights differ" in res.output and "Traceback" not in res.output
