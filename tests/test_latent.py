@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from edmkit.checkpoint import build_denoiser, save_network
 from edmkit.cli import main
-from edmkit.config import EMAConfig, ExperimentConfig, NetworkConfig
+from edmkit.config import EMAConfig, ExperimentConfig, NetworkConfig, TrainConfig
 from edmkit.data.images import images_to_float
 from edmkit.latent.encoder import DiffusersVAE, PixelEncoder, encoder_from_spec, measured_vae, posterior_moments
 
@@ -82,12 +82,12 @@ def test_vae_folder_errors(tmp_path, vae_dir):
 
 def latent_network(path, spec, *, seed=0):
     n = NetworkConfig(resolution=8, channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=32)
-    cfg = ExperimentConfig(network=n, ema=EMAConfig(sample_std=0.0))
+    cfg = ExperimentConfig(network=n, ema=EMAConfig(sample_std=0.0), train=TrainConfig(encoder=json.dumps(spec)))
     torch.manual_seed(seed)
     net = build_denoiser(cfg)
     with torch.no_grad():
         net.net.out_gain.fill_(1.0)
-    save_network(path, net.state_dict(), cfg=cfg, nimg=0, ema_std=0.0, encoder=spec)
+    save_network(path, net.state_dict(), cfg=cfg, nimg=0, ema_std=0.0)
     return path
 
 

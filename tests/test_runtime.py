@@ -9,9 +9,12 @@ import pytest
 from edmkit.runtime import tune_cpu_allocator
 
 # A training step's pattern: activation-sized buffers (1-8 MiB) allocated, touched, as many again for the backward,
-# then all freed; counted after a warm-up, so only the steady state's page faults remain.
+# then all freed; counted after a warm-up, so only the steady state's page faults remain. Both runs start from glibc's
+# initial mmap threshold (128 KiB) pinned: left alone, glibc adapts it to the sizes it sees, sometimes after the
+# warm-up and sometimes not (untuned counts of 1k or 17k in one minute on one machine), which made the comparison flaky.
 LOOP = textwrap.dedent("""
-    import resource, sys, torch
+    import ctypes, ctypes.util, resource, sys, torch
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: glibc's start
     if sys.argv[1] == "tuned":
         from edmkit.runtime import tune_cpu_allocator
         assert tune_cpu_allocator()

@@ -43,12 +43,12 @@ def build_denoiser(cfg: ExperimentConfig) -> Denoiser:
 
 
 def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, cfg: ExperimentConfig, nimg: int, ema_std: float,
-                 kind: str = "denoiser", source: str = "", encoder: dict[str, Any] | None = None) -> None:
+                 kind: str = "denoiser", source: str = "") -> None:
     """Write a network (safetensors) whose metadata carries everything needed to rebuild it.
 
     ``kind`` is ``denoiser`` (read by ``load_network``) or ``classifier`` (:func:`load_classifier`);
     denoiser files leave the ``kind`` entry out, as files written before it existed do. ``source`` says where imported
-    weights came from (``edmkit import``); ``encoder`` is the spec of the space the network works in (None: pixels).
+    weights came from (``edmkit import``). The space the network works in is its config's ``train.encoder``.
     """
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
                 "nimg": str(int(nimg)), "ema_std": repr(float(ema_std))}
@@ -56,8 +56,6 @@ def save_network(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *
         metadata["kind"] = kind
     if source:
         metadata["source"] = source
-    if encoder is not None:
-        metadata["encoder"] = json.dumps(encoder, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
@@ -78,9 +76,9 @@ def read_network_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not an edmkit checkpoint (no edmkit metadata)")
     try:
         _check_version(path, int(meta.get("format_version", -1)))
-        return {"config": ExperimentConfig.from_json(meta["config"]), "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]),
-                "kind": meta.get("kind", "denoiser"), "source": meta.get("source", ""),
-                "encoder": json.loads(meta["encoder"]) if "encoder" in meta else None}
+        cfg = ExperimentConfig.from_json(meta["config"])
+        return {"config": cfg, "nimg": int(meta["nimg"]), "ema_std": float(meta["ema_std"]), "kind": meta.get("kind", "denoiser"),
+                "source": meta.get("source", ""), "encoder": json.loads(cfg.train.encoder) if cfg.train.encoder else None}
     except KeyError as e:
         raise CheckpointError(f"{path}: edmkit metadata without its {e.args[0]!r} entry (a damaged or hand-made file); use another file") from None
     except ValueError as e:  # CheckpointError included: its message already names the file

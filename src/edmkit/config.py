@@ -186,6 +186,7 @@ def snapshot_disk_estimate(*, n_params: int, n_stds: int, snapshot_nimg: int, to
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "mnist5k"                       # dataset source: "mnist5k" (embedded) or a path
+    encoder: str = ""                           # JSON spec of the encoder of latent data (edmkit.latent.encoder); "" = pixels
     classes: tuple[int, ...] = ()               # train on these classes only (relabelled 0..k-1 in this order); () = all
     center_crop: bool = False                   # crop non-square images to a centred square before resizing
     batch: int = 32                             # global batch size

@@ -215,6 +215,7 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
     for section in ("network", "train", "optim", "loss", "ema"):
         changes = {FIELDS[k][1]: tuple(v) if k in ("classes", "attn_resolutions") else v for k, v in o.items() if k in FIELDS and FIELDS[k][0] == section}
         cfg = cfg.override(section, **changes) if changes else cfg
+    cfg = _resolve_latent(cfg)
     if "cond" in o:
         cfg = cfg.override("network", label_dim=_class_count(cfg) if o["cond"] else 0)
     if "p_uncond" in o:
@@ -228,6 +229,25 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
         cfg = cfg.override("network", augment_dim=AUGMENT_DIM) if o["augment_p"] > 0 else cfg
     cfg = _resolve_task(cfg, task=o.get("task"), sr_scale=o.get("sr_scale"), sr_aug_max=o.get("sr_aug_max"))
     return _resolve_eval(cfg, {k: o[k] for k in EVAL_FIELDS if k in o})
+
+
+def _resolve_latent(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Latent data (``edmkit dataset convert --vae``): the network takes the latents' shape and the encoder's sigma_data
+    (its standardised std), and the config records the encoder, so every network file of the run can be decoded."""
+    import json
+
+    from edmkit.data.latents import is_latent_file, latent_header  # numpy only: the file's index, not its arrays
+
+    if not is_latent_file(cfg.train.data):
+        return cfg.override("train", encoder="") if cfg.train.encoder else cfg
+    spec, shape = latent_header(cfg.train.data)
+    t = cfg.train
+    if t.augment_p > 0 or t.task != "generate" or t.eval_nimg:
+        raise ValueError(f"{t.data} holds latents: augmentation (--augment-p), --task sr and in-training evaluation (--eval-every) "
+                         "work on pixel data only")
+    cfg = cfg.override("network", channels=int(shape[1]), resolution=int(shape[2]),
+                       sigma_data=float(spec.get("final_std", cfg.network.sigma_data)))
+    return cfg.override("train", encoder=json.dumps(spec, sort_keys=True))
 
 
 def _class_count(cfg: ExperimentConfig) -> int:

@@ -52,14 +52,14 @@ def import_(source, out, force, quiet) -> None:
                 first = imp
             elif imp.cfg.network != first.cfg.network:
                 raise ValueError(f"{path}: a different network than {plan[0][0].name}: one folder must hold one run's snapshots")
-            save_network(target, imp.state, cfg=imp.cfg, nimg=nimg, ema_std=std, source=f"{path.name} ({imp.source})", encoder=imp.encoder)
+            save_network(target, imp.state, cfg=imp.cfg, nimg=nimg, ema_std=std, source=f"{path.name} ({imp.source})")
         _print_summary(first, f"{len(plan)} snapshots ({len(stds)} EMA lengths: {', '.join(f'{s:g}' for s in stds)}) -> {out_dir}")
         return
     target = Path(out) if out else Path(source.with_suffix(".safetensors").name)
     _refuse_existing([target], force)
     imp = read_network(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_network(target, imp.state, cfg=imp.cfg, nimg=imp.nimg, ema_std=imp.ema_std, source=f"{source.name} ({imp.source})", encoder=imp.encoder)
+    save_network(target, imp.state, cfg=imp.cfg, nimg=imp.nimg, ema_std=imp.ema_std, source=f"{source.name} ({imp.source})")
     _print_summary(imp, f"-> {target}")
 
 

@@ -26,6 +26,7 @@ them in this package.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from PIL import Image
 from edmkit.data.cifar import read_cifar
 from edmkit.data.folder import read_folder, read_zip
 from edmkit.data.idx import read_mnist_idx
+from edmkit.data.images import images_to_float
+from edmkit.data.latents import LatentDataset, is_latent_file, read_latents
 from edmkit.data.npz import read_npz
 from edmkit.data.raw import Raw, index_names
 
@@ -85,6 +88,10 @@ class ImageDataset:
             raise ValueError(f"{self.name}: labels out of range [0, {self.num_classes})")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
+
+    def float_batch(self, idx: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the network sees of items ``idx``: pixels in [-1, 1] (``generator`` unused; latent datasets draw posterior samples)."""
+        return images_to_float(self.images[idx])
 
     @property
     def resolution(self) -> int:
@@ -271,7 +278,30 @@ def sample_order(*, num_items: int, seed: int, start: int, count: int) -> torch.
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
 
 
-def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset:
-    """The images a config trains on (or ``source`` prepared the same way): resolution, channels, classes, crop."""
+def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset | LatentDataset:
+    """The images a config trains on (or ``source`` prepared the same way): resolution, channels, classes, crop.
+
+    A latent dataset (``edmkit.data.latents``) must match the config's shape and the encoder it names (``train.encoder``).
+    """
     n, t = cfg.network, cfg.train
+    if is_latent_file(source or t.data):
+        data = read_latents(source or t.data)
+        if t.classes:
+            if data.labels is None:
+                raise ValueError(f"{data.name}: --classes needs labels, and this latent dataset has none")
+            keep = [int(i) for i in torch.nonzero(torch.isin(data.labels, torch.tensor(t.classes))).flatten()]
+            relabel = {c: i for i, c in enumerate(t.classes)}
+            data = data.subset(keep)
+            data = LatentDataset(data.mean, data.std, torch.tensor([relabel[int(v)] for v in data.labels]), len(t.classes), data.name,
+                                 data.encoder, tuple(data.class_names[c] for c in t.classes) if data.class_names else ())
+        if (data.resolution, data.channels) != (n.resolution, n.channels):
+            raise ValueError(f"{data.name}: latents are {data.channels}x{data.resolution}x{data.resolution}, the network takes "
+                             f"{n.channels}x{n.resolution}x{n.resolution}")
+        if not t.encoder or json.loads(t.encoder) != data.encoder:
+            raise ValueError(f"{data.name}: latents of another encoder than the config names ({data.encoder.get('kind')}, "
+                             f"{str(data.encoder.get('sha256', ''))[:12]}): convert the images again with the encoder of this run")
+        return data
+    if t.encoder:
+        raise ValueError(f"{source or t.data}: pixel images, but this config trains on latents of a {json.loads(t.encoder).get('kind')}: "
+                         "give the latent dataset (edmkit dataset convert SRC OUT.npz --vae DIR)")
     return load_dataset(source or t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)

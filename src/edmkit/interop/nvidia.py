@@ -21,6 +21,7 @@ naming the option, never a silently different network.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -206,7 +207,9 @@ def read_network(path: str | os.PathLike, *, stds: tuple[float, ...] | None = No
         ema = EMAConfig(stds=tuple(stds), sample_std=ema_std if ema_std in stds else stds[0])
     else:
         ema = EMAConfig(stds=(ema_std,), sample_std=ema_std) if ema_std else EMAConfig(sample_std=0.0)
-    cfg = ExperimentConfig(network=n, ema=ema, train=TrainConfig(data=f"imported:{path.name}"))
+    latent = encoder is not None and encoder["kind"] != "pixels"
+    cfg = ExperimentConfig(network=n, ema=ema, train=TrainConfig(data=f"imported:{path.name}",
+                                                                encoder=json.dumps(encoder, sort_keys=True) if latent else ""))
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     net = build_denoiser(cfg)
     missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())

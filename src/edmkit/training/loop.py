@@ -34,7 +34,7 @@ from edmkit import dist
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
 from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
-from edmkit.data.images import images_to_float
+from edmkit.data.latents import LatentDataset
 from edmkit.diffusion.loss import EDMLoss, make_loss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.diffusion.schedules import learning_rate
@@ -60,16 +60,23 @@ from edmkit.training.validation import split_dataset
 # make_batch, make_loss and make_monitor are called from this module through its own globals, so replacing
 # ``edmkit.training.<name>`` (as tests do) changes what train() and training_loop() use.
 
+POSTERIOR_CHUNK = 1 << 20  # step_seed chunk of the latent posterior samples: a stream of its own, apart from the step's noise
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 
 
-def make_batch(data: ImageDataset, cfg: ExperimentConfig, nimg: int, device: torch.device | str,
+def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: int, device: torch.device | str,
                *, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images [B, C, H, W] in [-1, 1] and one-hot labels [B, L] (or None) for stream position ``nimg``
-    (only the global-batch ``rows`` given, in their order: one process's shard)."""
+    """Images [B, C, H, W] in [-1, 1] (or latents: a posterior sample each, drawn for the whole global batch from a
+    generator seeded by (seed, nimg)) and one-hot labels [B, L] (or None) for stream position ``nimg`` (only the
+    global-batch ``rows`` given, in their order: one process's shard)."""
     idx = sample_order(num_items=len(data), seed=cfg.train.seed, start=nimg, count=cfg.train.batch)
+    if isinstance(data, LatentDataset):
+        y = data.float_batch(idx, generator=torch.Generator().manual_seed(step_seed(cfg.train.seed, nimg, chunk=POSTERIOR_CHUNK)))
+        y = y if rows is None else y[rows]
+    else:
+        y = data.float_batch(idx if rows is None else idx[rows])
     idx = idx if rows is None else idx[rows]
-    y = images_to_float(data.images[idx]).to(device)
+    y = y.to(device)
     labels = None
     if cfg.network.label_dim:
         labels = F.one_hot(data.labels[idx], cfg.network.label_dim).to(device=device, dtype=torch.float32)

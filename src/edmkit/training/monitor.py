@@ -9,6 +9,7 @@ this changes the weights: sampling runs in eval mode and the in-training evaluat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -281,5 +282,13 @@ def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path) -> Path:
                         label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device)
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
-    save_image_grid(x, path)
+    save_image_grid(decoder_of(cfg.train.encoder)(x), path)
     return path
+
+
+@functools.lru_cache(maxsize=2)
+def decoder_of(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> images for a run's encoder (``train.encoder``; "" = pixels: the identity), loaded once per run."""
+    from edmkit.latent.encoder import encoder_from_spec
+
+    return encoder_from_spec(json.loads(spec) if spec else None).decode

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.data.dataset import ImageDataset
-from edmkit.data.images import images_to_float
 from edmkit.diffusion.loss import EDMLoss
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ def make_probe(data: ImageDataset, indices: Sequence[int] | torch.Tensor, *, lab
         if data.labels is None:
             raise ValueError(f"the network is class-conditional but {data.name} has no labels")
         labels = F.one_hot(data.labels[index], label_dim).to(torch.float32)  # [N, L]
-    return DenoisingProbe(images_to_float(data.images[index]), labels, tuple(float(s) for s in sigmas), noise_seed)
+    return DenoisingProbe(data.float_batch(index), labels, tuple(float(s) for s in sigmas), noise_seed)  # latents: posterior means
 
 
 @torch.no_grad()
