@@ -126,3 +126,62 @@ def test_latents_of_another_vae_are_refused(tmp_path, vae_dir):
     res = CliRunner().invoke(main, ["generate", "--checkpoint", str(f), "--n", "1", "--steps", "2", "--vae", str(other),
                                     "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     assert res.exit_code != 0 and "VAE weights differ" in res.output and "Traceback" not in res.output
+
+
+def test_convert_train_resume_generate_in_latent_space(tmp_path, vae_dir):
+    """convert (VAE once) -> train on posterior samples -> bit-exact resume -> generate decodes; the run's files
+    record the encoder, and a pixel dataset given to a latent config (and the reverse) is refused."""
+    import numpy as np
+
+    r = CliRunner()
+    lat = tmp_path / "digits.npz"
+    res = r.invoke(main, ["dataset", "convert", "mnist5k", str(lat), "--channels", "3", "--resolution", "16", "--classes", "0,1", "--vae", str(vae_dir)])
+    assert res.exit_code == 0, res.output
+    assert "latents 4x8x8 of 16x16x3 images (2x downsampling), 2 classes" in res.output
+    with np.load(lat) as z:
+        z_mean, z_std = z["latent_mean"].astype(np.float64), z["latent_std"].astype(np.float64)
+    total = np.sqrt(z_mean.var(axis=(0, 2, 3)) + (z_std**2).mean(axis=(0, 2, 3)))  # std of posterior samples per channel
+    assert np.abs(z_mean.mean(axis=(0, 2, 3))).max() < 1e-3 and np.allclose(total, 0.5, rtol=2e-3)  # standardised to sigma_data
+
+    train = ["train", "--preset", "tiny", "--data", str(lat), "--attn", "4", "--batch", "8", "--quiet", "--cond"]
+    res = r.invoke(main, [*train, "--run", str(tmp_path / "a"), "--duration", "32"])
+    assert res.exit_code == 0, res.output
+    assert r.invoke(main, [*train, "--run", str(tmp_path / "b"), "--duration", "16"]).exit_code == 0
+    res = r.invoke(main, [*train, "--run", str(tmp_path / "b"), "--duration", "32"])  # resumes at 16
+    assert res.exit_code == 0, res.output
+    fa, fb = (sorted((tmp_path / run).glob("network-000000000032-*.safetensors"))[-1] for run in ("a", "b"))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(fa)), load_file(str(fb))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted((tmp_path / "a").glob("grid-*.png"))  # grids decoded to images
+
+    res = r.invoke(main, ["generate", "--checkpoint", str(tmp_path / "a"), "--n", "2", "--steps", "2", "--device", "cpu",
+                          "--out", str(tmp_path / "x.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "x.npz") as z:
+        assert z["images"].shape == (2, 3, 16, 16)
+
+    import json
+
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert json.loads(cfg["train"]["encoder"])["kind"] == "diffusers-vae"
+    cfg["train"]["data"] = "mnist5k"  # a latent config given pixels
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    res = r.invoke(main, ["train", "--config-file", str(tmp_path / "cfg.json"), "--run", str(tmp_path / "c"), "--duration", "16", "--quiet"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+def test_metrics_score_decoded_images(tmp_path, vae_dir):
+    """metrics gen's stream yields the decoded images of a latent network (what the detector sees), not its latents."""
+    from edmkit.checkpoint import load_network
+    from edmkit.data.images import float_to_images
+    from edmkit.metrics.evaluate import generated_batches
+    from edmkit.sampling.generate import generate_images
+
+    enc = measured_vae(vae_dir, digits())
+    net, meta = load_network(latent_network(tmp_path / "lat.safetensors", enc.spec), latent=True)
+    kw = dict(resolution=8, channels=4, label_dim=0, steps=2)
+    got = torch.cat(list(generated_batches(net, [0, 1, 2], batch=2, device="cpu", generate_kw=kw, decode=enc.decode)))
+    want = float_to_images(enc.decode(generate_images(net, seeds=[0, 1, 2], batch=3, device="cpu", **kw)))
+    assert got.shape == (3, 3, 16, 16) and torch.equal(got, want)

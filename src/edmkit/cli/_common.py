@@ -66,7 +66,7 @@ NIMG = NimgType()
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="edmkit")
 def main() -> None:
-    """edmkit: train, sample and evaluate EDM / EDM2 pixel-space diffusion models.
+    """edmkit: train, sample and evaluate EDM / EDM2 diffusion models (pixel or latent space).
 
     \b
     Quick start (embedded MNIST digits, CPU, about 15 minutes):

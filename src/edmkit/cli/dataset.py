@@ -20,19 +20,43 @@ def dataset_group() -> None:
 
 @dataset_group.command("convert")
 @click.argument("source", metavar="SRC")
-@click.argument("dest", metavar="DEST.zip", type=click.Path(dir_okay=False))
+@click.argument("dest", metavar="DEST.zip|DEST.npz", type=click.Path(dir_okay=False))
 @click.option("--resolution", type=int, default=None, help="Square image size to resize to (default: native, must be uniform).")
 @click.option("--center-crop", is_flag=True, help="Crop non-square images to their central square first (else they are an error).")
 @click.option("--classes", default=None, help="Keep only these class indices, e.g. 1,3 (relabelled 0, 1, ... in this order).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to grayscale (1) or RGB (3) (default: native).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable files in folders / zips (reported with a count) instead of failing.")
+@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Encode to latents (DEST.npz) with this local diffusers VAE folder.")
+@click.option("--vae-input", type=click.Choice(["[-1,1]", "[0,1]"]), default="[-1,1]", show_default=True, help="With --vae: the pixel range the VAE takes (EDM2 feeds SD's VAE [0,1]).")
+@click.option("--sigma-data", type=float, default=0.5, show_default=True, help="With --vae: per-channel std of the standardised latents (the network's sigma_data).")
+@click.option("--batch", type=int, default=8, show_default=True, help="With --vae: images per VAE call.")
 @user_errors
-def dataset_convert(source, dest, resolution, center_crop, classes, channels, skip_bad) -> None:
+def dataset_convert(source, dest, resolution, center_crop, classes, channels, skip_bad, vae, vae_input, sigma_data, batch) -> None:
     """Convert SRC (folder, zip, npz, MNIST idx, CIFAR tarball, mnist5k) to DEST.zip: PNGs + dataset.json labels.
 
-    The archive is read back and checked; a preview grid DEST-preview.png is written beside it.
+    The archive is read back and checked; a preview grid DEST-preview.png is written beside it. With --vae, DEST.npz
+    holds latents instead: the VAE's posterior mean and std of every image, standardised per channel to std
+    --sigma-data with constants measured on this data, and the encoder's spec (folder, weights sha256, constants).
+    `edmkit train --data DEST.npz` then trains in that latent space (the VAE never runs in training) and every
+    network file records the encoder, so `edmkit generate` decodes.
+
+    \b
+    Examples:
+      edmkit dataset convert cifar-10-python.tar.gz cifar-cat.zip --resolution 32 --classes 3
+      edmkit dataset convert mnist5k digits-latents.npz --channels 3 --resolution 32 --vae my-vae/
+      edmkit train --data digits-latents.npz --preset tiny --run runs/latent
     """
     import warnings
+
+    if vae is not None:
+        from edmkit.latent.convert import convert_to_latents
+
+        with writer_lock(dest, what="output file", file=True):
+            info = convert_to_latents(source, dest, vae=vae, resolution=resolution, channels=None if channels is None else int(channels),
+                                      classes=parse_int_list(classes, name="--classes"), center_crop=center_crop, skip_bad=skip_bad,
+                                      input_range=vae_input, final_std=sigma_data, batch=batch, progress=True)
+        click.echo(info)
+        return
 
     from edmkit.data.convert import convert_dataset, format_summary
 

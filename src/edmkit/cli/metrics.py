@@ -116,11 +116,12 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--classifier-scale", type=float, default=0.0, show_default=True, help="Classifier guidance scale s (needs --classifier; --class for unconditional models).")
 @click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: score only images the classifier assigns to --class with confidence >= this, in (0, 1] (one process).")
 @click.option("--max-tries", type=int, default=None, help="With --reject-threshold: candidates per repeat (default 10 x the images asked for); too few accepted is an error.")
+@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Latent-space networks: the local diffusers folder of their VAE (default: the one the run recorded).")
 @score_options
 @metrics_options
 @user_errors
 def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
-                max_tries, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
+                max_tries, vae, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of generated images (none written to disk) against a reference.
 
     \b
@@ -132,6 +133,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     import time
 
     from edmkit.checkpoint import find_network, load_network
+    from edmkit.latent.encoder import encoder_from_spec
     from edmkit.metrics import evaluate as ev
     from edmkit.metrics import reference as rf
     from edmkit.sampling.generate import parse_seeds
@@ -151,10 +153,15 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     dev = dist.init(pick_device(device))
     echo = metrics_echo()
     det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
-    net, meta = load_network(path, device=dev)
+    net, meta = load_network(path, device=dev, latent=True)
     c = meta["config"].network
-    echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps")
-    for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution, channels=c.channels):
+    encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)  # scores are of decoded images
+    if encoder.kind != "pixels" and (classifier_path or reject_threshold is not None):
+        raise ValueError("--classifier and --reject-threshold work on pixel-space networks only (this network samples latents)")
+    echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps"
+         + ("" if encoder.kind == "pixels" else f", decoded by its {encoder.kind}"))
+    for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution * encoder.factor,
+                                      channels=encoder.image_channels):
         echo(line)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
                                    gif=None, device=dev)
@@ -167,7 +174,8 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
         rejection = Rejection(classifier=clf, class_idx=class_idx, threshold=reject_threshold, max_tries=max_tries)
     start = time.monotonic()
     result = ev.evaluate_generator(net, ref=ref, detector=det, seeds=seed_list, repeats=repeats, metrics=names, batch=batch, device=dev,
-                                   generate_kw=gen_kw, progress=not quiet, rejection=rejection)
+                                   generate_kw=gen_kw, progress=not quiet, rejection=rejection,
+                                   decode=None if encoder.kind == "pixels" else encoder.decode)
     result.update(checkpoint=str(path), nimg=meta["nimg"], ema_std=meta["ema_std"], generate={k: v for k, v in gen_kw.items() if k != "classifier"},
                   time_sec=time.monotonic() - start, **ev.result_info(ref, ref_path, det))
     if clf is not None:

@@ -91,7 +91,8 @@ def latent_header(path: str | os.PathLike) -> tuple[dict[str, Any], tuple[int, .
         with zipfile.ZipFile(path) as zf:
             with zf.open("latent_mean.npy") as f:
                 version = np.lib.format.read_magic(f)
-                shape = np.lib.format._read_array_header(f, version)[0]
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
             with zf.open("encoder.npy") as f:
                 encoder = json.loads(str(np.lib.format.read_array(f, allow_pickle=False)))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:

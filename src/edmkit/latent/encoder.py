@@ -63,7 +63,7 @@ class PixelEncoder(Encoder):
     kind = "pixels"
 
     def __init__(self, channels: int = 3) -> None:
-        self.channels = channels
+        self.channels = self.image_channels = channels
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images_to_float(images)
@@ -149,14 +149,18 @@ class DiffusersVAE(Encoder):
         bias = self.final_mean - torch.tensor(self.raw_mean, dtype=torch.float32, device=like.device) * scale
         return scale.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1)
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        from tqdm.auto import tqdm
+
         device = next(self.vae.parameters()).device
+        if images.shape[1] != self.image_channels:
+            raise ValueError(f"{self.folder}: the VAE takes {self.image_channels}-channel images, got {images.shape[1]} (convert with --channels)")
         x = images_to_float(images).to(device)
         if self.input_range == "[0,1]":
             x = (x + 1) / 2
         means, stds = [], []
         with torch.no_grad():
-            for batch in x.split(self.batch_size):
+            for batch in tqdm(x.split(self.batch_size), desc="encode", unit="batch", disable=not progress, dynamic_ncols=True):
                 out = self.vae.encode(batch)
                 dist = getattr(out, "latent_dist", None)
                 mean, std = (dist.mean, dist.std) if dist is not None else (out.latents, torch.zeros_like(out.latents))
@@ -196,17 +200,27 @@ def posterior_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[list[float
     return m.mean(dim=1).tolist(), var.sqrt().tolist()
 
 
-def measured_vae(folder: str | os.PathLike, images: torch.Tensor, *, final_std: float = 0.5, input_range: str = "[-1,1]",
-                 batch_size: int = 8) -> DiffusersVAE:
-    """A ``diffusers-vae`` encoder whose per-channel constants are measured on ``images`` (uint8 [N, C, H, W]), so
-    that the dataset's latents have mean 0 and std ``final_std`` per channel (EDM2's standardisation)."""
+def encode_measured(folder: str | os.PathLike, images: torch.Tensor, *, final_std: float = 0.5, input_range: str = "[-1,1]",
+                    batch_size: int = 8, progress: bool = False) -> tuple[DiffusersVAE, torch.Tensor, torch.Tensor]:
+    """Encode ``images`` (uint8 [N, C, H, W]) with the VAE of ``folder`` once, and measure its per-channel constants on
+    them, so that the dataset's latents have mean 0 and std ``final_std`` per channel (EDM2's standardisation).
+
+    Returns (the encoder with those constants, standardised posterior mean, std), each latent [N, c, h, w].
+    """
     vae = load_diffusers_vae(folder)
     c = int(vae.config.latent_channels)
     probe = DiffusersVAE(folder, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, input_range=input_range,
                          batch_size=batch_size, vae=vae)  # scale 1, bias 0: raw latents
-    raw_mean, raw_std = posterior_moments(*probe.encode(images))
-    return DiffusersVAE(folder, raw_mean=raw_mean, raw_std=raw_std, final_std=final_std, input_range=input_range,
-                        batch_size=batch_size, vae=vae)
+    mean, std = probe.encode(images, progress=progress)
+    raw_mean, raw_std = posterior_moments(mean, std)
+    enc = DiffusersVAE(folder, raw_mean=raw_mean, raw_std=raw_std, final_std=final_std, input_range=input_range, batch_size=batch_size, vae=vae)
+    scale, bias = enc._constants(mean)
+    return enc, mean * scale + bias, std * scale
+
+
+def measured_vae(folder: str | os.PathLike, images: torch.Tensor, **kw: Any) -> DiffusersVAE:
+    """The encoder of :func:`encode_measured` alone."""
+    return encode_measured(folder, images, **kw)[0]
 
 
 def encoder_from_spec(spec: dict[str, Any] | None, *, vae: str | os.PathLike | None = None, channels: int = 3) -> Encoder:

@@ -113,8 +113,10 @@ def image_batches(images: torch.Tensor, *, batch: int, indices: torch.Tensor | N
 
 
 def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device: torch.device | str, generate_kw: dict,
-                      rejection: Rejection | None = None, n: int | None = None, tally: RejectionTally | None = None) -> Iterator[torch.Tensor]:
-    """uint8 images [B, C, H, W] from ``generate_images``, one batch of seeds at a time (nothing written to disk).
+                      rejection: Rejection | None = None, n: int | None = None, tally: RejectionTally | None = None,
+                      decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """uint8 images [B, C, H, W] from ``generate_images``, one batch of seeds at a time (nothing written to disk);
+    ``decode`` turns a latent network's samples into images in [-1, 1] first (``edmkit.latent.encoder``).
 
     With `rejection`, `seeds` are candidates tried in order, and only the first `n` accepted images are yielded
     (counts in `tally`); fewer than `n` accepted among all candidates raises ValueError once they are used up.
@@ -122,7 +124,8 @@ def generated_batches(net: Callable, seeds: Sequence[int], *, batch: int, device
     from edmkit.sampling.generate import generate_images  # the sampling stack only when generating
 
     def sample(chunk: Sequence[int]) -> torch.Tensor:
-        return generate_images(net, seeds=list(chunk), batch=batch, device=device, **generate_kw)
+        x = generate_images(net, seeds=list(chunk), batch=batch, device=device, **generate_kw)
+        return x if decode is None else decode(x)
 
     if rejection is None:
         for start in range(0, len(seeds), batch):
@@ -244,7 +247,7 @@ def format_results(result: dict) -> list[str]:
 def evaluate_generator(
     net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = EVAL_METRICS,
     batch: int = 64, device: torch.device | str = "cpu", generate_kw: dict | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-    pr_k: int = 3, progress: bool = False, rejection: Rejection | None = None,
+    pr_k: int = 3, progress: bool = False, rejection: Rejection | None = None, decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Score a generator against a reference over `repeats` disjoint seed ranges.
 
@@ -262,6 +265,7 @@ def evaluate_generator(
         progress: show a progress bar per repeat.
         rejection: score only accepted images: the first len(`seeds`) accepted of ``candidate_seeds(seeds, max_tries)``
             (repeat r: those shifted by r·max_tries). One process only.
+        decode: latent networks: their samples -> images in [-1, 1] (``Encoder.decode``), scored in pixel space.
 
     Returns:
         ``{"repeats": [{"seeds", "n", scores...}, ...], "summary": {score: {mean, std, min, max}}}``; with rejection each
@@ -281,7 +285,8 @@ def evaluate_generator(
         if not mine:
             raise ValueError(f"{len(rseeds)} seeds cannot be split over {world} ranks")
         tally = RejectionTally()
-        batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {}, rejection=rejection, n=n, tally=tally)
+        batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {}, rejection=rejection, n=n, tally=tally,
+                                    decode=decode)
         stats, features = accumulate_features(batches, detector=detector, keep=keep, total=len(mine) if rejection is None else n, progress=progress,
                                               desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
         row = dict(seeds=describe_seeds(rseeds), n=n)
