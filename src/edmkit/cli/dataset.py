@@ -26,7 +26,7 @@ def dataset_group() -> None:
 @click.option("--classes", default=None, help="Keep only these class indices, e.g. 1,3 (relabelled 0, 1, ... in this order).")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to grayscale (1) or RGB (3) (default: native).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable files in folders / zips (reported with a count) instead of failing.")
-@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Encode to latents (DEST.npz) with this local diffusers VAE folder.")
+@click.option("--vae", default=None, type=click.Path(exists=True), help="Encode to latents (DEST.npz) with this autoencoder: a local diffusers VAE folder, or an edmkit autoencoder file (edmkit train-autoencoder).")
 @click.option("--vae-input", type=click.Choice(["[-1,1]", "[0,1]"]), default="[-1,1]", show_default=True, help="With --vae: the pixel range the VAE takes (EDM2 feeds SD's VAE [0,1]).")
 @click.option("--sigma-data", type=float, default=0.5, show_default=True, help="With --vae: per-channel std of the standardised latents (the network's sigma_data).")
 @click.option("--batch", type=int, default=8, show_default=True, help="With --vae: images per VAE call.")

@@ -40,7 +40,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: keep only images the classifier assigns to --class with confidence >= this, in (0, 1].")
 @click.option("--max-tries", type=int, default=None, help="With --reject-threshold: at most this many candidates (default 10 x the images asked for).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch (does not change the images).")
-@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Latent-space networks: the local diffusers folder of their VAE (default: the folder the network file records).")
+@click.option("--vae", default=None, type=click.Path(exists=True), help="Latent-space networks: their autoencoder (a local diffusers VAE folder or an edmkit autoencoder file) (default: the folder the network file records).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @user_errors
 def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmin, S_tmax, S_noise, eta, class_idx, guidance,

@@ -116,7 +116,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--classifier-scale", type=float, default=0.0, show_default=True, help="Classifier guidance scale s (needs --classifier; --class for unconditional models).")
 @click.option("--reject-threshold", type=float, default=None, help="Rejection sampling: score only images the classifier assigns to --class with confidence >= this, in (0, 1] (one process).")
 @click.option("--max-tries", type=int, default=None, help="With --reject-threshold: candidates per repeat (default 10 x the images asked for); too few accepted is an error.")
-@click.option("--vae", default=None, type=click.Path(file_okay=False), help="Latent-space networks: the local diffusers folder of their VAE (default: the one the run recorded).")
+@click.option("--vae", default=None, type=click.Path(exists=True), help="Latent-space networks: their autoencoder (a local diffusers VAE folder or an edmkit autoencoder file) (default: the one the run recorded).")
 @score_options
 @metrics_options
 @user_errors

@@ -114,34 +114,36 @@ def load_diffusers_vae(folder: str | os.PathLike) -> torch.nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-class DiffusersVAE(Encoder):
-    """A diffusers VAE from a local folder, latents standardised per channel to std ``final_std`` (EDM2's recipe).
+class StandardisedEncoder(Encoder):
+    """An autoencoder's posterior, standardised per channel: final = (raw - raw_mean) * final_std / raw_std + final_mean
+    (EDM2's recipe; final_std is the network's sigma_data). Subclasses run their model (``_encode_batch`` on images in
+    the model's input range -> raw (mean, std); ``_decode_batch`` raw latents -> images in that range).
 
     Args:
-        folder: the VAE's ``save_pretrained`` folder.
+        source: the model's folder or file (recorded in the spec with its weights' sha256).
         raw_mean, raw_std: per-channel mean / std of the raw latents (measured on the data, or EDM2's constants).
-        final_std: std of the standardised latents (the network's sigma_data; EDM2: 0.5).
-        input_range: "[-1,1]" (diffusers' convention) or "[0,1]" (EDM2's).
-        kind: "diffusers-vae" or "stability-vae" (the spec of an imported EDM2 network).
+        final_std, final_mean: of the standardised latents.
+        input_range: "[-1,1]" or "[0,1]" (EDM2 feeds Stable Diffusion's VAE [0, 1]).
     """
 
-    def __init__(self, folder: str | os.PathLike, *, raw_mean: list[float], raw_std: list[float], final_std: float = 0.5,
-                 final_mean: float = 0.0, input_range: str = "[-1,1]", kind: str = "diffusers-vae", batch_size: int = 8,
-                 vae: torch.nn.Module | None = None) -> None:
+    def __init__(self, source: str | os.PathLike, model: torch.nn.Module, *, kind: str, channels: int, image_channels: int, factor: int,
+                 sha256: str, raw_mean: list[float], raw_std: list[float], final_std: float = 0.5, final_mean: float = 0.0,
+                 input_range: str = "[-1,1]", batch_size: int = 8) -> None:
         if input_range not in INPUT_RANGES:
-            raise ValueError(f"unknown VAE input range {input_range!r}; valid: {', '.join(INPUT_RANGES)}")
-        self.folder = Path(folder)
-        self.vae = vae if vae is not None else load_diffusers_vae(self.folder)
-        cfg = self.vae.config
-        self.channels = int(cfg.latent_channels)
-        self.image_channels = int(cfg.in_channels)
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        if len(raw_mean) != self.channels or len(raw_std) != self.channels:
-            raise ValueError(f"{self.folder}: the VAE has {self.channels} latent channels but the constants give {len(raw_mean)} / {len(raw_std)}")
-        self.kind, self.input_range, self.batch_size = kind, input_range, int(batch_size)
+            raise ValueError(f"unknown input range {input_range!r}; valid: {', '.join(INPUT_RANGES)}")
+        if len(raw_mean) != channels or len(raw_std) != channels:
+            raise ValueError(f"{source}: the autoencoder has {channels} latent channels but the constants give {len(raw_mean)} / {len(raw_std)}")
+        self.folder, self.model, self.kind, self.sha256 = Path(source), model, kind, sha256
+        self.channels, self.image_channels, self.factor = channels, image_channels, factor
+        self.input_range, self.batch_size = input_range, int(batch_size)
         self.raw_mean, self.raw_std = [float(v) for v in raw_mean], [float(v) for v in raw_std]
         self.final_mean, self.final_std = float(final_mean), float(final_std)
-        self.sha256 = file_sha256(vae_weights_file(self.folder))
+
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _constants(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, bias) [1, c, 1, 1] with final = raw * scale + bias."""
@@ -152,36 +154,34 @@ class DiffusersVAE(Encoder):
     def encode(self, images: torch.Tensor, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         from tqdm.auto import tqdm
 
-        device = next(self.vae.parameters()).device
+        device = next(self.model.parameters()).device
         if images.shape[1] != self.image_channels:
-            raise ValueError(f"{self.folder}: the VAE takes {self.image_channels}-channel images, got {images.shape[1]} (convert with --channels)")
-        x = images_to_float(images).to(device)
-        if self.input_range == "[0,1]":
-            x = (x + 1) / 2
+            raise ValueError(f"{self.folder}: the autoencoder takes {self.image_channels}-channel images, got {images.shape[1]} (convert with --channels)")
+        if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
+            raise ValueError(f"{self.folder}: image size {images.shape[-1]} is not divisible by the autoencoder's factor {self.factor} (use --resolution)")
         means, stds = [], []
         with torch.no_grad():
-            for batch in tqdm(x.split(self.batch_size), desc="encode", unit="batch", disable=not progress, dynamic_ncols=True):
-                out = self.vae.encode(batch)
-                dist = getattr(out, "latent_dist", None)
-                mean, std = (dist.mean, dist.std) if dist is not None else (out.latents, torch.zeros_like(out.latents))
-                means.append(mean.float())
-                stds.append(std.float())
+            for batch in tqdm(images.split(self.batch_size), desc="encode", unit="batch", disable=not progress, dynamic_ncols=True):
+                x = images_to_float(batch).to(device)
+                mean, std = self._encode_batch((x + 1) / 2 if self.input_range == "[0,1]" else x)
+                means.append(mean.float().cpu())
+                stds.append(std.float().cpu())
         mean, std = torch.cat(means), torch.cat(stds)
         scale, bias = self._constants(mean)
         return mean * scale + bias, std * scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        device = next(self.vae.parameters()).device
+        device = next(self.model.parameters()).device
         scale, bias = self._constants(latents)
         raw = ((latents.to(torch.float32) - bias) / scale).to(device)
         with torch.no_grad():
-            x = torch.cat([self.vae.decode(batch).sample.float() for batch in raw.split(self.batch_size)])
+            x = torch.cat([self._decode_batch(batch).float() for batch in raw.split(self.batch_size)])
         if self.input_range == "[0,1]":
             x = x * 2 - 1
         return x.clamp(-1, 1).to(latents.device)
 
-    def to(self, device: torch.device | str) -> "DiffusersVAE":
-        self.vae.to(device)
+    def to(self, device: torch.device | str) -> StandardisedEncoder:
+        self.model.to(device)
         return self
 
     @property
@@ -189,6 +189,60 @@ class DiffusersVAE(Encoder):
         return {"kind": self.kind, "path": str(self.folder), "sha256": self.sha256, "input_range": self.input_range,
                 "raw_mean": self.raw_mean, "raw_std": self.raw_std, "final_mean": self.final_mean, "final_std": self.final_std,
                 "latent_channels": self.channels, "factor": self.factor, "batch_size": self.batch_size}
+
+    def with_constants(self, raw_mean: list[float], raw_std: list[float]) -> StandardisedEncoder:
+        """The same encoder (same loaded model) with other constants."""
+        import copy
+
+        other = copy.copy(self)
+        other.raw_mean, other.raw_std = [float(v) for v in raw_mean], [float(v) for v in raw_std]
+        return other
+
+
+class DiffusersVAE(StandardisedEncoder):
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderTiny`` from a local folder (kind ``diffusers-vae``, or
+    ``stability-vae``: the spec of an imported EDM2 network, [0, 1] input)."""
+
+    def __init__(self, folder: str | os.PathLike, *, kind: str = "diffusers-vae", vae: torch.nn.Module | None = None, **kw: Any) -> None:
+        folder = Path(folder)
+        vae = vae if vae is not None else load_diffusers_vae(folder)
+        cfg = vae.config
+        super().__init__(folder, vae, kind=kind, channels=int(cfg.latent_channels), image_channels=int(cfg.in_channels),
+                         factor=2 ** (len(cfg.block_out_channels) - 1), sha256=file_sha256(vae_weights_file(folder)), **kw)
+
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.encode(x)
+        dist = getattr(out, "latent_dist", None)
+        return (dist.mean, dist.std) if dist is not None else (out.latents, torch.zeros_like(out.latents))
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z).sample
+
+
+class EdmkitAE(StandardisedEncoder):
+    """edmkit's own KL autoencoder (``edmkit train-autoencoder``) from its .safetensors file (kind ``edmkit-ae``)."""
+
+    def __init__(self, path: str | os.PathLike, **kw: Any) -> None:
+        from edmkit.latent.autoencoder import load_autoencoder
+
+        model, cfg = load_autoencoder(path)
+        super().__init__(path, model, kind="edmkit-ae", channels=cfg.latent_channels, image_channels=cfg.channels, factor=model.factor,
+                         sha256=file_sha256(path), **kw)
+
+    def _encode_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.model.encode(x)
+        return mean, (0.5 * logvar).exp()
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)
+
+
+def open_autoencoder(source: str | os.PathLike, **kw: Any) -> StandardisedEncoder:
+    """A diffusers VAE folder, or an edmkit autoencoder file (.safetensors), with the given constants."""
+    source = Path(source)
+    if source.is_file():
+        return EdmkitAE(source, **kw)
+    return DiffusersVAE(source, **kw)
 
 
 def posterior_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -200,25 +254,37 @@ def posterior_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[list[float
     return m.mean(dim=1).tolist(), var.sqrt().tolist()
 
 
-def encode_measured(folder: str | os.PathLike, images: torch.Tensor, *, final_std: float = 0.5, input_range: str = "[-1,1]",
-                    batch_size: int = 8, progress: bool = False) -> tuple[DiffusersVAE, torch.Tensor, torch.Tensor]:
-    """Encode ``images`` (uint8 [N, C, H, W]) with the VAE of ``folder`` once, and measure its per-channel constants on
-    them, so that the dataset's latents have mean 0 and std ``final_std`` per channel (EDM2's standardisation).
+def encode_measured(source: str | os.PathLike, images: torch.Tensor, *, final_std: float = 0.5, input_range: str = "[-1,1]",
+                    batch_size: int = 8, progress: bool = False) -> tuple[StandardisedEncoder, torch.Tensor, torch.Tensor]:
+    """Encode ``images`` (uint8 [N, C, H, W]) once with the autoencoder ``source`` (a diffusers VAE folder or an edmkit
+    autoencoder file), measuring its per-channel constants on them, so that the dataset's latents have mean 0 and std
+    ``final_std`` per channel (EDM2's standardisation).
 
     Returns (the encoder with those constants, standardised posterior mean, std), each latent [N, c, h, w].
     """
-    vae = load_diffusers_vae(folder)
-    c = int(vae.config.latent_channels)
-    probe = DiffusersVAE(folder, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, input_range=input_range,
-                         batch_size=batch_size, vae=vae)  # scale 1, bias 0: raw latents
-    mean, std = probe.encode(images, progress=progress)
-    raw_mean, raw_std = posterior_moments(mean, std)
-    enc = DiffusersVAE(folder, raw_mean=raw_mean, raw_std=raw_std, final_std=final_std, input_range=input_range, batch_size=batch_size, vae=vae)
+    enc = _unit(source, final_std=final_std, input_range=input_range, batch_size=batch_size)  # scale 1, bias 0: raw latents
+    mean, std = enc.encode(images, progress=progress)
+    enc = enc.with_constants(*posterior_moments(mean, std))
     scale, bias = enc._constants(mean)
     return enc, mean * scale + bias, std * scale
 
 
-def measured_vae(folder: str | os.PathLike, images: torch.Tensor, **kw: Any) -> DiffusersVAE:
+def _unit(source: str | os.PathLike, *, final_std: float, **kw: Any) -> StandardisedEncoder:
+    """The autoencoder with constants that leave its raw latents unchanged (scale 1, bias 0)."""
+    source = Path(source)
+    if source.is_file():
+        from edmkit.latent.autoencoder import read_autoencoder_config
+
+        c = read_autoencoder_config(source).latent_channels
+    else:
+        import json
+
+        config = source / "config.json"
+        c = int(json.loads(config.read_text()).get("latent_channels", 4)) if config.is_file() else 4
+    return open_autoencoder(source, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, **kw)
+
+
+def measured_vae(folder: str | os.PathLike, images: torch.Tensor, **kw: Any) -> StandardisedEncoder:
     """The encoder of :func:`encode_measured` alone."""
     return encode_measured(folder, images, **kw)[0]
 
@@ -236,13 +302,15 @@ def encoder_from_spec(spec: dict[str, Any] | None, *, vae: str | os.PathLike | N
         return DiffusersVAE(vae, raw_mean=spec["raw_mean"], raw_std=spec["raw_std"], final_mean=float(spec.get("final_mean", 0)),
                             final_std=float(spec.get("final_std", 0.5)), input_range="[0,1]", kind=kind,
                             batch_size=int(spec.get("batch_size", 8)))
-    if kind == "diffusers-vae":
-        folder = Path(vae if vae is not None else spec["path"])
-        enc = DiffusersVAE(folder, raw_mean=spec["raw_mean"], raw_std=spec["raw_std"], final_mean=float(spec.get("final_mean", 0)),
-                           final_std=float(spec["final_std"]), input_range=spec.get("input_range", "[-1,1]"), kind=kind,
-                           batch_size=int(spec.get("batch_size", 8)))
+    if kind in ("diffusers-vae", "edmkit-ae"):
+        source = Path(vae if vae is not None else spec["path"])
+        kw = dict(raw_mean=spec["raw_mean"], raw_std=spec["raw_std"], final_mean=float(spec.get("final_mean", 0)), final_std=float(spec["final_std"]),
+                  input_range=spec.get("input_range", "[-1,1]"), batch_size=int(spec.get("batch_size", 8)))
+        if kind == "edmkit-ae" and not source.is_file():
+            raise ValueError(f"{source}: no such autoencoder file (this network's latents are of edmkit's autoencoder {spec['path']})")
+        enc = EdmkitAE(source, **kw) if kind == "edmkit-ae" else DiffusersVAE(source, **kw)
         if spec.get("sha256") and enc.sha256 != spec["sha256"]:
-            raise ValueError(f"{folder}: VAE weights differ from the ones recorded (sha256 {enc.sha256[:12]} vs {spec['sha256'][:12]}): "
+            raise ValueError(f"{source}: autoencoder weights differ from the ones recorded (sha256 {enc.sha256[:12]} vs {spec['sha256'][:12]}): "
                              "latents of one encoder cannot be decoded by another")
         return enc
-    raise ValueError(f"unknown encoder kind {kind!r} (this edmkit knows pixels, diffusers-vae, stability-vae)")
+    raise ValueError(f"unknown encoder kind {kind!r} (this edmkit knows pixels, diffusers-vae, stability-vae, edmkit-ae)")
