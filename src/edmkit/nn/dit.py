@@ -59,7 +59,8 @@ def unpatchify(tokens: torch.Tensor, *, patch: int, height: int, width: int) -> 
 def self_attention(qkv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention softmax(q k^T / sqrt(d)) v over tokens (Vaswani et al. 2017): [N, T, 3D] -> [N, T, D]."""
     N, T, D3 = qkv.shape
-    q, k, v = qkv.reshape(N, T, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)  # each [N, heads, T, d]
+    # -> q, k, v each [N, heads, T, d], contiguous (SDPA on CPU is much slower on strided input)
+    q, k, v = qkv.reshape(N, T, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, T, D3 // 3)
 
 
