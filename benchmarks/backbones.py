@@ -2,7 +2,8 @@
 
 For each backbone of the registry (``config.ARCHS``) at two sizes, ``small`` = 28x28x1 at ~1M parameters and
 ``medium`` = 32x32x3 at ~5M (``model_channels`` is searched so each backbone lands nearest the target, on the meta
-device), in a fresh subprocess each:
+device), and each transformer also at the edm2-unet's GFLOPs of that size (``match = gflops``; a transformer's
+parameters and FLOPs grow at different rates than a U-Net's), in a fresh subprocess each:
 
 - ``params`` and ``GFLOPs/img`` of one forward (``nn.build.network_cost``: torch's flop counter, 2 per multiply-add);
 - ``train img/s``: ``training.loop.train_step`` (EDM loss, Adam, EMA) at batch ``--batch``, after one warm-up step;
@@ -12,7 +13,7 @@ device), in a fresh subprocess each:
 
 Speeds are reported as ratios to edm2-unet measured in the same run (the machine's speed varies between days).
 
-    python benchmarks/backbones.py [--batch 32] [--steps 3] [--train-nimg 4k] [--out backbones.json]
+    python benchmarks/backbones.py [--batch 32] [--steps 3] [--train-nimg 4k] [--archs dit,edm2-unet] [--out backbones.json]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from edmkit import checkpoint as ckpt
-from edmkit.config import ARCHS, parse_nimg
+from edmkit.config import ARCHS, UNETS, parse_nimg
 from edmkit.data.dataset import load_dataset
 from edmkit.data.images import images_to_float
 from edmkit.diffusion.loss import make_loss
@@ -39,20 +40,25 @@ from edmkit.training.loop import train_step
 from edmkit.training.run_state import TrainState
 
 SIZES = {"small": dict(channels=1, resolution=28, target=1e6), "medium": dict(channels=3, resolution=32, target=5e6)}
-WIDTHS = range(8, 129, 4)  # model_channels searched (multiples of 4: group norms)
+WIDTHS = range(8, 513, 4)  # model_channels searched (multiples of 4: group norms), up to twice the target
+MATCHES = ("params", "gflops")  # what a width is matched on: the size's parameter target, or edm2-unet's GFLOPs at it
 
 
-def config(arch: str, size: str):
+def config(arch: str, size: str, match: str = "params"):
     """The tiny preset of ``arch`` at the size's image shape, with the model_channels nearest the size's target."""
     s = SIZES[size]
     base = get_preset("tiny" if arch == "edm2-unet" else f"tiny-{arch}")
     base = base.override("network", channels=s["channels"], resolution=s["resolution"], attn_resolutions=(s["resolution"] // 2,))
+    index, target = (0, s["target"]) if match == "params" else (1, network_cost(config("edm2-unet", size).network)[1])
     costs = {}
     for w in WIDTHS:
         try:
-            costs[w] = abs(network_cost(dataclasses.replace(base.network, model_channels=w))[0] - s["target"])
-        except ValueError:  # a width this backbone cannot take (e.g. group norm groups)
+            value = network_cost(dataclasses.replace(base.network, model_channels=w))[index]
+        except ValueError:  # a width this backbone cannot take (e.g. group norm groups, attention heads)
             continue
+        costs[w] = abs(value - target)
+        if value > 2 * target:
+            break
     return base.override("network", model_channels=min(costs, key=costs.get))
 
 
@@ -69,8 +75,8 @@ def fresh_state(cfg) -> TrainState:
     return TrainState(net=net, optimizer=torch.optim.Adam(net.parameters(), lr=cfg.optim.lr), ema=PowerFunctionEMA(net, stds=(0.1,)))
 
 
-def measure(arch: str, size: str, *, batch_size: int, steps: int, train_nimg: int) -> dict:
-    cfg = config(arch, size).override("train", batch=batch_size)
+def measure(arch: str, size: str, match: str, *, batch_size: int, steps: int, train_nimg: int) -> dict:
+    cfg = config(arch, size, match).override("train", batch=batch_size)
     params, gflops = network_cost(cfg.network)
     state, loss_fn = fresh_state(cfg), make_loss(cfg)
     y, sigma, noise = batch(cfg, batch_size, 0)
@@ -86,7 +92,7 @@ def measure(arch: str, size: str, *, batch_size: int, steps: int, train_nimg: in
         for _ in range(steps):
             net(y + sigma.view(-1, 1, 1, 1) * noise, sigma)
         eval_ips = steps * batch_size / (time.perf_counter() - t)
-    rec = dict(arch=arch, size=size, model_channels=cfg.network.model_channels, params=params, gflops=gflops, train_ips=train_ips, eval_ips=eval_ips)
+    rec = dict(arch=arch, size=size, match=match, model_channels=cfg.network.model_channels, params=params, gflops=gflops, train_ips=train_ips, eval_ips=eval_ips)
     if size == "small" and train_nimg:
         rec["loss"] = digits_loss(cfg.override("train", batch=32), train_nimg)
     return rec
@@ -112,26 +118,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--train-nimg", default="4k")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: small, medium")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated backbones (edm2-unet is the speed reference)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", nargs=2, metavar=("ARCH", "SIZE"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, metavar=("ARCH", "SIZE", "MATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.worker:
         print(json.dumps(measure(*args.worker, batch_size=args.batch, steps=args.steps, train_nimg=parse_nimg(args.train_nimg))))
         return
     rows = []
+    archs = ["edm2-unet"] + [a for a in args.archs.split(",") if a != "edm2-unet"]
     for size in args.sizes.split(","):
-        for arch in ARCHS:
-            cmd = [sys.executable, __file__, "--worker", arch, size, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--train-nimg", args.train_nimg]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
-            print(f"measured {arch} {size}", file=sys.stderr)
+        for arch in archs:
+            for match in MATCHES if arch not in UNETS else MATCHES[:1]:
+                cmd = [sys.executable, __file__, "--worker", arch, size, match, "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--train-nimg", args.train_nimg]
+                rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+                print(f"measured {arch} {size} {match}", file=sys.stderr)
     print("| size | arch | width | params | GFLOPs/img | train img/s (x edm2-unet) | eval img/s (x edm2-unet) | digits loss |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(q for q in rows if q["size"] == r["size"] and q["arch"] == "edm2-unet")
         loss = f"{r['loss']:.4f}" if "loss" in r else "-"
-        print(f"| {r['size']} | {r['arch']} | {r['model_channels']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.3f} | "
+        name = r["arch"] if r["match"] == "params" else f"{r['arch']} (GFLOPs-matched)"
+        print(f"| {r['size']} | {name} | {r['model_channels']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.3f} | "
               f"{r['train_ips']:.0f} ({r['train_ips'] / ref['train_ips']:.2f}) | {r['eval_ips']:.0f} ({r['eval_ips'] / ref['eval_ips']:.2f}) | {loss} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

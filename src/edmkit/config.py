@@ -70,7 +70,8 @@ LADDER: dict[str, LadderSwitches] = {
     "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
 }
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
-ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
+UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # the backbones with levels (channel_mult) and attn_resolutions
+ARCHS = (*UNETS, "dit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
@@ -84,15 +85,15 @@ def ladder_switches(name: str) -> LadderSwitches:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm
+    arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm, dit (Peebles & Xie 2023)
     resolution: int = 28                        # image height = width, pixels
     channels: int = 1                           # image channels (1 or 3; latent networks: the latent channels, e.g. 4)
     label_dim: int = 0                          # number of classes for conditioning; 0 = unconditional
-    model_channels: int = 32                    # channels at the first level
-    channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry)
-    num_blocks: int = 1                         # residual blocks per level in the encoder (decoder: +1)
-    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks
-    channels_per_head: int = 64                 # attention head width
+    model_channels: int = 32                    # channels at the first level (dit: the token width)
+    channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry); U-Nets only
+    num_blocks: int = 1                         # residual blocks per level in the encoder (decoder: +1); dit: transformer blocks (depth)
+    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks; U-Nets only (dit attends at every block)
+    channels_per_head: int = 64                 # attention head width (dit: model_channels / channels_per_head heads)
     dropout: float = 0.0                        # dropout inside residual blocks
     ladder: str = "G"                           # EDM2 config-ladder rung (Table 1); edm2-unet only
     formulation: str = "edm"                    # preconditioning + loss (EDM Table 1): edm, ddpm (eps, 1000-step), flow, vp, ve, iddpm
@@ -100,16 +101,17 @@ class NetworkConfig:
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
     augment_dim: int = 0                        # augment-label conditioning width (EDM App. C; augment.AUGMENT_DIM = 7); 0 = none
     cond_channels: int = 0                      # conditioning-image channels concatenated to the input (cascade SR, SR3); 0 = none
+    patch_size: int = 2                         # dit: side of the square patches that become tokens (DiT's p)
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
         _check(self.channels >= 1, f"channels must be >= 1 (1 or 3 for images), got {self.channels}")
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
-        _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
+        _check(self.arch not in UNETS or self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
                f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         sizes = [self.resolution >> level for level in range(levels)]  # image size at each level
-        for r in self.attn_resolutions:
+        for r in self.attn_resolutions if self.arch in UNETS else ():
             if r not in sizes and self.arch == "edm2-unet":
                 continue  # the EDM2 U-Net has always skipped such entries; configs in files written before this check keep loading
             _check(r in sizes, f"attention at {r}x{r} does not occur in a {levels}-level network on {self.resolution}x{self.resolution} "
@@ -118,6 +120,11 @@ class NetworkConfig:
             _check(self.arch == "ncsnpp" or self.arch == "ddpmpp" or width % self.channels_per_head == 0,
                    f"attention at {r}x{r} has {width} channels, not a multiple of channels_per_head {self.channels_per_head}: "
                    f"change model_channels or channels_per_head")
+        _check(self.arch != "dit" or self.patch_size >= 1 and self.resolution % self.patch_size == 0,
+               f"image size {self.resolution} cannot be cut into {self.patch_size}x{self.patch_size} patches: "
+               f"use a resolution divisible by {self.patch_size} (--resolution) or a network.patch_size dividing {self.resolution}")
+        _check(self.arch != "dit" or self.model_channels % self.channels_per_head == 0 and self.model_channels % 4 == 0,
+               f"transformer width model_channels {self.model_channels} must be a multiple of 4 (2-D positions) and of channels_per_head {self.channels_per_head}")
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
         _check(self.arch == "edm2-unet" or self.ladder == "G",
                f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")

@@ -53,12 +53,22 @@ def _adm(n: NetworkConfig) -> torch.nn.Module:
     return ADMUNet(**_common(n), channels_per_head=n.channels_per_head)
 
 
+def _dit(n: NetworkConfig) -> torch.nn.Module:
+    """DiT (Peebles & Xie 2023): patches, 2-D sin-cos positions, adaLN-Zero transformer blocks."""
+    from edmkit.nn.dit import DiT
+
+    return DiT(resolution=n.resolution, in_channels=n.channels, out_channels=n.channels, label_dim=n.label_dim,
+               augment_dim=n.augment_dim, cond_channels=n.cond_channels, model_channels=n.model_channels, depth=n.num_blocks,
+               channels_per_head=n.channels_per_head, patch_size=n.patch_size, dropout=n.dropout)
+
+
 # name -> builder; the names are config.ARCHS (``--arch``)
 NETWORKS: dict[str, Callable[[NetworkConfig], torch.nn.Module]] = {
     "edm2-unet": _edm2_unet,
     "ddpmpp": _song_unet("ddpmpp"),
     "ncsnpp": _song_unet("ncsnpp"),
     "adm": _adm,
+    "dit": _dit,
 }
 
 
