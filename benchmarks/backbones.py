@@ -39,7 +39,7 @@ from edmkit.training.loop import train_step
 from edmkit.training.run_state import TrainState
 
 SIZES = {"small": dict(channels=1, resolution=28, target=1e6), "medium": dict(channels=3, resolution=32, target=5e6)}
-WIDTHS = range(8, 129, 4)  # model_channels searched (multiples of 4: group norms)
+WIDTHS = range(8, 257, 4)  # model_channels searched (multiples of 4: group norms; hdit needs > 128 for ~5M)
 
 
 def config(arch: str, size: str):

@@ -285,9 +285,10 @@ class HDiT(torch.nn.Module):
         self.mapping_out = RMSNorm(m)
 
         def level(i: int, first: int) -> torch.nn.ModuleList:
-            shift = lambda j: window_size // 2 if attention[i] == "window" and j % 2 else 0  # noqa: E731 (Swin: every other layer)
-            return torch.nn.ModuleList([Layer(widths[i], head_channels, m, kind=attention[i], window=window_size, shift=shift(j),
-                                              dropout=dropout) for j in range(first, first + depths[i])])
+            """Layers first .. first + depths[i] - 1 of level i; windows shift on odd layers (Swin: every other layer)."""
+            return torch.nn.ModuleList([Layer(widths[i], head_channels, m, kind=attention[i], window=window_size,
+                                              shift=window_size // 2 if attention[i] == "window" and j % 2 else 0, dropout=dropout)
+                                        for j in range(first, first + depths[i])])
 
         last = len(widths) - 1
         self.down = torch.nn.ModuleList([level(i, 0) for i in range(last)])
