@@ -92,7 +92,7 @@ class NetworkConfig:
     model_channels: int = 32                    # channels at the first level
     channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry)
     num_blocks: int = 1                         # residual blocks per level in the encoder (decoder: +1)
-    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks
+    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks (U-Nets; hdit attends at every level: attn_kinds)
     channels_per_head: int = 64                 # attention head width
     dropout: float = 0.0                        # dropout inside residual blocks
     ladder: str = "G"                           # EDM2 config-ladder rung (Table 1); edm2-unet only
