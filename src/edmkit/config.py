@@ -71,7 +71,8 @@ LADDER: dict[str, LadderSwitches] = {
 }
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # the backbones with levels (channel_mult) and attn_resolutions
-ARCHS = (*UNETS, "dit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
+ARCHS = (*UNETS, "dit", "hdit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
+HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
@@ -85,14 +86,14 @@ def ladder_switches(name: str) -> LadderSwitches:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm, dit (Peebles & Xie 2023)
+    arch: str = "edm2-unet"                     # backbone: edm2-unet, ddpmpp, ncsnpp (Song et al. 2021, EDM App. F), adm, dit (Peebles & Xie 2023), hdit (Crowson et al. 2024)
     resolution: int = 28                        # image height = width, pixels
     channels: int = 1                           # image channels (1 or 3; latent networks: the latent channels, e.g. 4)
     label_dim: int = 0                          # number of classes for conditioning; 0 = unconditional
     model_channels: int = 32                    # channels at the first level (dit: the token width)
-    channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry); U-Nets only
+    channel_mult: tuple[int, ...] = (1, 2, 2)   # per-level channel multipliers (one level per entry); U-Nets and hdit
     num_blocks: int = 1                         # residual blocks per level in the encoder (decoder: +1); dit: transformer blocks (depth)
-    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks; U-Nets only (dit attends at every block)
+    attn_resolutions: tuple[int, ...] = (7,)    # resolutions with self-attention blocks; U-Nets only (dit attends at every block, hdit: attn_kinds)
     channels_per_head: int = 64                 # attention head width (dit: model_channels / channels_per_head heads)
     dropout: float = 0.0                        # dropout inside residual blocks
     ladder: str = "G"                           # EDM2 config-ladder rung (Table 1); edm2-unet only
@@ -101,30 +102,18 @@ class NetworkConfig:
     logvar_channels: int = 128                  # Fourier features of the uncertainty head u(sigma)
     augment_dim: int = 0                        # augment-label conditioning width (EDM App. C; augment.AUGMENT_DIM = 7); 0 = none
     cond_channels: int = 0                      # conditioning-image channels concatenated to the input (cascade SR, SR3); 0 = none
-    patch_size: int = 2                         # dit: side of the square patches that become tokens (DiT's p)
+    patch_size: int = 2                         # dit: side of the square patches that become tokens (DiT's p); hdit: pixels per token side at the first level
+    depths: tuple[int, ...] = ()                # hdit: layers per level, down and up each (the last level: the middle); () = num_blocks each
+    attn_kinds: tuple[str, ...] = ()            # hdit: attention per level: global, window (shifted), neighborhood; () = global each
+    window_size: int = 7                        # hdit: window side (window) or kernel size (neighborhood), in tokens
+    mapping_channels: int = 256                 # hdit: width of the mapping network (noise level, labels, augment labels)
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
         _check(self.channels >= 1, f"channels must be >= 1 (1 or 3 for images), got {self.channels}")
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
-        _check(self.arch not in UNETS or self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
-               f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
-        sizes = [self.resolution >> level for level in range(levels)]  # image size at each level
-        for r in self.attn_resolutions if self.arch in UNETS else ():
-            if r not in sizes and self.arch == "edm2-unet":
-                continue  # the EDM2 U-Net has always skipped such entries; configs in files written before this check keep loading
-            _check(r in sizes, f"attention at {r}x{r} does not occur in a {levels}-level network on {self.resolution}x{self.resolution} "
-                               f"images: choose attention resolutions among {', '.join(map(str, sizes))} (--attn)")
-            width = self.model_channels * self.channel_mult[sizes.index(r)]
-            _check(self.arch == "ncsnpp" or self.arch == "ddpmpp" or width % self.channels_per_head == 0,
-                   f"attention at {r}x{r} has {width} channels, not a multiple of channels_per_head {self.channels_per_head}: "
-                   f"change model_channels or channels_per_head")
-        _check(self.arch != "dit" or self.patch_size >= 1 and self.resolution % self.patch_size == 0,
-               f"image size {self.resolution} cannot be cut into {self.patch_size}x{self.patch_size} patches: "
-               f"use a resolution divisible by {self.patch_size} (--resolution) or a network.patch_size dividing {self.resolution}")
-        _check(self.arch != "dit" or self.model_channels % self.channels_per_head == 0 and self.model_channels % 4 == 0,
-               f"transformer width model_channels {self.model_channels} must be a multiple of 4 (2-D positions) and of channels_per_head {self.channels_per_head}")
+        {"hdit": self._check_hdit, "dit": self._check_dit}.get(self.arch, self._check_unet)()
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
         _check(self.arch == "edm2-unet" or self.ladder == "G",
                f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")
@@ -133,6 +122,51 @@ class NetworkConfig:
         _check(self.sigma_data > 0, "sigma_data must be positive")
         _check(self.augment_dim >= 0, f"augment_dim must be >= 0 (0 = no augment conditioning), got {self.augment_dim}")
         _check(self.cond_channels >= 0, f"cond_channels must be >= 0 (0 = no conditioning image), got {self.cond_channels}")
+
+    def _check_unet(self) -> None:
+        """The U-Nets' geometry: resolution halved per level, attention resolutions among the levels' sizes."""
+        levels = len(self.channel_mult)
+        _check(self.resolution >= 2 ** (levels - 1) and self.resolution % 2 ** (levels - 1) == 0,
+               f"image size {self.resolution} cannot be taken by a {levels}-level U-Net: it must be divisible by {2 ** (levels - 1)}")
+        sizes = [self.resolution >> level for level in range(levels)]  # image size at each level
+        for r in self.attn_resolutions:
+            if r not in sizes and self.arch == "edm2-unet":
+                continue  # the EDM2 U-Net has always skipped such entries; configs in files written before this check keep loading
+            _check(r in sizes, f"attention at {r}x{r} does not occur in a {levels}-level network on {self.resolution}x{self.resolution} "
+                               f"images: choose attention resolutions among {', '.join(map(str, sizes))} (--attn)")
+            width = self.model_channels * self.channel_mult[sizes.index(r)]
+            _check(self.arch == "ncsnpp" or self.arch == "ddpmpp" or width % self.channels_per_head == 0,
+                   f"attention at {r}x{r} has {width} channels, not a multiple of channels_per_head {self.channels_per_head}: "
+                   f"change model_channels or channels_per_head")
+
+    def _check_dit(self) -> None:
+        """DiT's geometry: p x p patches of the image; a width the heads and the 2-D positions divide."""
+        _check(self.patch_size >= 1 and self.resolution % self.patch_size == 0,
+               f"image size {self.resolution} cannot be cut into {self.patch_size}x{self.patch_size} patches: "
+               f"use a resolution divisible by {self.patch_size} (--resolution) or a network.patch_size dividing {self.resolution}")
+        _check(self.model_channels % self.channels_per_head == 0 and self.model_channels % 4 == 0,
+               f"transformer width model_channels {self.model_channels} must be a multiple of 4 (2-D positions) and of channels_per_head {self.channels_per_head}")
+
+    def _check_hdit(self) -> None:
+        """HDiT's geometry: p x p patches, then 2x2 token merges per level; head widths RoPE can rotate; windows that tile."""
+        levels, p, d = len(self.channel_mult), self.patch_size, self.channels_per_head
+        _check(p >= 1, f"patch_size must be >= 1, got {p}")
+        step = p * 2 ** (levels - 1)
+        _check(self.resolution % step == 0, f"image size {self.resolution} cannot be taken by HDiT with patch size {p} and {levels} levels: "
+                                            f"it must be divisible by {step} (change the resolution, patch_size or the levels in channel_mult)")
+        _check(not self.depths or (len(self.depths) == levels and min(self.depths) >= 1),
+               f"depths {self.depths} must give >= 1 layer to each of the {levels} levels (channel_mult)")
+        _check(not self.attn_kinds or len(self.attn_kinds) == levels, f"attn_kinds {self.attn_kinds} must name one attention per level ({levels})")
+        _check(set(self.attn_kinds) <= set(HDIT_ATTENTION), f"unknown attn_kinds {self.attn_kinds}; valid: {', '.join(HDIT_ATTENTION)}")
+        _check(d >= 8 and d % 8 == 0, f"HDiT heads of {d} channels: channels_per_head must be a multiple of 8 (axial RoPE rotates d/8 frequencies per axis)")
+        _check(self.mapping_channels >= 1 and self.window_size >= 1, "mapping_channels and window_size must be >= 1")
+        for level, kind in enumerate(self.attn_kinds or ("global",) * levels):
+            width, grid = self.model_channels * self.channel_mult[level], self.resolution // p >> level
+            _check(width % d == 0, f"HDiT level {level} has {width} channels, not a multiple of channels_per_head {d}: change model_channels or channels_per_head")
+            _check(kind != "window" or grid % self.window_size == 0,
+                   f"shifted-window attention at level {level} tiles its {grid}x{grid} tokens: window_size {self.window_size} must divide {grid}")
+            _check(kind != "neighborhood" or (self.window_size <= grid and self.window_size % 2 == 1),
+                   f"neighborhood attention at level {level} ({grid}x{grid} tokens) needs an odd window_size <= {grid}, got {self.window_size}")
 
 
 @dataclass(frozen=True)

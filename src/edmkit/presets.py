@@ -86,6 +86,18 @@ PRESETS["dit-s2"] = _preset(network=dict(arch="dit", resolution=32, channels=3, 
 PRESETS["tiny-dit"] = PRESETS["tiny"].override("network", arch="dit", model_channels=32, num_blocks=4, channels_per_head=8, patch_size=2,
                                                channel_mult=(1,), attn_resolutions=()).override("optim", lr=1e-3)
 
+# HDiT (Crowson et al. 2024) at the sizes of k-diffusion's configs/config_{mnist,cifar10}_transformer.json (~9M, ~21M
+# parameters): its widths, depths, patch sizes, global attention, 64-channel heads, 256-wide mapping network, dropout
+# 0.05, augmentation 0.12 and constant lr 5e-4 with betas (0.9, 0.95) (AdamW there; Adam, no weight decay, here)
+_HDIT = dict(arch="hdit", channels_per_head=64, mapping_channels=256, dropout=0.05, augment_dim=7, attn_resolutions=())  # data.augment.AUGMENT_DIM
+PRESETS["hdit-mnist"] = PRESETS["mnist"].override("network", **_HDIT, model_channels=256, channel_mult=(1,), depths=(8,), patch_size=4,
+                                                   sigma_data=0.6162).override("optim", lr=5e-4, beta2=0.95, lr_ref_nimg=0).override("train", augment_p=0.12)
+PRESETS["hdit-cifar10"] = PRESETS["cifar10"].override("network", **_HDIT, model_channels=256, channel_mult=(1, 2), depths=(2, 4),
+                                                       patch_size=2).override("optim", lr=5e-4, beta2=0.95, lr_ref_nimg=0).override("train", augment_p=0.12)
+# seconds on CPU: 14x14 then 7x7 tokens, one layer per level, 8-channel heads
+PRESETS["tiny-hdit"] = PRESETS["tiny"].override("network", arch="hdit", model_channels=16, channels_per_head=8, patch_size=2,
+                                                mapping_channels=32).override("optim", lr=2e-3)  # best of 5e-4..4e-3 (digits loss, 2k images)
+
 
 DEFAULT_PRESET = "mnist"
 

@@ -62,6 +62,17 @@ def _dit(n: NetworkConfig) -> torch.nn.Module:
                channels_per_head=n.channels_per_head, patch_size=n.patch_size, dropout=n.dropout)
 
 
+def _hdit(n: NetworkConfig) -> torch.nn.Module:
+    """HDiT (Crowson et al. 2024): the hourglass transformer; widths model_channels x channel_mult, one level each."""
+    from edmkit.nn.hdit import HDiT
+
+    levels = len(n.channel_mult)
+    return HDiT(resolution=n.resolution, in_channels=n.channels, out_channels=n.channels, label_dim=n.label_dim,
+                augment_dim=n.augment_dim, cond_channels=n.cond_channels, widths=tuple(n.model_channels * m for m in n.channel_mult),
+                depths=n.depths or (n.num_blocks,) * levels, attention=n.attn_kinds or ("global",) * levels, patch_size=n.patch_size,
+                head_channels=n.channels_per_head, window_size=n.window_size, mapping_channels=n.mapping_channels, dropout=n.dropout)
+
+
 # name -> builder; the names are config.ARCHS (``--arch``)
 NETWORKS: dict[str, Callable[[NetworkConfig], torch.nn.Module]] = {
     "edm2-unet": _edm2_unet,
@@ -69,6 +80,7 @@ NETWORKS: dict[str, Callable[[NetworkConfig], torch.nn.Module]] = {
     "ncsnpp": _song_unet("ncsnpp"),
     "adm": _adm,
     "dit": _dit,
+    "hdit": _hdit,
 }
 
 
