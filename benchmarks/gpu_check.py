@@ -154,8 +154,9 @@ def section_tests(report: Report, rec: dict, args, deadline: Deadline) -> None:
         raise RuntimeError("pytest is not installed here")
     xml = report.out / "pytest_gpu.xml"
     targets = ["tests/test_gpu.py", "-k", "ema or checkpoint"] if args.smoke else ["tests"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", f"--junitxml={xml}", *targets]
-    env = {**os.environ, "EDMKIT_TEST_DEVICE": args.device, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu", f"--junitxml={xml}", *targets]  # -v: the log names each test
+    env = {**os.environ, "EDMKIT_TEST_DEVICE": args.device, "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     rec["command"] = " ".join(cmd[1:])
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(deadline.left(), 1))
@@ -557,7 +558,7 @@ def summary_ddp(rec: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python benchmarks/gpu_check.py docs/gpu/run",
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python benchmarks/gpu_check.py /tmp/gpu_check --sections tests,ddp",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir", nargs="?", type=Path, help="folder for gpu_check.json, summary.md and the pytest log")
     ap.add_argument("--sections", default="tests,train,sampling,ddp", help="comma-separated subset to run")
@@ -570,6 +571,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not args.ddp_worker and args.outdir is None:
         ap.error("OUTDIR is required")
+    if unknown := set(args.sections.split(",")) - set(BUDGET_SEC):
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(BUDGET_SEC)}")
     smoke = args.smoke
     args.compile_backend = "eager" if smoke else "inductor"
     args.train_batch, args.peer_batch, args.peer_size = (4, 2, "mnist") if smoke else (TRAIN_BATCH, PEER_BATCH, "cifar")
