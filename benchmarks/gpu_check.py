@@ -259,7 +259,7 @@ def measure_peer(model: str, variant: str, device, args) -> dict:
 
 
 def section_train(report: Report, rec: dict, device, args, deadline: Deadline) -> None:
-    rec.update(batch=args.train_batch, peer_batch=args.peer_batch, steps=args.steps, presets={}, peers={}, ratios={})
+    rec.update(batch=args.train_batch, peer_batch=args.peer_batch, steps=args.steps, warmup=args.warmup, peer_size=args.peer_size, presets={}, peers={}, ratios={})
     compile_min_sec = 5 if args.smoke else 100  # a compile takes about this long: do not start one with less left
     plan = [(p, v) for v in ("fp32", "bf16") for p in train_presets()] + [("peer", v) for v in ("fp32", "bf16")]
     plan += [(p, "bf16+compile") for p in train_presets()[:1 if args.smoke else None]]  # last: the slowest, cifar10's first
@@ -488,10 +488,6 @@ def section_ddp(report: Report, rec: dict, device, args, deadline: Deadline) -> 
 
 # ---------------------------------------------------------------------------------------------------- summary
 
-def fmt(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def cell(m: dict | None) -> str:
     """img/s (peak GB) of one measurement, or why there is none."""
     if not m:
@@ -530,10 +526,12 @@ def summary_tests(rec: dict) -> list[str]:
 def summary_train(rec: dict) -> list[str]:
     out = [f"img/s (peak GPU memory) of one optimizer step at batch {rec.get('batch')} (presets) and {rec.get('peer_batch')} (peers)", "",
            "| preset / model | params | fp32 | bf16 | bf16+compile |", "|---|---|---|---|---|"]
-    for name, v in {**rec.get("presets", {}), **{f"{k} (peers.py cifar)": v for k, v in rec.get("peers", {}).items()}}.items():
+    for name, v in {**rec.get("presets", {}), **{f"{k} (peers.py {rec.get('peer_size')})": v for k, v in rec.get("peers", {}).items()}}.items():
         params = next((m["params"] for m in v.values() if "params" in m), None)
-        out.append(f"| {name} | {fmt(params and params / 1e6, '.1f')}M | {cell(v.get('fp32'))} | {cell(v.get('bf16'))} | {cell(v.get('bf16+compile'))} |")
+        out.append(f"| {name} | {f'{params / 1e6:.1f}M' if params else '-'} | {cell(v.get('fp32'))} | {cell(v.get('bf16'))} | {cell(v.get('bf16+compile'))} |")
     out += ["", "ratios (img/s):"] + [f"- {k}: {v:.2f}x" for k, v in rec.get("ratios", {}).items()]
+    out += [f"- {k} bf16+compile: compile and {rec.get('warmup', 2)} warm-up steps took {v['bf16+compile']['warmup_sec']:.0f} s"
+            for k, v in rec.get("presets", {}).items() if "warmup_sec" in v.get("bf16+compile", {})]
     return out + [f"- not run: {x}" for x in rec.get("not_run", [])]
 
 
