@@ -128,16 +128,16 @@ def edmkit_config(size: str, rung: str):
     return cfg.override("network", **SIZES[size], **EDMKIT_NET[size], dropout=0.0)
 
 
-def build(model: str, size: str) -> tuple[torch.nn.Module, object]:
-    """(denoiser module, loss callable ``(y, sigma, noise) -> scalar``) of ``model`` at ``size``."""
+def build(model: str, size: str, *, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    """(denoiser module on ``device``, loss callable ``(y, sigma, noise) -> scalar``) of ``model`` at ``size``."""
     if model.startswith("edmkit"):
         from edmkit.checkpoint import build_denoiser
         from edmkit.diffusion.loss import make_loss
         from edmkit.training.loop import autocast_backbone
         cfg = edmkit_config(size, model.split("-")[1])
-        net = build_denoiser(cfg)
+        net = build_denoiser(cfg).to(device)
         if model.endswith("bf16"):
-            autocast_backbone(net, dtype=torch.bfloat16, device_type="cpu")
+            autocast_backbone(net, dtype=torch.bfloat16, device_type=torch.device(device).type)
         loss_fn = make_loss(cfg)
         return net, lambda y, sigma, noise: loss_fn(net, y, None, sigma=sigma, noise=noise)[0].mean()
     ch, res = SIZES[size]["channels"], SIZES[size]["resolution"]
@@ -149,7 +149,7 @@ def build(model: str, size: str) -> tuple[torch.nn.Module, object]:
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     else:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
-    D = PeerDenoiser(raw, diffusers=model == "diffusers")
+    D = PeerDenoiser(raw, diffusers=model == "diffusers").to(device)
     return D, lambda y, sigma, noise: peer_loss(D, y, sigma, noise)
 
 
@@ -170,20 +170,25 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def measure_train(model: str, size: str, *, batch: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    net, loss = build(model, size)
-    net.train()
+def train_stepper(net: torch.nn.Module, loss, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor):
+    """The training step every model gets: loss + backward + Adam on the fixed batch (y, sigma, noise), as a closure."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
-    y2, s2, n2 = batch_of(size, 2, seed=1)
-    flops = count_flops(lambda: loss(y2, s2, n2).backward()) / 2  # forward + backward per image
-    y, sigma, noise = batch_of(size, batch)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         loss(y, sigma, noise).backward()
         opt.step()
 
+    return step
+
+
+def measure_train(model: str, size: str, *, batch: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    net, loss = build(model, size)
+    net.train()
+    y2, s2, n2 = batch_of(size, 2, seed=1)
+    flops = count_flops(lambda: loss(y2, s2, n2).backward()) / 2  # forward + backward per image
+    step = train_stepper(net, loss, *batch_of(size, batch))
     step()  # warm-up: allocator, Adam state, oneDNN kernel selection
     t0 = time.perf_counter()
     for _ in range(steps):
