@@ -122,3 +122,14 @@ def _acquire(path: Path, *, target: Path, what: str) -> int:
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             return fd  # locked the file that is there now, not one its previous holder has just removed
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

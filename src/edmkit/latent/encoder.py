@@ -17,7 +17,6 @@ Kinds (``encoder_from_spec``):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from edmkit.data.images import images_to_float
+from edmkit.files import file_sha256
 
 INPUT_RANGES = ("[-1,1]", "[0,1]")  # what the VAE takes: diffusers' usual [-1, 1], or EDM2's [0, 1]
 
@@ -71,14 +71,6 @@ class PixelEncoder(Encoder):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def vae_weights_file(folder: Path) -> Path:

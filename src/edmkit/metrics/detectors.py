@@ -22,7 +22,6 @@ recorded in reference files so that features of different networks are never com
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edmkit.files import atomic_write
+from edmkit.files import atomic_write, file_sha256
 
 CACHE_ENV = "EDMKIT_CACHE"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,15 +80,6 @@ def generic_spec(path: Path) -> DetectorSpec:
 def cache_dir() -> Path:
     """Folder of downloaded / user-placed detector files: $EDMKIT_CACHE, else ~/.cache/edmkit."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edmkit")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
