@@ -72,7 +72,7 @@ LADDER: dict[str, LadderSwitches] = {
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
-EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
+EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
 def ladder_switches(name: str) -> LadderSwitches:
@@ -215,7 +215,7 @@ class TrainConfig:
     eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
     eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
-    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr (EVAL_METRICS)
+    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")

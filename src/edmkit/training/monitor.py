@@ -184,6 +184,10 @@ def make_evaluator(cfg: ExperimentConfig, *, device: torch.device | str, log: Ca
     if {"kid", "pr"} & set(t.eval_metrics) and min(t.eval_n, len(ref.features)) < KID_PR_MIN_FEATURES:
         raise RunError(f"in-training KID / precision-recall need at least {KID_PR_MIN_FEATURES} images and reference features, got eval_n = "
                        f"{t.eval_n} and {len(ref.features)} in {t.eval_ref}: raise --eval-n or use --eval-metrics fid")
+    try:
+        metrics_eval.check_metrics(detector, t.eval_metrics, n=t.eval_n)
+    except ValueError as e:
+        raise RunError(f"in-training evaluation: {e}") from None
     log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, Heun {t.eval_steps} steps, EMA "
         f"{cfg.ema.sample_std:g}) against {t.eval_ref} every {t.eval_nimg} images")
     for line in metrics_eval.evaluation_notices(ref, detector, n=t.eval_n, resolution=c.resolution, channels=c.channels):
@@ -227,7 +231,7 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
         finally:
             net.train(was_training)
     scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
-    labels = metric_labels([k for k in scores if k not in ("kid_std", "pr_n")], n=e.n)
+    labels = metric_labels([k for k in scores if k not in ("kid_std", "is_std", "pr_n")], n=e.n)
     rec = {"kind": "metric", "nimg": state.nimg, "step": state.step, "n": e.n, **scores, "labels": labels,
            "label": f"small-n estimate (n={e.n})" if e.n < metrics_eval.PUBLISHED_N else f"n={e.n}",
            "ema_std": cfg.ema.sample_std, "sample_steps": e.steps, "eval_sec": round(time.perf_counter() - start, 3)}
