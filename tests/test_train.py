@@ -18,6 +18,7 @@ from edmkit.training.loop import train, train_step
 from edmkit.training.monitor import save_snapshot
 from edmkit.training.run_state import RunError, TrainState, prepare_run_dir, resume, save_training_state
 from edmkit.training.step_inputs import Shard, step_noise
+from edmkit.training.validation import evaluations_since_best
 
 
 @pytest.fixture
@@ -275,3 +276,43 @@ def test_snapshots_hold_the_raw_weights_and_each_ema(tmp_path, cfg):
         assert meta["ema_std"] == std and meta["nimg"] == 12
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items()), std
     assert not torch.equal(expected[0.05]["logvar_linear.weight"], expected[0.1]["logvar_linear.weight"])
+
+
+# --- --stop-when-flat ----------------------------------------------------------------------------------------------
+
+
+def test_evaluations_since_best_counts_ties_as_no_improvement():
+    assert evaluations_since_best([]) == 0 and evaluations_since_best([3.0]) == 0
+    assert evaluations_since_best([5.0, 3.0, 3.0, 4.0]) == 2  # the tie at index 2 is not a new best
+    assert evaluations_since_best([5.0, 3.0, 2.9]) == 0
+    assert evaluations_since_best([1.0, 3.0, 2.0], higher_is_better=True) == 1
+    assert evaluations_since_best([1.0, 3.0, 2.0]) == 2
+
+
+def test_stop_when_flat_stops_on_the_validation_loss_saves_and_counts_across_resume(tmp_path, cfg, monkeypatch):
+    """Scripted validation losses 5, 4, 3, 3.5, 3.2 (every 2 steps) with patience 2 stop the run at the 5th evaluation
+    (160 images), with its state saved and a "stop" record; a re-run resumes and stops at its first flat evaluation."""
+    from edmkit.training import validation
+
+    script = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1])
+    calls = []
+
+    def scripted(net, loss_fn, probe, **kw):  # Validator.evaluate asks for the held-out loss, then the training loss
+        calls.append(probe)
+        return torch.full((len(probe.sigmas),), next(script) if len(calls) % 2 else 1.0, dtype=torch.float64)
+
+    monkeypatch.setattr(validation, "probe_loss", scripted)
+    c = cfg.override("train", total_nimg=640, val_fraction=0.1, val_nimg=32, stop_when_flat=2)
+    logs = []
+    state = train(c, tmp_path / "run", progress=False, log=logs.append)
+    assert state.nimg == 160 and "validation loss has not improved for 2 evaluations (best 3 at 96 images" in state.stop_reason
+    assert ckpt.list_states(tmp_path / "run")[-1] == ckpt.state_path(tmp_path / "run", 160)
+    records = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "stop" and records[-1]["nimg"] == 160 and any("stopped at 160 images" in s for s in logs)
+    state = train(c, tmp_path / "run", progress=False, log=logs.append)  # 3.1 at 192 images: still not below 3
+    assert state.nimg == 192 and "for 3 evaluations" in state.stop_reason
+
+
+def test_stop_when_flat_needs_something_to_watch():
+    with pytest.raises(ValueError, match="stop-when-flat watches"):
+        get_preset("tiny").override("train", stop_when_flat=3)

@@ -216,6 +216,7 @@ class TrainConfig:
     eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
     eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
+    stop_when_flat: int = 0                     # stop after this many evaluations without improvement of the first eval metric (else the validation loss); 0 = off
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
@@ -238,6 +239,9 @@ class TrainConfig:
         _check(self.eval_n >= 2 and self.eval_steps >= 1, f"need eval_n >= 2 and eval_steps >= 1, got {self.eval_n}, {self.eval_steps}")
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
+        _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
+        _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
+               "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")
 
 
 @dataclass(frozen=True)

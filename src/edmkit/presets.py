@@ -166,7 +166,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "stratified": ("loss", "stratified"),
     "val_fraction": ("train", "val_fraction"), "val_nimg": ("train", "val_nimg"),
     "batch_per_device": ("train", "batch_per_device"), "precision": ("train", "precision"), "compile": ("train", "compile"),
-    "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"),
+    "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"), "stop_when_flat": ("train", "stop_when_flat"),
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")

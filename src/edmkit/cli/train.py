@@ -45,6 +45,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Backbone arithmetic (autocast): fp32 (default), bf16, fp16 (with loss scaling). Norms, preconditioning and the loss stay fp32.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the backbone (slow first steps; off by default).")
 @click.option("--keep-states", type=int, default=None, help="Resumable training states kept in the run folder (default 2).")
+@click.option("--stop-when-flat", "stop_when_flat", type=int, default=None, metavar="PATIENCE", help="Stop (saving the state, snapshots and grid, and saying why in the log and stats.jsonl) once the first --eval-metrics score, else the validation loss (--val-fraction), has not improved for PATIENCE evaluations in a row, e.g. --eval-every 20k --eval-ref ref.npz --stop-when-flat 3. Needs one of them.")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
 @click.option("--snapshot-every", "snapshot_nimg", type=NIMG, default=None, help="Save EMA snapshots (for post-hoc EMA) every this many images.")
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Storage type of EMA snapshots (float16 halves the disk).")
@@ -93,6 +94,8 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
         dist.shutdown()  # leave torchrun's process group (a no-op in one process)
     if int(os.environ.get("RANK", "0")) > 0 or state.stop_signal:  # under torchrun only rank 0 reports; a stopped run said so
         return
+    if state.stop_reason:
+        click.echo(f"stopped early (--stop-when-flat): {state.stop_reason}")
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
 

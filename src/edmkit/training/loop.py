@@ -44,6 +44,7 @@ from edmkit.training.monitor import (
     Evaluator,
     Monitor,
     check_snapshot_budget,
+    flat_reason,
     make_evaluator,
     make_monitor,
     rewind_records,
@@ -51,7 +52,9 @@ from edmkit.training.monitor import (
     save_snapshot,
     write_evaluation,
     write_stats,
+    write_stop,
     write_validation,
+    watched_score,
 )
 from edmkit.training.run_state import RunError, StopRequest, TrainState, open_run_folder, resume, save_training_state
 from edmkit.training.step_inputs import Shard, make_shard, step_augment, step_noise, step_seed, step_sr_condition
@@ -151,6 +154,14 @@ def clip_grad_norm(net: torch.nn.Module, *, max_norm: float) -> float:
 def due(prev_nimg: int, nimg: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (prev_nimg, nimg]."""
     return nimg // every > prev_nimg // every
+
+
+def flat_due(cfg: ExperimentConfig, prev_nimg: int, nimg: int) -> bool:
+    """Whether ``--stop-when-flat`` looks at the records after this step: on, and the watched evaluation just ran."""
+    if not cfg.train.stop_when_flat:
+        return False
+    every = cfg.train.eval_nimg if watched_score(cfg)[0] == "metric" else cfg.train.val_nimg
+    return due(prev_nimg, nimg, every)
 
 
 def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
@@ -286,6 +297,9 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
             write_validation(state, cfg, run_dir, monitor)
         if monitor.evaluator is not None and (due(prev, state.nimg, cfg.train.eval_nimg) or done):  # a collective: all ranks
             write_evaluation(state, cfg, run_dir, monitor)
+        if not done and flat_due(cfg, prev, state.nimg):  # rank 0 reads the records; every rank takes its answer
+            state.stop_reason = dist.broadcast_from_main(flat_reason(run_dir, cfg, up_to_nimg=state.nimg) if main else None)
+            done = state.stop_reason is not None  # the end-of-run saves below, then the loop ends
         if due(prev, state.nimg, cfg.train.status_nimg) or done:
             if main:
                 write_stats(run_dir, state, window, sinks=monitor.sinks)
@@ -296,4 +310,8 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
             save_grid(state, cfg, run_dir)
         if main and (due(prev, state.nimg, cfg.train.state_nimg) or done):
             save_training_state(state, cfg, run_dir)
+        if state.stop_reason is not None:
+            if main:
+                write_stop(run_dir, state, state.stop_reason, monitor)
+            break
         tick = time.perf_counter()  # I/O above does not count as training time

@@ -2,7 +2,8 @@
 EMA snapshots and sample grids.
 
 Records (``append_record``) are one strict-JSON line each in ``stats.jsonl``, of kind ``"train"`` (``write_stats``),
-``"val"`` (``write_validation``) or ``"metric"`` (``write_evaluation``), and go to every dashboard sink as well. None of
+``"val"`` (``write_validation``), ``"metric"`` (``write_evaluation``) or ``"stop"`` (``write_stop``: why
+``--stop-when-flat`` ended the run), and go to every dashboard sink as well. None of
 this changes the weights: sampling runs in eval mode and the in-training evaluation restores the global RNG.
 """
 
@@ -34,7 +35,7 @@ from edmkit.metrics.detectors import Detector
 from edmkit.sampling.generate import generate_images
 from edmkit.training.logging_sinks import Sink, make_sinks
 from edmkit.training.run_state import RunError, TrainState
-from edmkit.training.validation import Validator, make_validator
+from edmkit.training.validation import Validator, evaluations_since_best, make_validator
 
 
 def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]], *, sinks: Sequence[Sink] = ()) -> None:
@@ -237,6 +238,43 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
            "ema_std": cfg.ema.sample_std, "sample_steps": e.steps, "eval_sec": round(time.perf_counter() - start, 3)}
     if dist.is_main():
         append_record(run_dir, rec, monitor.sinks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping when the watched score is flat (``train.stop_when_flat``).
+
+# first in-training metric -> (its record key, higher is better)
+WATCHED_SCORES: dict[str, tuple[str, bool]] = {"fid": ("fid", False), "kid": ("kid", False), "pr": ("recall", True), "is": ("is", True)}
+
+
+def watched_score(cfg: ExperimentConfig) -> tuple[str, str, bool]:
+    """(record kind, key, higher is better) that ``--stop-when-flat`` watches: the first in-training metric, else the validation loss."""
+    if cfg.train.eval_nimg:
+        return ("metric", *WATCHED_SCORES[cfg.train.eval_metrics[0]])
+    return ("val", "loss", False)
+
+
+def flat_reason(run_dir: Path, cfg: ExperimentConfig, *, up_to_nimg: int) -> str | None:
+    """Why the run should stop (None: not yet): the watched score of the ``stats.jsonl`` records up to ``up_to_nimg`` has not
+    improved for ``train.stop_when_flat`` evaluations. Read from the file, so a resumed run counts the evaluations before it."""
+    kind, key, higher = watched_score(cfg)
+    worst = -math.inf if higher else math.inf  # a non-finite score (written as null) is no improvement
+    rows = [(rec["nimg"], rec.get(key)) for _, rec in read_records(run_dir / "stats.jsonl") if rec.get("kind") == kind and rec["nimg"] <= up_to_nimg]
+    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else worst for _, v in rows]
+    since = evaluations_since_best(values, higher_is_better=higher)
+    if since < cfg.train.stop_when_flat:
+        return None
+    best = len(values) - 1 - since
+    name = f"in-training {key}" if kind == "metric" else "validation loss"
+    return (f"the {name} has not improved for {since} evaluations (best {values[best]:.6g} at {rows[best][0]} images, "
+            f"now {values[-1]:.6g}; --stop-when-flat {cfg.train.stop_when_flat})")
+
+
+def write_stop(run_dir: Path, state: TrainState, reason: str, monitor: Monitor) -> None:
+    """A ``"stop"`` record saying why the run ended before ``total_nimg``, and the same as a log line."""
+    append_record(run_dir, {"kind": "stop", "nimg": state.nimg, "step": state.step, "reason": reason}, monitor.sinks)
+    monitor.log(f"stopped at {state.nimg} images: {reason}. State, snapshots and grid saved in {run_dir}; "
+                "re-running the same command (with a longer --stop-when-flat or without it) trains on")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg",
                      "train.val_nimg", "train.val_sigmas", "train.val_patience"}
 # ... and how the work is split or run, not what it computes (a run may resume on another number of processes).
 RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
+RESUMABLE_CHANGES |= {"train.stop_when_flat"}  # when to stop, not what a step computes
 RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
 RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
 RESUMABLE_CHANGES |= {f"train.eval_{k}" for k in ("nimg", "ref", "n", "steps", "detector", "metrics")}  # what is measured, not trained
@@ -53,6 +54,7 @@ class TrainState:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # fp16 loss scaling
     train_net: torch.nn.Module | None = None  # what forward/backward run through (DDP / autocast / compiled); None: ``net``
     stop_signal: int | None = None  # set when SIGTERM stopped the run early (its state saved); not part of the saved state
+    stop_reason: str | None = None  # set when --stop-when-flat ended the run (its state saved); not part of the saved state
 
     def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),
