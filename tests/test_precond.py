@@ -45,8 +45,8 @@ def test_loss_weight_gives_unit_loss_for_zero_output():
 
 
 def test_stratified_sigma_has_lower_variance_of_batch_mean_weight():
-    loss_iid = EDMLoss(stratified=False)
-    loss_ld = EDMLoss(stratified=True)
+    loss_iid = EDMLoss(sigma_sampling="lognormal")
+    loss_ld = EDMLoss(sigma_sampling="stratified")
     g = torch.Generator().manual_seed(1)
     means_iid = torch.stack([loss_iid.sample_sigma(32, generator=g).log().mean() for _ in range(300)])
     means_ld = torch.stack([loss_ld.sample_sigma(32, generator=g).log().mean() for _ in range(300)])

@@ -160,7 +160,7 @@ def test_train_step_is_one_adam_step_on_the_eq21_gradient(cfg, nimg, lr):
     state.nimg, state.step = nimg, nimg // 8
     y = images_to_float(load_dataset("mnist5k").images[:8])
     ref = copy.deepcopy(state.net)  # the same forward (forced weight normalization included) by hand
-    sigma, noise, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
+    sigma, noise, _, _, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
     D, u = ref(y + sigma.view(-1, 1, 1, 1) * noise, sigma, return_logvar=True)
     sd2 = cfg.network.sigma_data**2
     weighted = ((sigma**2 + sd2) / (sigma**2 * sd2)).view(-1, 1, 1, 1) * (D - y) ** 2
@@ -316,3 +316,25 @@ def test_stop_when_flat_stops_on_the_validation_loss_saves_and_counts_across_res
 def test_stop_when_flat_needs_something_to_watch():
     with pytest.raises(ValueError, match="stop-when-flat watches"):
         get_preset("tiny").override("train", stop_when_flat=3)
+
+
+# --- importance-sampled sigma in training ----------------------------------------------------------------------------
+
+
+def test_importance_sampled_sigma_resumes_bit_exact_and_accumulates_like_one_batch(tmp_path, cfg):
+    """The loss history is part of the training state: a run resumed at 160 images (before most bins have a full history)
+    retraces the uninterrupted one, whose history has by then moved the draws off the base density. Gradient accumulation
+    writes every row's loss to the same place in the history as one whole batch."""
+    c = cfg.override("loss", sigma_sampling="importance")
+    straight = train(c, tmp_path / "a", progress=False, log=lambda s: None)
+    p = straight.sigma_history.probs()
+    assert straight.sigma_history.count.sum() == 320 and p.max() > 1.5 * p.min()
+    train(c, tmp_path / "b", stop_nimg=160, progress=False, log=lambda s: None)
+    resumed = train(c, tmp_path / "b", progress=False, log=lambda s: None)
+    assert torch.equal(resumed.sigma_history.losses, straight.sigma_history.losses)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    accumulated = train(c.override("train", batch_per_device=4, total_nimg=64), tmp_path / "c", progress=False, log=lambda s: None)
+    whole = train(c.override("train", total_nimg=64), tmp_path / "d", progress=False, log=lambda s: None)
+    assert torch.allclose(accumulated.sigma_history.losses, whole.sigma_history.losses, rtol=1e-4, atol=1e-6)
+    assert torch.equal(accumulated.sigma_history.count, whole.sigma_history.count)

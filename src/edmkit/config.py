@@ -72,6 +72,7 @@ LADDER: dict[str, LadderSwitches] = {
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
+SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance")  # loss.sigma_sampling (diffusion.loss)
 EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
@@ -133,13 +134,14 @@ class LossConfig:
     P_mean: float = -1.2                        # mean of ln(sigma) during training
     P_std: float = 1.2                          # std of ln(sigma) during training
     uncertainty: bool = True                    # EDM2 learned uncertainty weighting (Eq. 21)
-    stratified: bool = False                    # low-discrepancy sigma sampling within a batch (VDM)
+    sigma_sampling: str = "lognormal"           # training sigma draws: lognormal (independent, the formulation's density), stratified (VDM low discrepancy), importance (iDDPM loss-aware)
     p_uncond: float = 0.0                       # label dropout: probability a label row is zeroed (for CFG)
     uniform_t: bool = False                     # flow only: t ~ U(0, 1) instead of logit-normal(P_mean, P_std)
 
     def __post_init__(self) -> None:
         _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
         _check(0 <= self.p_uncond <= 1, f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        _check(self.sigma_sampling in SIGMA_SAMPLINGS, f"unknown sigma_sampling {self.sigma_sampling!r}; valid: {', '.join(SIGMA_SAMPLINGS)}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,7 @@ class ExperimentConfig:
         for f in dataclasses.fields(cls):
             sub_cls = f.default_factory  # the section's dataclass
             known = {g.name: g for g in dataclasses.fields(sub_cls)}
-            values = d.get(f.name, {})
+            values = legacy_fields(f.name, d.get(f.name, {}))
             unknown = set(values) - set(known)
             _check(not unknown, f"unknown config fields in [{f.name}]: {', '.join(sorted(unknown))}")
             parts[f.name] = sub_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -279,6 +281,17 @@ class ExperimentConfig:
     def override(self, section: str, **changes: Any) -> "ExperimentConfig":
         """Return a copy with fields of one section replaced (validated)."""
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def legacy_fields(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Fields of older config files in today's names: ``loss.stratified`` (bool) is ``loss.sigma_sampling``."""
+    if section != "loss" or "stratified" not in values:
+        return values
+    values = dict(values)
+    stratified = values.pop("stratified")
+    _check(isinstance(stratified, bool), f"loss.stratified must be true or false, got {stratified!r}")
+    values.setdefault("sigma_sampling", "stratified" if stratified else "lognormal")
+    return values
 
 
 def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:

@@ -10,7 +10,7 @@ import click
 
 from edmkit import dist
 from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS
+from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS, SIGMA_SAMPLINGS
 from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_config
 
 
@@ -32,7 +32,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--seed", type=int, default=None, help="Seed for initialization, data order and noise.")
 @click.option("--cond/--uncond", default=None, help="Class-conditional on the dataset's labels (default: the preset's).")
 @click.option("--p-uncond", type=float, default=None, help="Label dropout probability for classifier-free guidance (with --cond), e.g. 0.1.")
-@click.option("--stratified/--no-stratified", default=None, help="Low-discrepancy noise levels: spread each batch's sigma (or t) evenly over the training density (one random offset, n equal-mass strata) instead of independent draws. Same expected loss, lower-variance loss and gradient (default: the preset's, off).")
+@click.option("--sigma-sampling", type=click.Choice(SIGMA_SAMPLINGS), default=None, help="Training noise levels (default: the preset's, lognormal): lognormal = independent draws from the formulation's density; stratified = low-discrepancy, each batch spread evenly over it (one random offset, n equal-mass strata); importance = iDDPM's loss-aware draws, sigma bins in proportion to sqrt(E[loss^2]) from a running history, the loss reweighted so its expectation is the same. Same expected loss; lower-variance loss and gradient. Example: --sigma-sampling importance")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Continue a run folder even though its config differs.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")

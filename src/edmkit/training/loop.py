@@ -35,7 +35,7 @@ from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
 from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
 from edmkit.data.images import images_to_float
-from edmkit.diffusion.loss import EDMLoss, make_loss
+from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory, make_loss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.diffusion.schedules import learning_rate
 from edmkit.presets import check_sr_config
@@ -85,13 +85,18 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     noise, loss and backward over the accumulation rounds, Adam with the scheduled lr, EMA update. A step whose loss or
     gradient is not finite is skipped (no Adam or EMA update) and counted in ``totals["skipped_steps"]``."""
     shard = shard or Shard(batch=y.shape[0], size=y.shape[0])
-    sigma, noise, labels = step_noise(loss_fn, cfg, state.step, shard, y, labels)
+    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, history=state.sigma_history)
+    sigma, noise, labels = draw.sigma, draw.noise, draw.labels
     y, augment_labels = step_augment(cfg, state.step, shard, y)
     cond, augment_labels = step_sr_condition(cfg, state.step, shard, y, augment_labels)
     lr = learning_rate(state.nimg + shard.batch, lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond)  # [2]: loss, mse summed over the batch
+    losses = None if draw.weight is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
+    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond,
+                                weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
+    if state.sigma_history is not None:
+        state.sigma_history.update(draw.bins, losses)
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before the norm, clipping and the finiteness check
     grad_norm = clip_grad_norm(state.net, max_norm=cfg.optim.grad_clip)
     applied = apply_update(state, finite=math.isfinite(grad_norm) and bool(sums.isfinite().all()))
@@ -105,11 +110,14 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
 
 def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, shard: Shard, y: torch.Tensor,
                          labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor,
-                         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                         weight: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, leaving in ``.grad`` the gradient of the global batch's mean loss.
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
     to exactly the one-process mean. DDP's all-reduce runs only with the last micro-batch (``dist.ddp_sync``).
+    Importance-sampled sigma: each sample's loss (and logged MSE) is multiplied by its ``weight`` [n], and the unweighted
+    per-sample losses of the whole global batch are written to ``losses`` [batch] (all-reduced: the same on every rank).
 
     Returns:
         [2] float32: (loss, weighted MSE) summed over the whole global batch (all ranks).
@@ -124,8 +132,14 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
             extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond)) if v is not None}
             net = functools.partial(model, **extra) if extra else model
             loss, mse = loss_fn(net, y[part], None if labels is None else labels[part], sigma=sigma[part], noise=noise[part])
+            if weight is not None:
+                if losses is not None:
+                    losses[shard.rows()[part].to(losses.device)] = loss.detach()
+                loss, mse = loss * weight[part], mse * weight[part]
             state.scaler.scale(loss.sum() * (shard.world / shard.batch)).backward()
         sums += torch.stack([loss.detach().sum(), mse.sum()])
+    if losses is not None:
+        dist.all_reduce_sum(losses)
     return dist.all_reduce_sum(sums)
 
 
@@ -206,7 +220,8 @@ def run_in_folder(cfg: ExperimentConfig, run_dir: Path, *, device: torch.device,
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     check_snapshot_budget(cfg, net, end_nimg=end_nimg, log=log)  # before anything is opened or resumed
     state = TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds),
-                       scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
+                       scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
+                       sigma_history=SigmaLossHistory() if cfg.loss.sigma_sampling == "importance" else None)
     resume(state, run_dir, log)
     if dist.is_main():
         rewind_records(run_dir, up_to_nimg=state.nimg, log=log)  # stats.jsonl as of the resumed state: no records from after it

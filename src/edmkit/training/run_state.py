@@ -22,6 +22,7 @@ import torch
 from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig, config_diff
+from edmkit.diffusion.loss import SigmaLossHistory
 from edmkit.diffusion.precond import Denoiser
 from edmkit.files import write_json, writer_lock
 from edmkit.training.ema import PowerFunctionEMA
@@ -55,12 +56,13 @@ class TrainState:
     train_net: torch.nn.Module | None = None  # what forward/backward run through (DDP / autocast / compiled); None: ``net``
     stop_signal: int | None = None  # set when SIGTERM stopped the run early (its state saved); not part of the saved state
     stop_reason: str | None = None  # set when --stop-when-flat ended the run (its state saved); not part of the saved state
+    sigma_history: SigmaLossHistory | None = None  # loss history of importance-sampled sigma (loss.sigma_sampling), else None
 
     def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),
                 "nimg": self.nimg, "step": self.step, "totals": dict(self.totals), "net": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(), "torch_rng": torch.get_rng_state(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), **({"sigma_history": self.sigma_history.state_dict()} if self.sigma_history is not None else {})}
 
     def load_dict(self, d: dict[str, Any]) -> None:
         self.net.load_state_dict(d["net"], strict=True)
@@ -70,6 +72,8 @@ class TrainState:
         torch.set_rng_state(d["torch_rng"])
         if d.get("scaler"):  # empty when saved without fp16 loss scaling
             self.scaler.load_state_dict(d["scaler"])
+        if self.sigma_history is not None and "sigma_history" in d:  # absent: a run switched to importance sampling starts afresh
+            self.sigma_history.load_state_dict(d["sigma_history"])
 
 
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:

@@ -10,12 +10,13 @@ processes or accumulation rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import apply_augment, augment_params
-from edmkit.diffusion.loss import EDMLoss
+from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory
 from edmkit.sampling.cascade import training_condition
 
 
@@ -85,21 +86,37 @@ def label_keep_mask(n: int, *, p_uncond: float, generator: torch.Generator, devi
     return torch.rand(n, generator=generator, device=device) >= p_uncond
 
 
+class StepNoise(NamedTuple):
+    """The noise draws of one step for this rank's rows (``weight`` and ``bins`` only with importance-sampled sigma)."""
+
+    sigma: torch.Tensor                  # [n] noise levels
+    noise: torch.Tensor                  # [n, C, H, W] unit Gaussian noise
+    labels: torch.Tensor | None          # [n, L] labels after dropout
+    weight: torch.Tensor | None = None   # [n] importance loss weights p_base / p (``SigmaLossHistory``)
+    bins: torch.Tensor | None = None     # [batch] sigma bin of every row of the global batch, for the history update
+
+
 def step_noise(loss_fn: EDMLoss, cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor,
-               labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               labels: torch.Tensor | None, *, history: SigmaLossHistory | None = None) -> StepNoise:
     """Sigma [n], unit noise [n, C, H, W] and dropped-out labels [n, L] for this rank's rows ``y`` [n, C, H, W].
 
     Drawn for the whole global batch from the step's generator, then this rank's rows are kept: the same numbers
-    whatever the number of processes or accumulation rounds.
+    whatever the number of processes or accumulation rounds. With ``history`` (``sigma_sampling = "importance"``)
+    sigma comes from its loss-aware bins, with the loss weights; every rank holds the same history, so the same draws.
     """
     g = step_generator(cfg.train.seed, step, y.device)
     rows = shard.rows().to(y.device)
-    sigma = loss_fn.sample_sigma(shard.batch, generator=g, device=y.device)[rows]
+    weight = bins = None
+    if history is None:
+        sigma = loss_fn.sample_sigma(shard.batch, generator=g, device=y.device)[rows]
+    else:
+        sigma, weight, bins = history.sample(shard.batch, sigma_at=loss_fn.sigma_at, generator=g, device=y.device)
+        sigma, weight = sigma[rows], weight[rows]
     noise = torch.randn((shard.batch, *y.shape[1:]), generator=g, device=y.device)[rows]
     if labels is not None and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
         keep = label_keep_mask(shard.batch, p_uncond=cfg.loss.p_uncond, generator=g, device=y.device)[rows]
         labels = labels * keep[:, None].to(labels.dtype)
-    return sigma, noise, labels
+    return StepNoise(sigma, noise, labels, weight, bins)
 
 
 AUGMENT_CHUNK = 2**22 - 1  # step_seed chunk of the augmentation generator: far above any micro-batch index
