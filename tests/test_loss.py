@@ -16,12 +16,14 @@ from edmkit.diffusion.loss import (
     VELoss,
     VPLoss,
     SigmaLossHistory,
+    adaptive_probs,
     ddpm_loss_weight,
     edm_loss_weight,
     flow_loss_weight,
     importance_probs,
     importance_weight,
     midpoint_quantiles,
+    sample_binned,
     sample_sigma_lognormal,
     sample_sigma_stratified,
     uncertainty_weighted,
@@ -222,11 +224,11 @@ def test_importance_sampled_loss_is_unbiased_and_its_variance_drops():
     loss, g = EDMLoss(P_mean=-1.2, P_std=1.2), torch.Generator().manual_seed(0)
     history = SigmaLossHistory()
     for _ in range(200):
-        sigma, _, bins = history.sample(64, sigma_at=loss.sigma_at, generator=g)
+        sigma, _, bins = sample_binned(history.probs(), 64, sigma_at=loss.sigma_at, generator=g)
         history.update(bins, synthetic_loss(sigma))
     p = history.probs()
     assert bool((history.count >= 10).all()) and p.max() > 3 * p.min()  # active, and far from the base density
-    sigma, weight, _ = history.sample(100_000, sigma_at=loss.sigma_at, generator=g)
+    sigma, weight, _ = sample_binned(history.probs(), 100_000, sigma_at=loss.sigma_at, generator=g)
     weighted = weight.double() * synthetic_loss(sigma)
     exact = synthetic_loss(loss.sigma_at(midpoint_quantiles(1_000_000))).mean().item()
     assert weighted.mean().item() == pytest.approx(exact, abs=4 * weighted.std().item() / math.sqrt(len(weighted)))
@@ -255,3 +257,10 @@ def test_sigma_loss_history_keeps_the_newest_losses_of_each_bin_and_drops_non_fi
     back = SigmaLossHistory(bins=2, history=3)
     back.load_state_dict(history.state_dict())
     assert torch.equal(back.losses, history.losses) and torch.equal(back.count, history.count)
+
+
+def test_adaptive_probs_are_proportional_to_exp_u_and_base_for_constant_u():
+    u = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert adaptive_probs(u, floor=0).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert adaptive_probs(u + 5.0, floor=0.2).tolist() == pytest.approx([0.8 * v + 0.05 for v in (0.1, 0.2, 0.3, 0.4)])
+    assert adaptive_probs(torch.full((8,), -1.7)).tolist() == pytest.approx([1 / 8] * 8)  # flat u: the base density, weights 1

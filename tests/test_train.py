@@ -338,3 +338,20 @@ def test_importance_sampled_sigma_resumes_bit_exact_and_accumulates_like_one_bat
     whole = train(c.override("train", total_nimg=64), tmp_path / "d", progress=False, log=lambda s: None)
     assert torch.allclose(accumulated.sigma_history.losses, whole.sigma_history.losses, rtol=1e-4, atol=1e-6)
     assert torch.equal(accumulated.sigma_history.count, whole.sigma_history.count)
+
+
+def test_adaptive_sigma_density_is_fitted_from_u_recorded_and_resumes_bit_exact(tmp_path, cfg):
+    """--sigma-sampling adaptive: the bins' probabilities follow e^u(sigma) of the network (non-uniform from the start: u is
+    a random function at init), are recorded in stats.jsonl, and depend only on the weights, so resume stays bit-exact."""
+    c = cfg.override("loss", sigma_sampling="adaptive").override("train", total_nimg=64, status_nimg=16)
+    straight = train(c, tmp_path / "a", progress=False, log=lambda s: None)
+    train(c, tmp_path / "b", stop_nimg=32, progress=False, log=lambda s: None)
+    resumed = train(c, tmp_path / "b", progress=False, log=lambda s: None)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    records = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    p = torch.tensor(records[-1]["sigma_bin_probs"])
+    assert len(p) == 32 and p.sum().item() == pytest.approx(1, abs=1e-4) and p.max() > 1.2 * p.min()
+    assert records[0]["sigma_bin_probs"] != records[-1]["sigma_bin_probs"]  # refitted as u trains
+    with pytest.raises(ValueError, match="needs loss.uncertainty"):
+        c.override("loss", uncertainty=False)

@@ -72,7 +72,7 @@ LADDER: dict[str, LadderSwitches] = {
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
-SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance")  # loss.sigma_sampling (diffusion.loss)
+SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
 EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
@@ -134,7 +134,7 @@ class LossConfig:
     P_mean: float = -1.2                        # mean of ln(sigma) during training
     P_std: float = 1.2                          # std of ln(sigma) during training
     uncertainty: bool = True                    # EDM2 learned uncertainty weighting (Eq. 21)
-    sigma_sampling: str = "lognormal"           # training sigma draws: lognormal (independent, the formulation's density), stratified (VDM low discrepancy), importance (iDDPM loss-aware)
+    sigma_sampling: str = "lognormal"           # training sigma draws: lognormal (independent, the formulation's density), stratified (VDM low discrepancy), importance (iDDPM loss-aware), adaptive (fitted from u(sigma))
     p_uncond: float = 0.0                       # label dropout: probability a label row is zeroed (for CFG)
     uniform_t: bool = False                     # flow only: t ~ U(0, 1) instead of logit-normal(P_mean, P_std)
 
@@ -142,6 +142,8 @@ class LossConfig:
         _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
         _check(0 <= self.p_uncond <= 1, f"p_uncond must be in [0, 1], got {self.p_uncond}")
         _check(self.sigma_sampling in SIGMA_SAMPLINGS, f"unknown sigma_sampling {self.sigma_sampling!r}; valid: {', '.join(SIGMA_SAMPLINGS)}")
+        _check(self.sigma_sampling != "adaptive" or self.uncertainty,
+               "sigma_sampling 'adaptive' fits the density from the learned uncertainty u(sigma): it needs loss.uncertainty (EDM2 config B+)")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ How sigma is drawn from that density (``sigma_sampling``): ``lognormal`` indepen
 draws (VDM), or ``importance``: iDDPM's loss-aware sampling (Nichol & Dhariwal 2021, Sec. 3.3, Eq. 17) in sigma. The
 density's quantile function ``sigma_at(u)`` cuts it into K equal-mass bins (intervals of ln sigma); bin k is drawn with
 probability p_k ∝ sqrt(E[L^2]) over a running history of each bin's last losses (``SigmaLossHistory``), and each
-sample's loss is weighted by p_base / p_k = (1/K) / p_k, so the expected loss is the base density's.
+sample's loss is weighted by p_base / p_k = (1/K) / p_k, so the expected loss is the base density's. ``adaptive``
+fits the same bins' probabilities from the network's learned uncertainty instead (EDM2 Eq. 21: e^u(sigma) estimates
+the expected weighted loss at sigma), p_k ∝ e^u(sigma_k) at the bin midpoints, in the spirit of VDM's learned
+schedule (Kingma et al. 2021): it moves the density, the weights keep the objective.
 """
 
 from __future__ import annotations
@@ -322,9 +325,38 @@ def importance_probs(mean_sq: torch.Tensor, ready: torch.Tensor, *, floor: float
     return (1 - floor) * p + floor / K
 
 
+def adaptive_probs(logvar: torch.Tensor, *, floor: float = IMPORTANCE_FLOOR) -> torch.Tensor:
+    """Bin probabilities fitted from the learned uncertainty u at the bin midpoints [K]: p_k ∝ e^u_k, mixed with the base.
+
+    EDM2 Eq. 21 is minimised by e^u(sigma) = E[weighted loss | sigma], so this is the loss-proportional density of
+    :func:`importance_probs` with the model's estimate in place of a loss history. Returns [K] float64.
+    """
+    K = len(logvar)
+    return (1 - floor) * torch.softmax(logvar.double(), dim=0) + floor / K
+
+
 def importance_weight(p: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Loss weight p_base / p_k = (1/K) / p_k of samples drawn from bins [n] with probabilities p [K]: E_p[w L] = E_base[L]."""
     return (1.0 / len(p)) / p[bins]
+
+
+def sample_binned(p: torch.Tensor, n: int, *, sigma_at, generator: torch.Generator,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw n noise levels from K equal-mass bins of a base density: bin k ~ p, u ~ U(k/K, (k+1)/K), sigma = sigma_at(u).
+
+    Args:
+        p: [K] bin probabilities (:func:`importance_probs`, :func:`adaptive_probs`).
+        sigma_at: the base density's quantile function (``EDMLoss.sigma_at``).
+        generator: the step's generator (on ``device``).
+
+    Returns:
+        sigma [n] float32, loss weights [n] float32 (:func:`importance_weight`), bins [n] int64.
+    """
+    p = p.to(device)
+    K = len(p)
+    bins = torch.multinomial(p, n, replacement=True, generator=generator)
+    u = (bins.double() + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / K
+    return sigma_at(u.clamp(1e-7, 1 - 1e-7)), importance_weight(p, bins).float(), bins
 
 
 class SigmaLossHistory:
@@ -346,23 +378,6 @@ class SigmaLossHistory:
         filled = self.count.clamp(max=H)
         mean_sq = self.losses.square().sum(1) / filled.clamp(min=1)
         return importance_probs(mean_sq, filled >= H)
-
-    def sample(self, n: int, *, sigma_at, generator: torch.Generator,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw n noise levels: bin k ~ p, u ~ U(k/K, (k+1)/K), sigma = sigma_at(u).
-
-        Args:
-            sigma_at: the base density's quantile function (``EDMLoss.sigma_at``).
-            generator: the step's generator (on ``device``).
-
-        Returns:
-            sigma [n] float32, loss weights [n] float32 (:func:`importance_weight`), bins [n] int64.
-        """
-        p = self.probs().to(device)
-        K = len(p)
-        bins = torch.multinomial(p, n, replacement=True, generator=generator)
-        u = (bins.double() + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / K
-        return sigma_at(u.clamp(1e-7, 1 - 1e-7)), importance_weight(p, bins).float(), bins
 
     def update(self, bins: torch.Tensor, losses: torch.Tensor) -> None:
         """Append per-sample losses [n] of bins [n] in order (only the newest ``history`` per bin are kept; non-finite ones dropped)."""

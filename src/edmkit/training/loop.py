@@ -57,7 +57,7 @@ from edmkit.training.monitor import (
     watched_score,
 )
 from edmkit.training.run_state import RunError, StopRequest, TrainState, open_run_folder, resume, save_training_state
-from edmkit.training.step_inputs import Shard, make_shard, step_augment, step_noise, step_seed, step_sr_condition
+from edmkit.training.step_inputs import Shard, make_shard, sigma_bin_probs, step_augment, step_noise, step_seed, step_sr_condition
 from edmkit.training.validation import split_dataset
 
 # make_batch, make_loss and make_monitor are called from this module through its own globals, so replacing
@@ -85,7 +85,8 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     noise, loss and backward over the accumulation rounds, Adam with the scheduled lr, EMA update. A step whose loss or
     gradient is not finite is skipped (no Adam or EMA update) and counted in ``totals["skipped_steps"]``."""
     shard = shard or Shard(batch=y.shape[0], size=y.shape[0])
-    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, history=state.sigma_history)
+    state.sigma_probs = sigma_bin_probs(cfg, loss_fn, state.net, state.sigma_history)
+    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, bin_probs=state.sigma_probs)
     sigma, noise, labels = draw.sigma, draw.noise, draw.labels
     y, augment_labels = step_augment(cfg, state.step, shard, y)
     cond, augment_labels = step_sr_condition(cfg, state.step, shard, y, augment_labels)

@@ -54,6 +54,8 @@ def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]]
     if not all(math.isfinite(v) for v in rec.values() if isinstance(v, float)):
         warnings.warn(f"non-finite training statistics at {state.nimg} images: {rec}")
     rec["ema_std"] = list(state.ema.stds)  # the tracked power-function EMA profiles (sigma_rel)
+    if state.sigma_probs is not None:  # importance / adaptive sigma: the density over the base density's equal-mass bins
+        rec["sigma_bin_probs"] = [round(float(p), 6) for p in state.sigma_probs]
     append_record(run_dir, rec, sinks)
 
 

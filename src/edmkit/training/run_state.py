@@ -57,6 +57,7 @@ class TrainState:
     stop_signal: int | None = None  # set when SIGTERM stopped the run early (its state saved); not part of the saved state
     stop_reason: str | None = None  # set when --stop-when-flat ended the run (its state saved); not part of the saved state
     sigma_history: SigmaLossHistory | None = None  # loss history of importance-sampled sigma (loss.sigma_sampling), else None
+    sigma_probs: torch.Tensor | None = None  # [K] sigma-bin probabilities of the last step (importance / adaptive); recorded, not saved
 
     def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),

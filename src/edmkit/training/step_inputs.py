@@ -16,7 +16,8 @@ import torch
 
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import apply_augment, augment_params
-from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory
+from edmkit.diffusion.loss import IMPORTANCE_BINS, EDMLoss, SigmaLossHistory, adaptive_probs, sample_binned
+from edmkit.diffusion.precond import Denoiser
 from edmkit.sampling.cascade import training_condition
 
 
@@ -92,25 +93,36 @@ class StepNoise(NamedTuple):
     sigma: torch.Tensor                  # [n] noise levels
     noise: torch.Tensor                  # [n, C, H, W] unit Gaussian noise
     labels: torch.Tensor | None          # [n, L] labels after dropout
-    weight: torch.Tensor | None = None   # [n] importance loss weights p_base / p (``SigmaLossHistory``)
+    weight: torch.Tensor | None = None   # [n] importance loss weights p_base / p (``sample_binned``)
     bins: torch.Tensor | None = None     # [batch] sigma bin of every row of the global batch, for the history update
 
 
+def sigma_bin_probs(cfg: ExperimentConfig, loss_fn: EDMLoss, net: Denoiser, history: SigmaLossHistory | None) -> torch.Tensor | None:
+    """[K] probabilities of the sigma bins this step draws from: ``importance`` the loss history's, ``adaptive`` fitted
+    from the network's u(sigma) at the bin midpoints; None for independent / stratified draws. The same on every rank
+    (same history, same weights)."""
+    if cfg.loss.sigma_sampling == "importance":
+        return history.probs()
+    if cfg.loss.sigma_sampling == "adaptive":
+        return adaptive_probs(net.logvar_at(loss_fn.sigma_quantiles(IMPORTANCE_BINS)))
+    return None
+
+
 def step_noise(loss_fn: EDMLoss, cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor,
-               labels: torch.Tensor | None, *, history: SigmaLossHistory | None = None) -> StepNoise:
+               labels: torch.Tensor | None, *, bin_probs: torch.Tensor | None = None) -> StepNoise:
     """Sigma [n], unit noise [n, C, H, W] and dropped-out labels [n, L] for this rank's rows ``y`` [n, C, H, W].
 
     Drawn for the whole global batch from the step's generator, then this rank's rows are kept: the same numbers
-    whatever the number of processes or accumulation rounds. With ``history`` (``sigma_sampling = "importance"``)
-    sigma comes from its loss-aware bins, with the loss weights; every rank holds the same history, so the same draws.
+    whatever the number of processes or accumulation rounds. With ``bin_probs`` (:func:`sigma_bin_probs`) sigma comes
+    from those bins of the base density, with the loss weights that keep the objective (``sample_binned``).
     """
     g = step_generator(cfg.train.seed, step, y.device)
     rows = shard.rows().to(y.device)
     weight = bins = None
-    if history is None:
+    if bin_probs is None:
         sigma = loss_fn.sample_sigma(shard.batch, generator=g, device=y.device)[rows]
     else:
-        sigma, weight, bins = history.sample(shard.batch, sigma_at=loss_fn.sigma_at, generator=g, device=y.device)
+        sigma, weight, bins = sample_binned(bin_probs, shard.batch, sigma_at=loss_fn.sigma_at, generator=g, device=y.device)
         sigma, weight = sigma[rows], weight[rows]
     noise = torch.randn((shard.batch, *y.shape[1:]), generator=g, device=y.device)[rows]
     if labels is not None and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
