@@ -50,11 +50,11 @@ from edmkit.training.monitor import (
     rewind_records,
     save_grid,
     save_snapshot,
+    watched_score,
     write_evaluation,
     write_stats,
     write_stop,
     write_validation,
-    watched_score,
 )
 from edmkit.training.run_state import RunError, StopRequest, TrainState, open_run_folder, resume, save_training_state
 from edmkit.training.step_inputs import Shard, make_shard, sigma_bin_probs, step_augment, step_noise, step_seed, step_sr_condition
@@ -93,7 +93,7 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     lr = learning_rate(state.nimg + shard.batch, lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    losses = None if draw.weight is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
+    losses = None if state.sigma_history is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
     sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond,
                                 weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
     if state.sigma_history is not None:
@@ -117,8 +117,9 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
     to exactly the one-process mean. DDP's all-reduce runs only with the last micro-batch (``dist.ddp_sync``).
-    Importance-sampled sigma: each sample's loss (and logged MSE) is multiplied by its ``weight`` [n], and the unweighted
-    per-sample losses of the whole global batch are written to ``losses`` [batch] (all-reduced: the same on every rank).
+    Binned sigma (importance / adaptive): each sample's loss (and logged MSE) is multiplied by its ``weight`` [n]; with
+    ``losses`` [batch] (importance) the unweighted per-sample losses of the whole global batch are written there
+    (all-reduced: the same on every rank, for the loss history).
 
     Returns:
         [2] float32: (loss, weighted MSE) summed over the whole global batch (all ranks).
