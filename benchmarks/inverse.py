@@ -1,6 +1,6 @@
 """PSNR / SSIM of the zero-shot inverse-problem methods (and a cascade SR model) on held-out digits.
 
-For each task (inpainting of the right half; 2x super-resolution) and method (replace, ilvr, ccdf, dps; cascade with
+For each task (inpainting of the right half; 2x super-resolution) and method (replace, ilvr, ccdf, dps, mcg; cascade with
 ``--sr-checkpoint``), restores ``--n`` digits from their measurements and reports the mean PSNR (dB, [-1, 1] range
 of 2) and SSIM (Wang et al. 2004, global 7x7 box-window variant) against the truth, plus the measurement-only
 baseline (the masked / nearest-upsampled input). Held-out digits: the run's validation split when the checkpoint was
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="heun")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--zeta", type=float, default=1.0, help="DPS step size")
+    parser.add_argument("--alpha", type=float, default=1.0, help="MCG gradient step (restore --method mcg --zeta)")
     parser.add_argument("--sigma-start", type=float, default=1.0, help="CCDF start noise level")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -76,13 +77,13 @@ def main() -> None:
     mask[..., y.shape[-1] // 2:] = 0  # right half unknown
     sample, sigmas = get_sampler(args.sampler), sampling_sigmas("karras", args.steps, device=dev)
     rows = [("inpaint", "input", mask * y), ("sr", "input (nearest)", upsample(downsample(y, scale=args.scale), scale=args.scale))]
-    for task, methods in (("inpaint", ("replace", "dps")), ("sr", ("ilvr", "ccdf", "dps"))):
+    for task, methods in (("inpaint", ("replace", "dps", "mcg")), ("sr", ("ilvr", "ccdf", "dps", "mcg"))):
         meas = mask * y if task == "inpaint" else downsample(y, scale=args.scale)
         for method in methods:
             rnd = SeededRandn(range(args.n), device=dev)
             tick = time.perf_counter()
             x = restore(net, meas, task=task, sample=sample, sigmas=sigmas, noise=rnd.randn(y.shape[1:]), mask=mask if task == "inpaint" else None,
-                        scale=args.scale, method=method, randn=rnd, zeta=args.zeta, sigma_start=args.sigma_start)
+                        scale=args.scale, method=method, randn=rnd, zeta=args.alpha if method == "mcg" else args.zeta, sigma_start=args.sigma_start)
             rows.append((task, method, x.clamp(-1, 1), time.perf_counter() - tick))
     if args.sr_checkpoint:
         from edmkit.sampling.cascade import super_resolve

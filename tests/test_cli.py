@@ -62,6 +62,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert "no such checkpoint" in error_of("generate", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "x.png")
     assert "cannot parse image count" in error_of("train", "--duration", "lots")
     assert "divisible" in error_of("train", "--preset", "cifar10-small", "--data", "mnist5k", "--resolution", "30", "--dry-run")
+    assert "stop-when-flat watches" in error_of("train", "--preset", "tiny", "--stop-when-flat", "3", "--dry-run")
+    assert '"stop_when_flat": 3' in run("train", "--preset", "tiny", "--val-fraction", "0.1", "--stop-when-flat", "3", "--dry-run").output
 
 
 def test_class_subset_reaches_training_data():

@@ -1,5 +1,5 @@
 """Class names: read back from dataset.json and class folders, kept through --classes, shown by `dataset info`;
-and the `--stratified` training flag."""
+and the `--sigma-sampling` training flag."""
 
 import io
 import json
@@ -17,7 +17,7 @@ from edmkit.cli import main
 from edmkit.data.cifar import CIFAR10_CLASS_NAMES
 from edmkit.data.convert import convert_dataset
 from edmkit.data.dataset import load_dataset
-from edmkit.presets import get_preset, resolve_config
+from edmkit.presets import get_preset, load_config_file, resolve_config
 
 NAMES = ("cat", "dog", "zebra")  # sorted, so folder order = index order
 
@@ -148,7 +148,7 @@ def test_dataset_info_shows_names(tmp_path):
     assert res.exit_code == 0 and "names:" not in res.output
 
 
-# --- edmkit train --stratified ---------------------------------------------------------------
+# --- edmkit train --sigma-sampling ---------------------------------------------------------------
 
 
 def _dry_run_loss(*flags):
@@ -157,16 +157,24 @@ def _dry_run_loss(*flags):
     return json.loads(res.stdout)["loss"]
 
 
-def test_stratified_flag_sets_the_loss_field():
-    preset = get_preset("tiny").loss.stratified
-    assert _dry_run_loss()["stratified"] == preset
-    assert _dry_run_loss("--stratified")["stratified"] is True
-    assert _dry_run_loss("--no-stratified")["stratified"] is False
-    assert "low-discrepancy" in run("train", "--help").output.lower()
+def test_sigma_sampling_flag_sets_the_loss_field():
+    assert _dry_run_loss()["sigma_sampling"] == get_preset("tiny").loss.sigma_sampling == "lognormal"
+    for mode in ("stratified", "importance", "lognormal"):
+        assert _dry_run_loss("--sigma-sampling", mode)["sigma_sampling"] == mode
+    assert "--sigma-sampling[lognormal|stratified|importance|adaptive]" in "".join(run("train", "--help").output.split())
 
 
-@pytest.mark.parametrize("preset_value", [False, True])
-def test_stratified_none_keeps_the_presets_value(preset_value):
-    cfg = get_preset("tiny").override("loss", stratified=preset_value)
-    assert resolve_config(cfg, stratified=None).loss.stratified is preset_value
-    assert resolve_config(cfg, stratified=not preset_value).loss.stratified is (not preset_value)
+@pytest.mark.parametrize("preset_value", ["lognormal", "stratified"])
+def test_sigma_sampling_none_keeps_the_presets_value(preset_value):
+    cfg = get_preset("tiny").override("loss", sigma_sampling=preset_value)
+    assert resolve_config(cfg, sigma_sampling=None).loss.sigma_sampling == preset_value
+    assert resolve_config(cfg, sigma_sampling="importance").loss.sigma_sampling == "importance"
+
+
+@pytest.mark.parametrize("old, mode", [(True, "stratified"), (False, "lognormal")])
+def test_config_files_with_the_old_stratified_bool_still_load(tmp_path, old, mode):
+    d = get_preset("tiny").to_dict()
+    del d["loss"]["sigma_sampling"]
+    d["loss"]["stratified"] = old
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert load_config_file(tmp_path / "old.json").loss.sigma_sampling == mode

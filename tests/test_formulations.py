@@ -203,7 +203,7 @@ def test_ddpm_draws_discrete_steps_uniformly():
     t = ddpm_sigma_to_t(sigma)
     assert torch.allclose(t, t.round(), atol=2e-3)  # only the 1000 discrete steps
     assert t.mean().item() == pytest.approx(499.5, abs=8) and t.std().item() == pytest.approx(1000 / math.sqrt(12), rel=0.03)
-    strat = DDPMLoss(stratified=True).sample_sigma(1000, generator=torch.Generator().manual_seed(1))
+    strat = DDPMLoss(sigma_sampling="stratified").sample_sigma(1000, generator=torch.Generator().manual_seed(1))
     assert len(torch.unique(strat)) == 1000  # one per step
 
 

@@ -15,9 +15,15 @@ from edmkit.diffusion.loss import (
     IDDPMLoss,
     VELoss,
     VPLoss,
+    SigmaLossHistory,
+    adaptive_probs,
     ddpm_loss_weight,
     edm_loss_weight,
     flow_loss_weight,
+    importance_probs,
+    importance_weight,
+    midpoint_quantiles,
+    sample_binned,
     sample_sigma_lognormal,
     sample_sigma_stratified,
     uncertainty_weighted,
@@ -108,14 +114,14 @@ def test_stratified_sigma_takes_one_point_per_equal_mass_bin(n):
         assert gaps == pytest.approx([1 / n] * n, abs=1e-6)
         draws.append(u[0])
     assert len(set(draws)) == 3  # a fresh offset u_0 every batch
-    # EDMLoss(stratified=True) uses it
-    sigma = EDMLoss(P_mean=0.3, P_std=0.7, stratified=True).sample_sigma(n, generator=g)
+    # EDMLoss(sigma_sampling="stratified") uses it
+    sigma = EDMLoss(P_mean=0.3, P_std=0.7, sigma_sampling="stratified").sample_sigma(n, generator=g)
     u = np.sort(norm.cdf((np.log(sigma.double().numpy()) - 0.3) / 0.7))
     assert np.diff(np.concatenate([u, [u[0] + 1]])) == pytest.approx([1 / n] * n, abs=1e-6)
 
 
 def test_flow_uniform_stratified_t_is_evenly_spaced():
-    sigma = FlowLoss(uniform_t=True, stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    sigma = FlowLoss(uniform_t=True, sigma_sampling="stratified").sample_sigma(8, generator=torch.Generator().manual_seed(2))
     t = np.sort((sigma / (1 + sigma)).double().numpy())
     assert np.diff(np.concatenate([t, [t[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-5)
 
@@ -177,16 +183,16 @@ def test_iddpm_draws_levels_0_to_M_minus_1_uniformly():
     assert j.double().mean().item() == pytest.approx(499.5, abs=8) and j.double().std().item() == pytest.approx(1000 / math.sqrt(12), rel=0.03)
     counts = torch.bincount(j // 100, minlength=10).double()
     assert ((counts - 2000) ** 2 / 2000).sum().item() < 27.9  # chi-square, 9 dof, p = 0.001
-    strat = IDDPMLoss(stratified=True).sample_sigma(1000, generator=torch.Generator().manual_seed(1))
+    strat = IDDPMLoss(sigma_sampling="stratified").sample_sigma(1000, generator=torch.Generator().manual_seed(1))
     assert len(torch.unique(strat)) == 1000  # one draw per level
 
 
 def test_ve_and_vp_stratified_draws_are_evenly_spaced():
     """Stratified: the uniform variable (ln sigma for VE, t for VP) takes one point per 1/n of its range."""
-    sigma = VELoss(stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    sigma = VELoss(sigma_sampling="stratified").sample_sigma(8, generator=torch.Generator().manual_seed(2))
     u = np.sort((np.log(sigma.double().numpy()) - math.log(0.02)) / math.log(5000))
     assert np.diff(np.concatenate([u, [u[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-5)
-    sigma = VPLoss(stratified=True).sample_sigma(8, generator=torch.Generator().manual_seed(2))
+    sigma = VPLoss(sigma_sampling="stratified").sample_sigma(8, generator=torch.Generator().manual_seed(2))
     t = np.sort(vp_t_of(sigma.numpy()))
     assert np.diff(np.concatenate([t, [t[0] + 1]])) == pytest.approx([1 / 8] * 8, abs=1e-4)
 
@@ -201,3 +207,60 @@ def test_new_columns_sigma_quantiles():
     u = iddpm_sigmas().numpy()
     got = IDDPMLoss().sigma_quantiles(4)
     assert got.tolist() == pytest.approx(u[[874, 624, 374, 124]].tolist(), rel=1e-6) and (got.diff() > 0).all()
+
+
+# --- importance-sampled sigma (iDDPM Sec. 3.3 in sigma) ------------------------------------------------------------
+
+
+def synthetic_loss(sigma):
+    """A fixed loss of sigma, large at the high-noise end (where the log-normal density puts little mass)."""
+    return (sigma.double().log() + 2.5).square() + 0.05
+
+
+def test_importance_sampled_loss_is_unbiased_and_its_variance_drops():
+    """After the history has warmed up on the sampler's own draws, E_p[w L] equals the base density's E[L] (quadrature
+    over 10^6 quantiles) within 4 standard errors, and the variance of w L is far below that of L under the base draws
+    (measured: 0.27 vs 13.8)."""
+    loss, g = EDMLoss(P_mean=-1.2, P_std=1.2), torch.Generator().manual_seed(0)
+    history = SigmaLossHistory()
+    for _ in range(200):
+        sigma, _, bins = sample_binned(history.probs(), 64, sigma_at=loss.sigma_at, generator=g)
+        history.update(bins, synthetic_loss(sigma))
+    p = history.probs()
+    assert bool((history.count >= 10).all()) and p.max() > 3 * p.min()  # active, and far from the base density
+    sigma, weight, _ = sample_binned(history.probs(), 100_000, sigma_at=loss.sigma_at, generator=g)
+    weighted = weight.double() * synthetic_loss(sigma)
+    exact = synthetic_loss(loss.sigma_at(midpoint_quantiles(1_000_000))).mean().item()
+    assert weighted.mean().item() == pytest.approx(exact, abs=4 * weighted.std().item() / math.sqrt(len(weighted)))
+    plain = synthetic_loss(loss.sample_sigma(100_000, generator=g))
+    assert weighted.var() < 0.1 * plain.var()
+    assert synthetic_loss(sigma).mean() > 2 * exact  # the draws themselves favour the high-loss bins: without w, biased
+
+
+def test_importance_probs_follow_sqrt_mean_square_and_keep_the_base_mass_of_bins_without_history():
+    mean_sq = torch.tensor([4.0, 1.0, 9.0, 16.0], dtype=torch.float64)
+    none, some, all_ = torch.zeros(4, dtype=torch.bool), torch.tensor([True, True, False, False]), torch.ones(4, dtype=torch.bool)
+    assert importance_probs(mean_sq, none, floor=0).tolist() == [0.25] * 4
+    assert importance_probs(mean_sq, some, floor=0).tolist() == pytest.approx([0.5 * 2 / 3, 0.5 / 3, 0.25, 0.25])
+    assert importance_probs(mean_sq, all_, floor=0).tolist() == pytest.approx([0.2, 0.1, 0.3, 0.4])
+    assert importance_probs(mean_sq, all_, floor=0.1).tolist() == pytest.approx([0.9 * v + 0.025 for v in (0.2, 0.1, 0.3, 0.4)])
+    p = importance_probs(mean_sq, all_)
+    assert importance_weight(p, torch.arange(4)).double() @ p == pytest.approx(1.0)  # Σ_k p_k w_k = 1: unbiased per bin
+
+
+def test_sigma_loss_history_keeps_the_newest_losses_of_each_bin_and_drops_non_finite_ones():
+    history = SigmaLossHistory(bins=2, history=3)
+    history.update(torch.tensor([0, 1, 0, 0, 0, 1]), torch.tensor([9.0, 2.0, 9.0, 1.0, 1.0, 2.0]))  # bin 0: 9, 9, 1, 1
+    history.update(torch.tensor([0, 1, 1]), torch.tensor([1.0, float("nan"), 2.0]))
+    assert history.count.tolist() == [5, 3] and sorted(history.losses[0].tolist()) == [1.0, 1.0, 1.0]
+    assert history.probs().tolist() == pytest.approx([(1 - 1e-3) / 3 + 5e-4, (1 - 1e-3) * 2 / 3 + 5e-4])  # sqrt(1) : sqrt(4)
+    back = SigmaLossHistory(bins=2, history=3)
+    back.load_state_dict(history.state_dict())
+    assert torch.equal(back.losses, history.losses) and torch.equal(back.count, history.count)
+
+
+def test_adaptive_probs_are_proportional_to_exp_u_and_base_for_constant_u():
+    u = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert adaptive_probs(u, floor=0).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert adaptive_probs(u + 5.0, floor=0.2).tolist() == pytest.approx([0.8 * v + 0.05 for v in (0.1, 0.2, 0.3, 0.4)])
+    assert adaptive_probs(torch.full((8,), -1.7)).tolist() == pytest.approx([1 / 8] * 8)  # flat u: the base density, weights 1

@@ -31,7 +31,17 @@ from edmkit.metrics.detectors import (
     load_detector,
 )
 from edmkit.metrics.memorization import memorization, pairwise_distance
-from edmkit.metrics.stats import FeatureStats, feature_stats, frechet_distance, kid, knn_radii, mmd2_unbiased, precision_recall
+from edmkit.metrics.stats import (
+    ClassProbStats,
+    FeatureStats,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    kid,
+    knn_radii,
+    mmd2_unbiased,
+    precision_recall,
+)
 from edmkit.presets import get_preset
 
 
@@ -246,6 +256,35 @@ def test_cosine_distance_is_one_minus_the_cosine_of_rows():
     torch.testing.assert_close(pairwise_distance(x, y, metric="l2"), torch.cdist(x, y))
 
 
+@pytest.mark.parametrize("k", [2, 7])
+def test_inception_score_of_a_perfect_classifier_is_the_class_count_and_one_for_a_single_class(k):
+    labels = torch.arange(10 * 3 * k) % k  # every split of 3k images holds each class 3 times
+    mean, std = inception_score(torch.nn.functional.one_hot(labels, k))
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+    mean, std = inception_score(torch.nn.functional.one_hot(torch.zeros_like(labels), k))
+    assert mean == pytest.approx(1, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_inception_score_matches_the_original_split_protocol_and_streams_in_any_order():
+    """Reference: Salimans et al.'s code, part = probs[i*N//10 : (i+1)*N//10], IS_i = exp(mean KL(p ‖ mean p)); mean and std."""
+    n = 53  # not a multiple of 10: split sizes 5 and 6
+    p = np.random.default_rng(0).dirichlet(np.full(6, 0.3), size=n)
+    scores = []
+    for i in range(10):
+        part = p[i * n // 10:(i + 1) * n // 10]
+        kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    mean, std = inception_score(p)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-10) and std == pytest.approx(np.std(scores), rel=1e-8)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))  # batches in any order, as ranks' slices arrive
+    streamed = ClassProbStats(n=n)
+    for chunk in order.split(7):
+        streamed.update(torch.from_numpy(p[chunk.numpy()]), chunk)
+    assert streamed.score() == pytest.approx((mean, std), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 10 images"):
+        inception_score(p[:9])
+
+
 # ---------------------------------------------------------------------------------------------
 # Detectors: a tiny TorchScript network through the real loading code.
 
@@ -439,6 +478,32 @@ def test_cli_folder_scores_images_and_itself_scores_zero(setup, tiny):
                                  "--repeats", "2", "--device", "cpu")
 
 
+def test_cli_inception_score_uses_the_detector_class_head_in_the_same_pass(setup, tiny):
+    d = setup
+    images = torch.from_numpy(np.load(d / "data.npz")["images"])[:, None]
+    np.savez(d / "is.npz", images=images[:, 0].numpy())
+    res = run("metrics", "folder", "--images", d / "is.npz", "--ref", d / "ref.npz", "--detector", tiny["a"], "--metrics", "fid,is",
+              "--repeats", "2", "--batch", "7", "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    result = json.loads((d / "is-metrics.json").read_text())
+    det = load_detector(tiny["a"])
+    for r, row in enumerate(result["repeats"]):  # independent: the tiny network's softmax head on each chunk of 24, in one batch
+        assert (row["is"], row["is_std"]) == pytest.approx(inception_score(det.probs(images[24 * r:24 * (r + 1)])), rel=1e-6)
+    assert result["summary"]["is"]["mean"] == pytest.approx(np.mean([row["is"] for row in result["repeats"]]))
+    assert result["repeats"][0]["is"] > 1 and "is_std" not in "".join(line.split()[0] for line in res.output.splitlines())
+    assert "need n >= 10" in error_of("metrics", "folder", "--images", d / "is.npz", "--ref", d / "ref.npz", "--detector", tiny["a"],
+                                      "--metrics", "is", "--n", "8", "--device", "cpu")
+
+
+def test_detectors_without_a_class_head_cannot_give_an_inception_score(tiny):
+    det = load_detector(tiny["a"])
+    bare = type(det)(module=det.module, spec=DINOV2, path=det.path, sha256=det.sha256, device=det.device)
+    with pytest.raises(ValueError, match="no class head"):
+        ev.check_metrics(bare, ("fid", "is"), n=100)
+    with pytest.raises(ValueError, match="need n >= 10"):
+        ev.check_metrics(det, ("is",), n=8)
+
+
 def test_cli_bad_inputs_give_one_line_errors(setup, tiny):
     d = setup
     (d / "bad.npz").write_bytes((d / "ref.npz").read_bytes()[:200])
@@ -447,7 +512,7 @@ def test_cli_bad_inputs_give_one_line_errors(setup, tiny):
     assert "hash mismatch" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["b"])
     assert "expected 1234" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["a"], "--detector-sha256", "1234")
     assert "user TorchScript detector" in error_of(*gen, "--ref", d / "ref.npz")
-    assert "unknown metrics" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["a"], "--metrics", "fid,is")
+    assert "unknown metrics" in error_of(*gen, "--ref", d / "ref.npz", "--detector", tiny["a"], "--metrics", "fid,xyz")
 
 
 def test_cli_memorization_flags_copied_training_images(setup):

@@ -45,8 +45,8 @@ def test_loss_weight_gives_unit_loss_for_zero_output():
 
 
 def test_stratified_sigma_has_lower_variance_of_batch_mean_weight():
-    loss_iid = EDMLoss(stratified=False)
-    loss_ld = EDMLoss(stratified=True)
+    loss_iid = EDMLoss(sigma_sampling="lognormal")
+    loss_ld = EDMLoss(sigma_sampling="stratified")
     g = torch.Generator().manual_seed(1)
     means_iid = torch.stack([loss_iid.sample_sigma(32, generator=g).log().mean() for _ in range(300)])
     means_ld = torch.stack([loss_ld.sample_sigma(32, generator=g).log().mean() for _ in range(300)])
@@ -245,3 +245,20 @@ def test_uncertainty_reads_c_noise(formulation, c_noise):
     expected = net.logvar_linear(net.logvar_fourier(c_noise(sigma.double()).float()))
     torch.testing.assert_close(u.flatten(), expected.flatten(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(u_other_x, u, rtol=0, atol=0)
+
+
+def test_logvar_at_is_the_forward_uncertainty_and_leaves_train_mode_weights_alone():
+    from edmkit.checkpoint import build_denoiser
+    from edmkit.presets import get_preset
+
+    torch.manual_seed(0)
+    net = build_denoiser(get_preset("tiny")).train()
+    with torch.no_grad():
+        net.logvar_linear.weight.mul_(3.0)  # off the unit norm: a train-mode forward of the head would rescale it in place
+    before = net.logvar_linear.weight.clone()
+    sigma = torch.tensor([0.01, 0.3, 2.0, 40.0])
+    u = net.logvar_at(sigma)
+    assert torch.equal(net.logvar_linear.weight, before) and net.logvar_linear.training
+    net.eval()
+    _, logvar = net(torch.zeros(4, 1, 28, 28), sigma, return_logvar=True)
+    assert torch.allclose(u, logvar.flatten(), atol=1e-6) and u.std() > 0

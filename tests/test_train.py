@@ -18,6 +18,7 @@ from edmkit.training.loop import train, train_step
 from edmkit.training.monitor import save_snapshot
 from edmkit.training.run_state import RunError, TrainState, prepare_run_dir, resume, save_training_state
 from edmkit.training.step_inputs import Shard, step_noise
+from edmkit.training.validation import evaluations_since_best
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_train_step_is_one_adam_step_on_the_eq21_gradient(cfg, nimg, lr):
     state.nimg, state.step = nimg, nimg // 8
     y = images_to_float(load_dataset("mnist5k").images[:8])
     ref = copy.deepcopy(state.net)  # the same forward (forced weight normalization included) by hand
-    sigma, noise, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
+    sigma, noise, _, _, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
     D, u = ref(y + sigma.view(-1, 1, 1, 1) * noise, sigma, return_logvar=True)
     sd2 = cfg.network.sigma_data**2
     weighted = ((sigma**2 + sd2) / (sigma**2 * sd2)).view(-1, 1, 1, 1) * (D - y) ** 2
@@ -275,3 +276,82 @@ def test_snapshots_hold_the_raw_weights_and_each_ema(tmp_path, cfg):
         assert meta["ema_std"] == std and meta["nimg"] == 12
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items()), std
     assert not torch.equal(expected[0.05]["logvar_linear.weight"], expected[0.1]["logvar_linear.weight"])
+
+
+# --- --stop-when-flat ----------------------------------------------------------------------------------------------
+
+
+def test_evaluations_since_best_counts_ties_as_no_improvement():
+    assert evaluations_since_best([]) == 0 and evaluations_since_best([3.0]) == 0
+    assert evaluations_since_best([5.0, 3.0, 3.0, 4.0]) == 2  # the tie at index 2 is not a new best
+    assert evaluations_since_best([5.0, 3.0, 2.9]) == 0
+    assert evaluations_since_best([1.0, 3.0, 2.0], higher_is_better=True) == 1
+    assert evaluations_since_best([1.0, 3.0, 2.0]) == 2
+
+
+def test_stop_when_flat_stops_on_the_validation_loss_saves_and_counts_across_resume(tmp_path, cfg, monkeypatch):
+    """Scripted validation losses 5, 4, 3, 3.5, 3.2 (every 2 steps) with patience 2 stop the run at the 5th evaluation
+    (160 images), with its state saved and a "stop" record; a re-run resumes and stops at its first flat evaluation."""
+    from edmkit.training import validation
+
+    script = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1])
+    calls = []
+
+    def scripted(net, loss_fn, probe, **kw):  # Validator.evaluate asks for the held-out loss, then the training loss
+        calls.append(probe)
+        return torch.full((len(probe.sigmas),), next(script) if len(calls) % 2 else 1.0, dtype=torch.float64)
+
+    monkeypatch.setattr(validation, "probe_loss", scripted)
+    c = cfg.override("train", total_nimg=640, val_fraction=0.1, val_nimg=32, stop_when_flat=2)
+    logs = []
+    state = train(c, tmp_path / "run", progress=False, log=logs.append)
+    assert state.nimg == 160 and "validation loss has not improved for 2 evaluations (best 3 at 96 images" in state.stop_reason
+    assert ckpt.list_states(tmp_path / "run")[-1] == ckpt.state_path(tmp_path / "run", 160)
+    records = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "stop" and records[-1]["nimg"] == 160 and any("stopped at 160 images" in s for s in logs)
+    state = train(c, tmp_path / "run", progress=False, log=logs.append)  # 3.1 at 192 images: still not below 3
+    assert state.nimg == 192 and "for 3 evaluations" in state.stop_reason
+
+
+def test_stop_when_flat_needs_something_to_watch():
+    with pytest.raises(ValueError, match="stop-when-flat watches"):
+        get_preset("tiny").override("train", stop_when_flat=3)
+
+
+# --- importance-sampled sigma in training ----------------------------------------------------------------------------
+
+
+def test_importance_sampled_sigma_resumes_bit_exact_and_accumulates_like_one_batch(tmp_path, cfg):
+    """The loss history is part of the training state: a run resumed at 160 images (before most bins have a full history)
+    retraces the uninterrupted one, whose history has by then moved the draws off the base density. Gradient accumulation
+    writes every row's loss to the same place in the history as one whole batch."""
+    c = cfg.override("loss", sigma_sampling="importance")
+    straight = train(c, tmp_path / "a", progress=False, log=lambda s: None)
+    p = straight.sigma_history.probs()
+    assert straight.sigma_history.count.sum() == 320 and p.max() > 1.5 * p.min()
+    train(c, tmp_path / "b", stop_nimg=160, progress=False, log=lambda s: None)
+    resumed = train(c, tmp_path / "b", progress=False, log=lambda s: None)
+    assert torch.equal(resumed.sigma_history.losses, straight.sigma_history.losses)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    accumulated = train(c.override("train", batch_per_device=4, total_nimg=64), tmp_path / "c", progress=False, log=lambda s: None)
+    whole = train(c.override("train", total_nimg=64), tmp_path / "d", progress=False, log=lambda s: None)
+    assert torch.allclose(accumulated.sigma_history.losses, whole.sigma_history.losses, rtol=1e-4, atol=1e-6)
+    assert torch.equal(accumulated.sigma_history.count, whole.sigma_history.count)
+
+
+def test_adaptive_sigma_density_is_fitted_from_u_recorded_and_resumes_bit_exact(tmp_path, cfg):
+    """--sigma-sampling adaptive: the bins' probabilities follow e^u(sigma) of the network (non-uniform from the start: u is
+    a random function at init), are recorded in stats.jsonl, and depend only on the weights, so resume stays bit-exact."""
+    c = cfg.override("loss", sigma_sampling="adaptive").override("train", total_nimg=64, status_nimg=16)
+    straight = train(c, tmp_path / "a", progress=False, log=lambda s: None)
+    train(c, tmp_path / "b", stop_nimg=32, progress=False, log=lambda s: None)
+    resumed = train(c, tmp_path / "b", progress=False, log=lambda s: None)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    records = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    p = torch.tensor(records[-1]["sigma_bin_probs"])
+    assert len(p) == 32 and p.sum().item() == pytest.approx(1, abs=1e-4) and p.max() > 1.2 * p.min()
+    assert records[0]["sigma_bin_probs"] != records[-1]["sigma_bin_probs"]  # refitted as u trains
+    with pytest.raises(ValueError, match="needs loss.uncertainty"):
+        c.override("loss", uncertainty=False)

@@ -74,7 +74,8 @@ UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # the backbones with levels (c
 ARCHS = (*UNETS, "dit", "hdit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
 HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
-EVAL_METRICS = ("fid", "kid", "pr")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
+SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
+EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
 def ladder_switches(name: str) -> LadderSwitches:
@@ -174,13 +175,16 @@ class LossConfig:
     P_mean: float = -1.2                        # mean of ln(sigma) during training
     P_std: float = 1.2                          # std of ln(sigma) during training
     uncertainty: bool = True                    # EDM2 learned uncertainty weighting (Eq. 21)
-    stratified: bool = False                    # low-discrepancy sigma sampling within a batch (VDM)
+    sigma_sampling: str = "lognormal"           # training sigma draws: lognormal (independent, the formulation's density), stratified (VDM low discrepancy), importance (iDDPM loss-aware), adaptive (fitted from u(sigma))
     p_uncond: float = 0.0                       # label dropout: probability a label row is zeroed (for CFG)
     uniform_t: bool = False                     # flow only: t ~ U(0, 1) instead of logit-normal(P_mean, P_std)
 
     def __post_init__(self) -> None:
         _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
         _check(0 <= self.p_uncond <= 1, f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        _check(self.sigma_sampling in SIGMA_SAMPLINGS, f"unknown sigma_sampling {self.sigma_sampling!r}; valid: {', '.join(SIGMA_SAMPLINGS)}")
+        _check(self.sigma_sampling != "adaptive" or self.uncertainty,
+               "sigma_sampling 'adaptive' fits the density from the learned uncertainty u(sigma): it needs loss.uncertainty (EDM2 config B+)")
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,8 @@ class TrainConfig:
     eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
     eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
-    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr (EVAL_METRICS)
+    eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
+    stop_when_flat: int = 0                     # stop after this many evaluations without improvement of the first eval metric (else the validation loss); 0 = off
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
@@ -280,6 +285,9 @@ class TrainConfig:
         _check(self.eval_n >= 2 and self.eval_steps >= 1, f"need eval_n >= 2 and eval_steps >= 1, got {self.eval_n}, {self.eval_steps}")
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
+        _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
+        _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
+               "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")
 
 
 @dataclass(frozen=True)
@@ -303,7 +311,7 @@ class ExperimentConfig:
         for f in dataclasses.fields(cls):
             sub_cls = f.default_factory  # the section's dataclass
             known = {g.name: g for g in dataclasses.fields(sub_cls)}
-            values = d.get(f.name, {})
+            values = legacy_fields(f.name, d.get(f.name, {}))
             unknown = set(values) - set(known)
             _check(not unknown, f"unknown config fields in [{f.name}]: {', '.join(sorted(unknown))}")
             parts[f.name] = sub_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -317,6 +325,17 @@ class ExperimentConfig:
     def override(self, section: str, **changes: Any) -> "ExperimentConfig":
         """Return a copy with fields of one section replaced (validated)."""
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def legacy_fields(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Fields of older config files in today's names: ``loss.stratified`` (bool) is ``loss.sigma_sampling``."""
+    if section != "loss" or "stratified" not in values:
+        return values
+    values = dict(values)
+    stratified = values.pop("stratified")
+    _check(isinstance(stratified, bool), f"loss.stratified must be true or false, got {stratified!r}")
+    values.setdefault("sigma_sampling", "stratified" if stratified else "lognormal")
+    return values
 
 
 def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:

@@ -186,10 +186,10 @@ FIELDS: dict[str, tuple[str, str]] = {
     "arch": ("network", "arch"), "resolution": ("network", "resolution"), "attn_resolutions": ("network", "attn_resolutions"),
     "data": ("train", "data"), "classes": ("train", "classes"), "center_crop": ("train", "center_crop"),
     "batch": ("train", "batch"), "total_nimg": ("train", "total_nimg"), "seed": ("train", "seed"),
-    "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "stratified": ("loss", "stratified"),
+    "lr": ("optim", "lr"), "grad_clip": ("optim", "grad_clip"), "sigma_sampling": ("loss", "sigma_sampling"),
     "val_fraction": ("train", "val_fraction"), "val_nimg": ("train", "val_nimg"),
     "batch_per_device": ("train", "batch_per_device"), "precision": ("train", "precision"), "compile": ("train", "compile"),
-    "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"),
+    "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"), "stop_when_flat": ("train", "stop_when_flat"),
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")

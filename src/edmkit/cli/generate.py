@@ -183,7 +183,7 @@ def write_images(x: torch.Tensor, out: Path, *, seeds: list[int]) -> None:
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="inpaint: the image (model size); sr: the low-res image (model size / scale).")
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None, help="inpaint: PNG of the image's size, white (nonzero) = known pixel; 1 channel or the image's.")
 @click.option("--scale", type=int, default=2, show_default=True, help="sr: upsampling factor (must divide the model's image size).")
-@click.option("--method", default=None, help="inpaint: replace (default) or dps; sr: ilvr (default), ccdf, dps, or cascade (a model trained with --task sr).")
+@click.option("--method", default=None, help="inpaint: replace (default), dps or mcg; sr: ilvr (default), ccdf, dps, mcg, or cascade (a model trained with --task sr). mcg: replace / ilvr plus the manifold-constrained gradient (step --zeta).")
 @click.option("--sr-aug", "sr_aug", type=float, default=None, help="cascade: fixed noise level of the conditioning image (default: the model's train.sr_aug_sample).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Result PNG; the side-by-side (input | result | truth) goes to <out>-compare.png.")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Ground-truth image to show in the side-by-side.")
@@ -191,7 +191,7 @@ def write_images(x: torch.Tensor, out: Path, *, seeds: list[int]) -> None:
 @click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
 @click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras, loglinear, vp.")
 @click.option("--resample", type=int, default=1, show_default=True, help="RePaint resampling: repeats per step (replace, ilvr, ccdf).")
-@click.option("--zeta", type=float, default=1.0, show_default=True, help="dps: step size of the reconstruction-guidance gradient.")
+@click.option("--zeta", type=float, default=1.0, show_default=True, help="dps: step size of the reconstruction-guidance gradient; mcg: its gradient step alpha (0 = plain replace / ilvr).")
 @click.option("--sigma-start", type=float, default=1.0, show_default=True, help="ccdf: noise level the reverse process starts from.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn from the seed).")
@@ -205,6 +205,7 @@ def restore(checkpoint, task, image, mask, scale, method, sr_aug, out, truth, st
     Examples:
       edmkit restore --checkpoint runs/mnist --task inpaint --image in.png --mask mask.png --out out.png --resample 5
       edmkit restore --checkpoint runs/mnist --task sr --scale 2 --image low.png --method ccdf --out out.png
+      edmkit restore --checkpoint runs/mnist --task inpaint --image in.png --mask mask.png --method mcg --zeta 0.5 --out out.png
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.data.images import images_to_float, read_image_file, save_image_grid, write_image_file

@@ -30,7 +30,8 @@ def score_options(fn):
     """--repeats, --metrics, --out of the scoring commands."""
     for option in reversed([
         click.option("--repeats", type=int, default=1, show_default=True, help="Disjoint seed ranges (or image chunks) to score; reports mean ± std, min and max."),
-        click.option("--metrics", "metric_names", default="fid,kid,pr", show_default=True, help="Comma-separated: fid, kid, pr (precision/recall, k = 3)."),
+        click.option("--metrics", "metric_names", default="fid,kid,pr", show_default=True, help="Comma-separated: fid, kid, pr (precision/recall, k = 3), is (Inception Score from the detector's class head: 10 splits "
+                     "of the images in order, mean ± std over splits; over repeats with --repeats). Example: --metrics fid,is"),
         click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON (default: beside the network file / image folder, *-metrics.json).")]):
         fn = option(fn)
     return fn

@@ -10,7 +10,7 @@ import click
 
 from edmkit import dist
 from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS
+from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS, SIGMA_SAMPLINGS
 from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_config
 
 
@@ -32,7 +32,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--seed", type=int, default=None, help="Seed for initialization, data order and noise.")
 @click.option("--cond/--uncond", default=None, help="Class-conditional on the dataset's labels (default: the preset's).")
 @click.option("--p-uncond", type=float, default=None, help="Label dropout probability for classifier-free guidance (with --cond), e.g. 0.1.")
-@click.option("--stratified/--no-stratified", default=None, help="Low-discrepancy noise levels: spread each batch's sigma (or t) evenly over the training density (one random offset, n equal-mass strata) instead of independent draws. Same expected loss, lower-variance loss and gradient (default: the preset's, off).")
+@click.option("--sigma-sampling", type=click.Choice(SIGMA_SAMPLINGS), default=None, help="Training noise levels (default: the preset's, lognormal): lognormal = independent draws from the formulation's density; stratified = low-discrepancy, each batch spread evenly over it (one random offset, n equal-mass strata); importance = iDDPM's loss-aware draws, sigma bins in proportion to sqrt(E[loss^2]) from a running history, the loss reweighted so its expectation is the same; adaptive = the same bins with probabilities fitted from the network's learned uncertainty, p ∝ exp(u(sigma)), reweighted likewise (needs the uncertainty head) and recorded in stats.jsonl. Example: --sigma-sampling importance")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--force", is_flag=True, help="Continue a run folder even though its config differs.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
@@ -45,6 +45,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Backbone arithmetic (autocast): fp32 (default), bf16, fp16 (with loss scaling). Norms, preconditioning and the loss stay fp32.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the backbone (slow first steps; off by default).")
 @click.option("--keep-states", type=int, default=None, help="Resumable training states kept in the run folder (default 2).")
+@click.option("--stop-when-flat", "stop_when_flat", type=int, default=None, metavar="PATIENCE", help="Stop (saving the state, snapshots and grid, and saying why in the log and stats.jsonl) once the first --eval-metrics score, else the validation loss (--val-fraction), has not improved for PATIENCE evaluations in a row, e.g. --eval-every 20k --eval-ref ref.npz --stop-when-flat 3. Needs one of them.")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many steps in a row with a non-finite loss or gradient (default 20; each is skipped).")
 @click.option("--snapshot-every", "snapshot_nimg", type=NIMG, default=None, help="Save EMA snapshots (for post-hoc EMA) every this many images.")
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Storage type of EMA snapshots (float16 halves the disk).")
@@ -58,7 +59,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--eval-n", type=int, default=None, help="Images per in-training evaluation, seeds 0..n-1 (default 1000).")
 @click.option("--eval-steps", type=int, default=None, help="Heun steps of the evaluation images (default 18).")
 @click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
-@click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr (default fid,kid).")
+@click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr, is (default fid,kid).")
 @user_errors
 def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, classes, attn, **overrides) -> None:
     """Train a diffusion model; writes config.json, stats.jsonl, sample grids, network snapshots and resumable states.
@@ -93,6 +94,8 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
         dist.shutdown()  # leave torchrun's process group (a no-op in one process)
     if int(os.environ.get("RANK", "0")) > 0 or state.stop_signal:  # under torchrun only rank 0 reports; a stopped run said so
         return
+    if state.stop_reason:
+        click.echo(f"stopped early (--stop-when-flat): {state.stop_reason}")
     click.echo(f"done: {state.nimg} images in {state.totals['train_sec'] / 60:.1f} min of training; samples: "
                f"edmkit generate --checkpoint {run_dir} --n 64 --out grid.png")
 

@@ -28,6 +28,9 @@ CCDF (Chung et al. 2022) starts from a noised estimate at an intermediate σ on 
 (:func:`truncate_sigmas`, :func:`start_noise`); RePaint's resampling is :func:`sample_resampled`.
 Reconstruction guidance (Ho et al. 2022, Eq. 7) / DPS (Chung et al. 2023) is
 :func:`reconstruction_guided`, D' = D − ζ·∇_x‖A(D(x)) − y‖², for any differentiable A.
+Manifold-constrained gradient (MCG, Chung et al. 2022, "Improving Diffusion Models for Inverse Problems using Manifold
+Constraints") is the two composed, :func:`manifold_constrained`: the gradient correction through the denoiser, then
+the replacement, so the measured part stays exact and the correction moves only the unmeasured part.
 """
 
 from __future__ import annotations
@@ -192,7 +195,34 @@ def reconstruction_guided(
     return denoise
 
 
-METHODS = {"inpaint": ("replace", "dps"), "sr": ("ilvr", "ccdf", "dps")}
+def manifold_constrained(
+    denoiser: Denoiser, *, y: Tensor, operator: Operator, y_full: Tensor, project: Operator, alpha: float, normalize: bool = False
+) -> Denoiser:
+    """Manifold-constrained gradient (MCG; Chung et al. 2022, Sec. 3 and their Algorithm 1) as a combinator.
+
+    D'(x) = Π(D(x) − α·∇_x‖W(y − A(D(x)))‖²), Π(v) = v − P(v) + A⁺(y): the MCG correction (W = I, a noise-free
+    measurement) through the denoiser's Jacobian, then the replacement / POCS step of :func:`projected`. The paper
+    subtracts the gradient from x_{i−1}; here it enters D, which a sampler step x_{i+1} = D' + c·(x_i − D') carries
+    over with the factor 1 − c (as :func:`reconstruction_guided`). α = 0 is exactly :func:`projected` (replacement
+    or ILVR); the gradient's part in P's range is overwritten by Π, so only the unmeasured pixels move.
+
+    Args:
+        denoiser: D(x; σ) callable (differentiable in x).
+        y: [N|1, ...] measurement, shaped like A's output.
+        operator: differentiable A.
+        y_full: A⁺(y), [N|1, C, H, W].
+        project: P = A⁺A.
+        alpha: gradient step α >= 0.
+        normalize: divide α by the residual norm per sample (the paper's α/‖y − A x̂₀‖ choice).
+
+    Returns:
+        Denoiser returning detached float32 [N, C, H, W].
+    """
+    guided = reconstruction_guided(denoiser, y=y, operator=operator, zeta=alpha, normalize=normalize)
+    return projected(guided, y_full=y_full, project=project)
+
+
+METHODS = {"inpaint": ("replace", "dps", "mcg"), "sr": ("ilvr", "ccdf", "dps", "mcg")}
 
 
 def restore(
@@ -217,7 +247,8 @@ def restore(
 
     Methods: inpaint ``replace`` (:func:`projected` with the mask, optional RePaint resampling) or
     ``dps``; sr ``ilvr`` (:func:`projected` with the box low-pass), ``ccdf`` (ILVR started from the
-    noised upsampled image at σ_start on the truncated grid) or ``dps``.
+    noised upsampled image at σ_start on the truncated grid) or ``dps``; both ``mcg``
+    (:func:`manifold_constrained`: replace / ILVR plus the MCG gradient of step ζ, optional resampling).
 
     Args:
         denoiser: D(x; σ) callable.
@@ -232,7 +263,7 @@ def restore(
         labels: [N, L] conditioning or None.
         randn: noise source for stochastic samplers and resampling.
         resample: RePaint repeats per step (replace / ilvr / ccdf).
-        zeta: DPS step size ζ.
+        zeta: DPS step size ζ; MCG's α.
         sigma_start: CCDF's starting noise level.
         **sampler_kw: passed to `sample`.
 
@@ -264,7 +295,8 @@ def restore(
         if method == "dps":
             conditioned, start = reconstruction_guided(denoiser, y=y_meas, operator=operator, zeta=zeta), noise
         else:
-            conditioned = projected(denoiser, y_full=y_full, project=project)
+            conditioned = (manifold_constrained(denoiser, y=y_meas, operator=operator, y_full=y_full, project=project, alpha=zeta)
+                           if method == "mcg" else projected(denoiser, y_full=y_full, project=project))
             if method == "ccdf":
                 sigmas = truncate_sigmas(sigmas, sigma_start=sigma_start)
             start = measurement_noise(noise, y_full=y_full, sigma_start=float(sigmas[0]))

@@ -9,6 +9,15 @@ Every loss is lambda(sigma) ||D(y + n; sigma) - y||^2 for its formulation's weig
 ||F - v||^2 = ||D - y||^2 / t^2 with t logit-normal (= log-normal sigma) or uniform; and EDM Table 1's other
 columns, all with lambda = 1 / sigma^2: VP (t ~ U(eps_t, 1)), VE (ln sigma ~ U(ln sigma_min, ln sigma_max)) and
 iDDPM (sigma = u_j, j uniform over 0..M-1).
+
+How sigma is drawn from that density (``sigma_sampling``): ``lognormal`` independent draws, ``stratified`` low-discrepancy
+draws (VDM), or ``importance``: iDDPM's loss-aware sampling (Nichol & Dhariwal 2021, Sec. 3.3, Eq. 17) in sigma. The
+density's quantile function ``sigma_at(u)`` cuts it into K equal-mass bins (intervals of ln sigma); bin k is drawn with
+probability p_k ∝ sqrt(E[L^2]) over a running history of each bin's last losses (``SigmaLossHistory``), and each
+sample's loss is weighted by p_base / p_k = (1/K) / p_k, so the expected loss is the base density's. ``adaptive``
+fits the same bins' probabilities from the network's learned uncertainty instead (EDM2 Eq. 21: e^u(sigma) estimates
+the expected weighted loss at sigma), p_k ∝ e^u(sigma_k) at the bin midpoints, in the spirit of VDM's learned
+schedule (Kingma et al. 2021): it moves the density, the weights keep the objective.
 """
 
 from __future__ import annotations
@@ -81,22 +90,33 @@ class EDMLoss:
     lambda(sigma)-weighted error, comparable across runs and configs.
     """
 
-    def __init__(self, *, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, uncertainty: bool = True, stratified: bool = False) -> None:
+    def __init__(self, *, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, uncertainty: bool = True,
+                 sigma_sampling: str = "lognormal") -> None:
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-        self.uncertainty, self.stratified = uncertainty, stratified
+        self.uncertainty, self.sigma_sampling = uncertainty, sigma_sampling
+
+    @property
+    def stratified(self) -> bool:
+        """Low-discrepancy draws (``sigma_sampling == "stratified"``). ``importance`` draws go through ``SigmaLossHistory``;
+        ``sample_sigma`` then gives the base density's independent draws (e.g. for a classifier on the same density)."""
+        return self.sigma_sampling == "stratified"
 
     def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         """Training noise levels [n] from the configured density."""
         sampler = sample_sigma_stratified if self.stratified else sample_sigma_lognormal
         return sampler(n, P_mean=self.P_mean, P_std=self.P_std, generator=generator, device=device)
 
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        """The density's quantile function: sigma [n] float32 at probabilities u [n] in (0, 1), increasing in u."""
+        z = math.sqrt(2) * torch.erfinv(2 * u.double() - 1)  # Phi^-1(u)
+        return (z * self.P_std + self.P_mean).exp().to(torch.float32)
+
     def sigma_quantiles(self, n: int) -> torch.Tensor:
         """Fixed noise levels [n] float32 at the midpoint quantiles of the training density (see ``midpoint_quantiles``).
 
         Their mean loss approximates the training objective; each is the centre of one equal-mass sigma bin.
         """
-        z = math.sqrt(2) * torch.erfinv(2 * midpoint_quantiles(n) - 1)  # Phi^-1(q)
-        return (z * self.P_std + self.P_mean).exp().to(torch.float32)
+        return self.sigma_at(midpoint_quantiles(n))
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sigma loss weight lambda(sigma), any shape."""
@@ -159,9 +179,9 @@ class DDPMLoss(EDMLoss):
         t = sample_t_discrete(n, num_steps=self.num_steps, stratified=self.stratified, generator=generator, device=device)
         return ddpm_sigmas(num_steps=self.num_steps, device=device)[t].to(torch.float32)
 
-    def sigma_quantiles(self, n: int) -> torch.Tensor:
-        t = (midpoint_quantiles(n) * self.num_steps).long().clamp(max=self.num_steps - 1)
-        return ddpm_sigmas(num_steps=self.num_steps)[t].to(torch.float32)
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        t = (u.double() * self.num_steps).long().clamp(max=self.num_steps - 1)
+        return ddpm_sigmas(num_steps=self.num_steps, device=u.device)[t].to(torch.float32)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return ddpm_loss_weight(sigma)
@@ -188,10 +208,10 @@ class FlowLoss(EDMLoss):
             t = torch.rand(n, generator=generator, device=device)
         return flow_t_to_sigma(t.clamp(1e-4, 1 - 1e-4))
 
-    def sigma_quantiles(self, n: int) -> torch.Tensor:
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
         if not self.uniform_t:
-            return super().sigma_quantiles(n)
-        return flow_t_to_sigma(midpoint_quantiles(n).clamp(1e-4, 1 - 1e-4)).to(torch.float32)
+            return super().sigma_at(u)
+        return flow_t_to_sigma(u.double().clamp(1e-4, 1 - 1e-4)).to(torch.float32)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return flow_loss_weight(sigma)
@@ -207,15 +227,12 @@ class VPLoss(EDMLoss):
         super().__init__(**kw)
         self.epsilon_t, self.beta_d, self.beta_min = epsilon_t, beta_d, beta_min
 
-    def _sigma_at(self, u: torch.Tensor) -> torch.Tensor:
-        t = self.epsilon_t + (1 - self.epsilon_t) * u  # U(0, 1) -> U(eps_t, 1)
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        t = self.epsilon_t + (1 - self.epsilon_t) * u  # U(0, 1) -> U(eps_t, 1); sigma(t) is increasing
         return vp_t_to_sigma(t, beta_d=self.beta_d, beta_min=self.beta_min).to(torch.float32)
 
     def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self._sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
-
-    def sigma_quantiles(self, n: int) -> torch.Tensor:
-        return self._sigma_at(midpoint_quantiles(n))  # sigma(t) is increasing, so quantiles of t map to those of sigma
+        return self.sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return ddpm_loss_weight(sigma)
@@ -231,15 +248,12 @@ class VELoss(EDMLoss):
         super().__init__(**kw)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
-    def _sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
         return (lo + (hi - lo) * u).exp().to(torch.float32)
 
     def sample_sigma(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self._sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
-
-    def sigma_quantiles(self, n: int) -> torch.Tensor:
-        return self._sigma_at(midpoint_quantiles(n))
+        return self.sigma_at(sample_uniform(n, stratified=self.stratified, generator=generator, device=device))
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return ddpm_loss_weight(sigma)
@@ -264,10 +278,10 @@ class IDDPMLoss(EDMLoss):
         j = sample_t_discrete(n, num_steps=self.M, stratified=self.stratified, generator=generator, device=device)
         return self._levels(device)[j].to(torch.float32)
 
-    def sigma_quantiles(self, n: int) -> torch.Tensor:
-        # u_j decreases in j, so the q-quantile of sigma is level M - 1 - floor(M q)
-        j = self.M - 1 - (midpoint_quantiles(n) * self.M).long().clamp(max=self.M - 1)
-        return self._levels()[j].to(torch.float32)
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        # u_j decreases in j, so the u-quantile of sigma is level M - 1 - floor(M u)
+        j = self.M - 1 - (u.double() * self.M).long().clamp(max=self.M - 1)
+        return self._levels(u.device)[j].to(torch.float32)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return ddpm_loss_weight(sigma)
@@ -283,7 +297,105 @@ def make_loss(cfg: ExperimentConfig) -> EDMLoss:
         raise ValueError(f"unknown formulation {n.formulation!r}; valid: {', '.join(LOSSES)}")
     if l.uniform_t and n.formulation != "flow":
         raise ValueError(f"loss.uniform_t is a rectified-flow option; formulation {n.formulation!r} has its own density")
-    kw = dict(P_mean=l.P_mean, P_std=l.P_std, sigma_data=n.sigma_data, uncertainty=l.uncertainty, stratified=l.stratified)
+    kw = dict(P_mean=l.P_mean, P_std=l.P_std, sigma_data=n.sigma_data, uncertainty=l.uncertainty, sigma_sampling=l.sigma_sampling)
     if n.formulation == "flow":
         kw["uniform_t"] = l.uniform_t
     return LOSSES[n.formulation](**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance-sampled noise levels (iDDPM Sec. 3.3, expressed in sigma).
+
+IMPORTANCE_BINS = 32      # K equal-mass bins of the base sigma density
+IMPORTANCE_HISTORY = 10   # losses kept per bin (iDDPM: 10 per step t)
+IMPORTANCE_FLOOR = 1e-3   # share of the base density mixed into every draw (iDDPM's uniform_prob), so no bin starves
+
+
+def importance_probs(mean_sq: torch.Tensor, ready: torch.Tensor, *, floor: float = IMPORTANCE_FLOOR) -> torch.Tensor:
+    """Bin probabilities p_k ∝ sqrt(E[L^2]_k) (iDDPM Eq. 17), mixed with the base density: [K], [K] bool -> [K] float64.
+
+    Bins without a full history (``ready`` false) keep their base mass 1/K; the mass of the ready bins is shared among
+    them in proportion to sqrt(E[L^2]); finally p = (1 - floor) p + floor / K. Before any bin is ready p is the base 1/K.
+    """
+    K = len(mean_sq)
+    p = torch.full((K,), 1.0 / K, dtype=torch.float64, device=mean_sq.device)
+    root = mean_sq.double().clamp(min=0).sqrt() * ready
+    if bool(ready.any()) and float(root.sum()) > 0:
+        p = torch.where(ready, ready.double().sum() / K * root / root.sum(), p)
+    return (1 - floor) * p + floor / K
+
+
+def adaptive_probs(logvar: torch.Tensor, *, floor: float = IMPORTANCE_FLOOR) -> torch.Tensor:
+    """Bin probabilities fitted from the learned uncertainty u at the bin midpoints [K]: p_k ∝ e^u_k, mixed with the base.
+
+    EDM2 Eq. 21 is minimised by e^u(sigma) = E[weighted loss | sigma], so this is the loss-proportional density of
+    :func:`importance_probs` with the model's estimate in place of a loss history. Returns [K] float64.
+    """
+    K = len(logvar)
+    return (1 - floor) * torch.softmax(logvar.double(), dim=0) + floor / K
+
+
+def importance_weight(p: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Loss weight p_base / p_k = (1/K) / p_k of samples drawn from bins [n] with probabilities p [K]: E_p[w L] = E_base[L]."""
+    return (1.0 / len(p)) / p[bins]
+
+
+def sample_binned(p: torch.Tensor, n: int, *, sigma_at, generator: torch.Generator,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw n noise levels from K equal-mass bins of a base density: bin k ~ p, u ~ U(k/K, (k+1)/K), sigma = sigma_at(u).
+
+    Args:
+        p: [K] bin probabilities (:func:`importance_probs`, :func:`adaptive_probs`).
+        sigma_at: the base density's quantile function (``EDMLoss.sigma_at``).
+        generator: the step's generator (on ``device``).
+
+    Returns:
+        sigma [n] float32, loss weights [n] float32 (:func:`importance_weight`), bins [n] int64.
+    """
+    p = p.to(device)
+    K = len(p)
+    bins = torch.multinomial(p, n, replacement=True, generator=generator)
+    u = (bins.double() + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / K
+    return sigma_at(u.clamp(1e-7, 1 - 1e-7)), importance_weight(p, bins).float(), bins
+
+
+class SigmaLossHistory:
+    """The running loss history of the importance sampler: the last ``history`` losses of each of ``bins`` sigma bins.
+
+    Plain tensors (``state_dict`` loads with ``weights_only=True``), part of the resumable training state. Every rank
+    updates it with the same global-batch losses, so all ranks hold the same history and draw the same sigma.
+    """
+
+    def __init__(self, *, bins: int = IMPORTANCE_BINS, history: int = IMPORTANCE_HISTORY) -> None:
+        if bins < 1 or history < 1:
+            raise ValueError(f"need bins >= 1 and history >= 1, got {bins}, {history}")
+        self.losses = torch.zeros(bins, history, dtype=torch.float64)  # ring buffer per bin
+        self.count = torch.zeros(bins, dtype=torch.int64)              # losses ever recorded per bin
+
+    def probs(self) -> torch.Tensor:
+        """[K] float64 bin probabilities of the next draw (:func:`importance_probs`)."""
+        H = self.losses.shape[1]
+        filled = self.count.clamp(max=H)
+        mean_sq = self.losses.square().sum(1) / filled.clamp(min=1)
+        return importance_probs(mean_sq, filled >= H)
+
+    def update(self, bins: torch.Tensor, losses: torch.Tensor) -> None:
+        """Append per-sample losses [n] of bins [n] in order (only the newest ``history`` per bin are kept; non-finite ones dropped)."""
+        b, v = bins.detach().cpu().long(), losses.detach().cpu().double()
+        b, v = b[v.isfinite()], v[v.isfinite()]  # a skipped step's non-finite losses would poison the probabilities
+        K, H = self.losses.shape
+        b, order = torch.sort(b, stable=True)
+        v = v[order]
+        n_k = torch.bincount(b, minlength=K)                # [K]
+        rank = torch.arange(len(b)) - (n_k.cumsum(0) - n_k)[b]  # index of each value within its bin, in order
+        keep = rank >= n_k[b] - H                            # the newest H of each bin: distinct ring positions
+        self.losses[b[keep], (self.count[b] + rank)[keep] % H] = v[keep]
+        self.count += n_k
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"losses": self.losses.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        if tuple(d["losses"].shape) != tuple(self.losses.shape):
+            raise ValueError(f"sigma loss history of shape {tuple(d['losses'].shape)}, expected {tuple(self.losses.shape)}")
+        self.losses, self.count = d["losses"].to(torch.float64).clone(), d["count"].to(torch.int64).clone()

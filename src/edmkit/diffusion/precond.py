@@ -269,6 +269,22 @@ class Denoiser(torch.nn.Module):
         logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)  # u(sigma) [N, 1, 1, 1]
         return D_x, logvar
 
+    @torch.no_grad()
+    def logvar_at(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The learned uncertainty u(sigma) [N] alone (EDM2 Eq. 21), without the backbone.
+
+        The head runs in eval mode, so its forced weight normalization never mutates the stored weights here (a
+        training-mode call would: see ``MPConv``); the training step's own forward does that as usual.
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.logvar_linear.weight.device).reshape(-1, 1, 1, 1)
+        c_noise = self.precond(sigma, sigma_data=self.sigma_data)[3]
+        was_training = self.logvar_linear.training
+        self.logvar_linear.eval()
+        try:
+            return self.logvar_linear(self.logvar_fourier(c_noise.flatten())).flatten().float()
+        finally:
+            self.logvar_linear.train(was_training)
+
 
 def network_target(y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, *, sigma_data: float, formulation: str = "edm") -> torch.Tensor:
     """Effective training target of F: (y - c_skip x) / c_out (EDM Eq. 8). Unit variance for EDM."""

@@ -12,7 +12,9 @@ Registered detectors (``DETECTORS``; each a loader function):
                 export once (no official TorchScript release exists; see DINOV2.how_to_get).
                 Called as ``model(x)`` on ImageNet-normalised 224x224 images; 1024-d features.
 A path to any other TorchScript file is a "torchscript" detector with the inception convention:
-``model(x_float_0_255 [N, 3, H, W], return_features=True) -> [N, D]``.
+``model(x_float_0_255 [N, 3, H, W], return_features=True) -> [N, D]``, and class probabilities (for the
+Inception Score) from ``model(x, return_features=False) -> [N, K]`` (the inception file also takes
+``no_output_bias=True``, as the original IS code). dinov2 has no class head.
 
 Files are looked up as ``--detector PATH`` or in the cache folder ($EDMKIT_CACHE, else
 ~/.cache/edmkit), and downloaded there only when a URL is known and downloading is allowed.
@@ -56,6 +58,7 @@ class DetectorSpec:
     resolution: int | None      # resize to this square size here; None: the network resizes itself
     return_features: bool       # call as model(x, return_features=True) instead of model(x)
     how_to_get: str             # where the file comes from, for error messages
+    probs_kwargs: tuple[tuple[str, bool], ...] | None = None  # call as model(x, **kwargs) for class probabilities [N, K]; None: no class head
 
 
 INCEPTION = DetectorSpec(
@@ -64,7 +67,9 @@ INCEPTION = DetectorSpec(
     sha256=None,  # not pinned: no published hash; the computed one is recorded in every reference file
     pixels="0-255", resolution=None, return_features=True,
     how_to_get="download https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt "
-               "(TorchScript translation of the TF 2015-12-05 Inception graph)")
+               "(TorchScript translation of the TF 2015-12-05 Inception graph)",
+    # softmax over the graph's 1008 classes without the output bias, as the original Inception Score code (and StyleGAN2-ADA's)
+    probs_kwargs=(("return_features", False), ("no_output_bias", True)))
 DINOV2 = DetectorSpec(
     name="dinov2", filename="dinov2-vitl14.pt", url=None, sha256=None, pixels="imagenet", resolution=224, return_features=False,
     how_to_get="export it once where torch.hub can reach GitHub: m = torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14').eval(); "
@@ -74,7 +79,8 @@ DINOV2 = DetectorSpec(
 def generic_spec(path: Path) -> DetectorSpec:
     """Spec of a user-supplied TorchScript file with the inception calling convention."""
     return DetectorSpec(name="torchscript", filename=path.name, url=None, sha256=None, pixels="0-255", resolution=None,
-                        return_features=True, how_to_get="a TorchScript file called as model(x [N, 3, H, W] in [0, 255], return_features=True)")
+                        return_features=True, how_to_get="a TorchScript file called as model(x [N, 3, H, W] in [0, 255], return_features=True)",
+                        probs_kwargs=(("return_features", False),))
 
 
 def cache_dir() -> Path:
@@ -99,6 +105,21 @@ class Detector:
         if features.ndim != 2 or features.shape[0] != x.shape[0]:
             raise DetectorError(f"detector {self.path} returned shape {tuple(features.shape)}, expected [{x.shape[0]}, D]")
         return features.to(torch.float32)
+
+    @torch.no_grad()
+    def probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities p(y|x) [N, K] (float32) of uint8 images [N, C, H, W], from the same file's class head.
+
+        A second forward pass: TorchScript detectors return either features or probabilities per call.
+        """
+        if self.spec.probs_kwargs is None:
+            raise DetectorError(f"the {self.spec.name} detector has no class head, so no Inception Score: use --detector inception")
+        x = detector_input(images.to(self.device), spec=self.spec)
+        p = self.module(x, **dict(self.spec.probs_kwargs)).to(torch.float32)
+        if p.ndim != 2 or p.shape[0] != x.shape[0] or not torch.allclose(p.sum(1), torch.ones(len(p), device=p.device), atol=1e-3):
+            raise DetectorError(f"detector {self.path} called with {dict(self.spec.probs_kwargs)} returned shape {tuple(p.shape)} "
+                                "that is not class probabilities [N, K] summing to 1 (the Inception Score needs them)")
+        return p
 
 
 def detector_input(images: torch.Tensor, *, spec: DetectorSpec) -> torch.Tensor:

@@ -24,12 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from edmkit import dist
-from edmkit.config import EVAL_METRICS
 from edmkit.data.images import float_to_images, images_to_float
 from edmkit.metrics.detectors import Detector, conversion_notice
 from edmkit.metrics.memorization import Memorization, memorization
 from edmkit.metrics.reference import Reference, check_detector, shape_notice
-from edmkit.metrics.stats import FeatureStats, frechet_distance, kid, precision_recall
+from edmkit.metrics.stats import IS_SPLITS, ClassProbStats, FeatureStats, frechet_distance, kid, precision_recall
 from edmkit.sampling.rejection import Rejection, RejectionTally, accepted_batches, candidate_seeds
 
 PUBLISHED_N = 50_000  # generated images behind published FIDs (EDM, EDM2)
@@ -70,6 +69,7 @@ def evaluation_notices(ref: Reference, detector: Detector, *, n: int, resolution
 
 def accumulate_features(
     batches: Iterable[torch.Tensor], *, detector: Detector, keep: int, total: int | None = None, progress: bool = False, desc: str = "features",
+    classes: ClassProbStats | None = None,
 ) -> tuple[FeatureStats, np.ndarray]:
     """Detector features of a stream of uint8 image batches: float64 sums plus the first `keep` raw features.
 
@@ -83,17 +83,22 @@ def accumulate_features(
         total: number of images, for the progress bar.
         progress: show a progress bar (rank 0 only).
         desc: progress bar label.
+        classes: when given, also accumulates the detector's class probabilities (for the Inception Score) into it,
+            image j of this rank's stream counted as image rank + j·world of the scored set (the slices ``[rank::world]``).
 
     Returns:
         (stats over all images, float32 [min(keep, N), D]).
     """
-    stats, kept, n_kept = None, [], 0
+    stats, kept, n_kept, seen = None, [], 0, 0
     with tqdm(total=total, unit="img", desc=desc, disable=not progress or (dist.rank(), dist.world_size())[0] != 0, dynamic_ncols=True) as bar:
         for images in batches:
             f = detector(images)  # [B, D]
             if stats is None:  # the feature dimension is known after the first batch
                 stats = FeatureStats(f.shape[1], device=f.device)
             stats.update(f)
+            if classes is not None:
+                classes.update(detector.probs(images), dist.rank() + dist.world_size() * torch.arange(seen, seen + len(images)))
+            seen += len(images)
             if n_kept < keep:
                 kept.append(f[:keep - n_kept].cpu())
                 n_kept += len(kept[-1])
@@ -101,6 +106,8 @@ def accumulate_features(
     if stats is None:
         raise ValueError("no images to evaluate")
     stats.all_reduce()
+    if classes is not None:
+        classes.all_reduce()
     features = gather_rows(torch.cat(kept) if kept else torch.zeros(0, stats.dim))[:keep]
     return stats, features.numpy()
 
@@ -173,9 +180,25 @@ def compute_reference(
 # Scores, repeats, summaries.
 
 
+def check_metrics(detector: Detector, metrics: Sequence[str], *, n: int) -> None:
+    """ValueError before any sampling when a requested score cannot be computed (IS: a class head and >= 10 images)."""
+    if "is" in metrics:
+        if detector.spec.probs_kwargs is None:
+            raise ValueError(f"the {detector.spec.name} detector has no class head, so no Inception Score: drop 'is' from --metrics "
+                             "or use the inception detector")
+        if n < IS_SPLITS:
+            raise ValueError(f"the Inception Score splits the images into {IS_SPLITS}: need n >= {IS_SPLITS}, got {n}")
+
+
+def class_stats(metrics: Sequence[str], *, n: int) -> ClassProbStats | None:
+    """The class-probability accumulator of one repeat of n images when the Inception Score is requested."""
+    return ClassProbStats(n=n, splits=IS_SPLITS) if "is" in metrics else None
+
+
 def score(stats: FeatureStats, features: np.ndarray, ref: Reference, *, metrics: Sequence[str], kid_subsets: int = 100,
-          kid_subset_size: int = 1000, pr_k: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
-    """FID, KID (mean and std over subsets) and precision / recall of evaluated features against a reference."""
+          kid_subset_size: int = 1000, pr_k: int = 3, device: torch.device | str = "cpu", classes: ClassProbStats | None = None) -> dict[str, float]:
+    """FID, KID (mean and std over subsets), precision / recall of evaluated features against a reference, and the
+    Inception Score (mean and std over its 10 splits; needs `classes`, which no reference enters)."""
     out: dict[str, float] = {}
     if {"kid", "pr"} & set(metrics) and min(len(features), len(ref.features)) <= pr_k:
         raise ValueError(f"KID and precision/recall need more than {pr_k} raw features, but the reference keeps {len(ref.features)} and "
@@ -190,6 +213,10 @@ def score(stats: FeatureStats, features: np.ndarray, ref: Reference, *, metrics:
         m = min(len(features), len(ref.features))  # equal set sizes: k-NN radii depend on them
         out["precision"], out["recall"] = precision_recall(ref.features[:m], features[:m], k=pr_k, device=device)
         out["pr_n"] = m
+    if "is" in metrics:
+        if classes is None:
+            raise ValueError("the Inception Score needs the class probabilities of the evaluated images")
+        out["is"], out["is_std"] = classes.score()
     return out
 
 
@@ -229,10 +256,11 @@ def format_results(result: dict) -> list[str]:
     """Human-readable lines: one per score, mean ± std with min / max over repeats."""
     rows, lines = result["repeats"], []
     for key, s in result["summary"].items():
-        if key in ("kid_std", "accept_rate"):
+        if key in ("kid_std", "is_std", "accept_rate"):
             continue
         if len(rows) == 1:
-            extra = f" ± {rows[0]['kid_std']:.6f} (std over KID subsets)" if key == "kid" else ""
+            extra = {"kid": f" ± {rows[0].get('kid_std', 0.0):.6f} (std over KID subsets)",
+                     "is": f" ± {rows[0].get('is_std', 0.0):.6f} (std over {IS_SPLITS} splits)"}.get(key, "")
             lines.append(f"{key:<10} {s['mean']:.6f}{extra}")
         else:
             lines.append(f"{key:<10} {s['mean']:.6f} ± {s['std']:.6f}  (min {s['min']:.6f}, max {s['max']:.6f}; std over {len(rows)} repeats)")
@@ -245,7 +273,7 @@ def format_results(result: dict) -> list[str]:
 
 
 def evaluate_generator(
-    net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = EVAL_METRICS,
+    net: Callable, *, ref: Reference, detector: Detector, seeds: Sequence[int], repeats: int = 1, metrics: Sequence[str] = ("fid", "kid", "pr"),
     batch: int = 64, device: torch.device | str = "cpu", generate_kw: dict | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
     pr_k: int = 3, progress: bool = False, rejection: Rejection | None = None, decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
@@ -257,7 +285,7 @@ def evaluate_generator(
         detector: the feature network.
         seeds: seeds of the first repeat; repeat r shifts them by r·(max − min + 1).
         repeats: number of disjoint seed ranges.
-        metrics: subset of ("fid", "kid", "pr").
+        metrics: subset of ``config.EVAL_METRICS``: "fid", "kid", "pr", "is" (Inception Score: 10 splits, mean ± std over them).
         batch: images per sampling / detector batch.
         device: where sampling runs.
         generate_kw: keyword arguments of ``generate_images`` (resolution, channels, label_dim, sampler, steps, ...).
@@ -273,6 +301,7 @@ def evaluate_generator(
     """
 
     check_detector(ref, detector)
+    check_metrics(detector, metrics, n=len(seeds))
     rank, world = dist.rank(), dist.world_size()
     if rejection is not None and world > 1:
         raise ValueError(f"rejection sampling runs in one process (which candidates are scored depends on all earlier ones), "
@@ -287,13 +316,14 @@ def evaluate_generator(
         tally = RejectionTally()
         batches = generated_batches(net, mine, batch=batch, device=device, generate_kw=generate_kw or {}, rejection=rejection, n=n, tally=tally,
                                     decode=decode)
+        classes = class_stats(metrics, n=n)
         stats, features = accumulate_features(batches, detector=detector, keep=keep, total=len(mine) if rejection is None else n, progress=progress,
-                                              desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
+                                              desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate", classes=classes)
         row = dict(seeds=describe_seeds(rseeds), n=n)
         if rejection is not None:
             row.update(seeds=describe_seeds(rseeds[:tally.tried]), tried=tally.tried, accepted=tally.accepted, accept_rate=tally.rate)
         rows.append(dict(row, **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                                      pr_k=pr_k, device=detector.device)))
+                                      pr_k=pr_k, device=detector.device, classes=classes)))
     return {"repeats": rows, "summary": summarize(rows)}
 
 
@@ -316,7 +346,7 @@ def memorization_check(samples: torch.Tensor, train: torch.Tensor, *, space: str
 
 
 def evaluate_images(
-    images: torch.Tensor, *, ref: Reference, detector: Detector, n: int | None = None, repeats: int = 1, metrics: Sequence[str] = EVAL_METRICS,
+    images: torch.Tensor, *, ref: Reference, detector: Detector, n: int | None = None, repeats: int = 1, metrics: Sequence[str] = ("fid", "kid", "pr"),
     batch: int = 250, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3, progress: bool = False,
 ) -> dict:
     """Score an in-memory image set (e.g. a folder) against a reference; repeat r uses images [r·n, (r+1)·n).
@@ -330,13 +360,16 @@ def evaluate_images(
     n = len(images) // repeats if n is None else n
     if n < 2 or n * repeats > len(images):
         raise ValueError(f"need {n * repeats} images ({repeats} repeats of n = {n}, n >= 2), but only {len(images)} were found")
+    check_metrics(detector, metrics, n=n)
     rank, world = dist.rank(), dist.world_size()
     keep = len(ref.features) if {"kid", "pr"} & set(metrics) else 0
     rows = []
     for r in range(repeats):
         mine = torch.arange(r * n, (r + 1) * n)[rank::world]
+        classes = class_stats(metrics, n=n)
         stats, features = accumulate_features(image_batches(images, batch=batch, indices=mine), detector=detector, keep=keep, total=len(mine),
-                                              progress=progress, desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate")
+                                              progress=progress, desc=f"repeat {r + 1}/{repeats}" if repeats > 1 else "evaluate", classes=classes)
         rows.append(dict(images=f"{r * n}-{(r + 1) * n - 1}", n=n, **score(stats, features, ref, metrics=metrics, kid_subsets=kid_subsets,
-                                                                           kid_subset_size=kid_subset_size, pr_k=pr_k, device=detector.device)))
+                                                                           kid_subset_size=kid_subset_size, pr_k=pr_k, device=detector.device,
+                                                                           classes=classes)))
     return {"repeats": rows, "summary": summarize(rows)}

@@ -12,6 +12,11 @@ Symbols:
              is the union of balls around its points with radius = distance to the k-th nearest
              neighbour; precision = share of generated points inside the real manifold, recall =
              share of real points inside the generated one.
+    IS       Salimans et al. 2016, "Improved Techniques for Training GANs": exp(E_x KL(p(y|x) ‖ p(y))) of a
+             classifier's class probabilities p(y|x), with p(y) the marginal over the images scored. Split
+             protocol of the paper's code (and StyleGAN2-ADA's): the N images, in order, are cut into 10
+             contiguous splits of ⌊N/10⌋-ish images; IS is computed per split (its own p(y)) and reported as
+             mean ± std (divisor n) over the splits.
 """
 
 from __future__ import annotations
@@ -268,3 +273,75 @@ def precision_recall(
     precision = manifold_coverage(f, r, knn_radii(r, k=k, batch=batch), batch=batch).double().mean()
     recall = manifold_coverage(r, f, knn_radii(f, k=k, batch=batch), batch=batch).double().mean()
     return float(precision), float(recall)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception score.
+
+IS_SPLITS = 10  # splits of Salimans et al. 2016's protocol
+
+
+def split_of(index: torch.Tensor, *, n: int, splits: int) -> torch.Tensor:
+    """Split of each image index j in [0, n): split s holds [⌊s·n/splits⌋, ⌊(s+1)·n/splits⌋), the chunks of the paper's code."""
+    return torch.div((index + 1) * splits - 1, n, rounding_mode="floor")
+
+
+class ClassProbStats:
+    """Per-split sums Σ p(y|x) [splits, K] and Σ Σ_y p log p [splits] in float64, for the inception score of a stream.
+
+    Sums so that batches and ranks merge by addition (as :class:`FeatureStats`); each image is assigned to its split by
+    its index in the scored set (:func:`split_of`), so the result does not depend on batching or the rank count.
+
+    Args:
+        n: images in the scored set (fixes the splits).
+        splits: number of splits (Salimans et al.: 10).
+    """
+
+    def __init__(self, *, n: int, splits: int = IS_SPLITS) -> None:
+        if splits < 1 or n < splits:
+            raise ValueError(f"the inception score needs at least {splits} images (one per split), got {n}")
+        self.n, self.splits = n, splits
+        self.count = self.sum_p = self.sum_plogp = None  # allocated at the first batch, which fixes K and the device
+
+    def update(self, probs: torch.Tensor, index: torch.Tensor) -> None:
+        """Add class probabilities [B, K] of the images with indices [B] (in [0, n))."""
+        p = torch.as_tensor(probs).to(torch.float64)
+        if self.sum_p is None:
+            self.count = torch.zeros(self.splits, dtype=torch.float64, device=p.device)
+            self.sum_p = torch.zeros(self.splits, p.shape[-1], dtype=torch.float64, device=p.device)
+            self.sum_plogp = torch.zeros(self.splits, dtype=torch.float64, device=p.device)
+        p = p.to(self.sum_p.device)
+        if p.ndim != 2 or p.shape[1] != self.sum_p.shape[1] or len(index) != len(p):
+            raise ValueError(f"expected probabilities [B, {self.sum_p.shape[1]}] and B indices, got {tuple(p.shape)} and {len(index)}")
+        s = split_of(torch.as_tensor(index, device=p.device), n=self.n, splits=self.splits)
+        self.count.index_add_(0, s, torch.ones_like(s, dtype=torch.float64))
+        self.sum_p.index_add_(0, s, p)
+        self.sum_plogp.index_add_(0, s, torch.xlogy(p, p).sum(1))  # 0 log 0 = 0
+
+    def all_reduce(self) -> ClassProbStats:
+        """Sum the accumulators of all torch.distributed ranks (no-op without a process group)."""
+        if self.count is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in (self.count, self.sum_p, self.sum_plogp):
+                torch.distributed.all_reduce(t)
+        return self
+
+    def score(self) -> tuple[float, float]:
+        """(mean, std) over splits of IS = exp(E_x KL(p(y|x) ‖ p(y))) (Salimans et al. 2016, Sec. 4).
+
+        E_x KL(p(y|x) ‖ p(y)) = E_x Σ_y p log p − Σ_y p(y) log p(y), with p(y) = E_x p(y|x) over the split.
+        """
+        if self.count is None or bool((self.count == 0).any()):
+            raise ValueError(f"inception score: some of the {self.splits} splits received no images")
+        marginal = self.sum_p / self.count[:, None]  # [splits, K]
+        kl = self.sum_plogp / self.count - torch.xlogy(marginal, marginal).sum(1)  # [splits]
+        per_split = kl.exp().cpu().numpy()
+        return float(per_split.mean()), float(per_split.std())
+
+
+def inception_score(probs: torch.Tensor | np.ndarray, *, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Inception score (Salimans et al. 2016) of class probabilities [N, K] in image order: (mean, std) over `splits` splits."""
+    p = torch.as_tensor(_as_float64(probs))
+    _check_features(p, name="inception_score probs")
+    stats = ClassProbStats(n=len(p), splits=splits)
+    stats.update(p, torch.arange(len(p)))
+    return stats.score()

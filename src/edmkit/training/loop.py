@@ -35,7 +35,7 @@ from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
 from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
 from edmkit.data.latents import LatentDataset
-from edmkit.diffusion.loss import EDMLoss, make_loss
+from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory, make_loss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.diffusion.schedules import learning_rate
 from edmkit.presets import check_sr_config
@@ -44,17 +44,20 @@ from edmkit.training.monitor import (
     Evaluator,
     Monitor,
     check_snapshot_budget,
+    flat_reason,
     make_evaluator,
     make_monitor,
     rewind_records,
     save_grid,
     save_snapshot,
+    watched_score,
     write_evaluation,
     write_stats,
+    write_stop,
     write_validation,
 )
 from edmkit.training.run_state import RunError, StopRequest, TrainState, open_run_folder, resume, save_training_state
-from edmkit.training.step_inputs import Shard, make_shard, step_augment, step_noise, step_seed, step_sr_condition
+from edmkit.training.step_inputs import Shard, make_shard, sigma_bin_probs, step_augment, step_noise, step_seed, step_sr_condition
 from edmkit.training.validation import split_dataset
 
 # make_batch, make_loss and make_monitor are called from this module through its own globals, so replacing
@@ -89,13 +92,19 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     noise, loss and backward over the accumulation rounds, Adam with the scheduled lr, EMA update. A step whose loss or
     gradient is not finite is skipped (no Adam or EMA update) and counted in ``totals["skipped_steps"]``."""
     shard = shard or Shard(batch=y.shape[0], size=y.shape[0])
-    sigma, noise, labels = step_noise(loss_fn, cfg, state.step, shard, y, labels)
+    state.sigma_probs = sigma_bin_probs(cfg, loss_fn, state.net, state.sigma_history)
+    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, bin_probs=state.sigma_probs)
+    sigma, noise, labels = draw.sigma, draw.noise, draw.labels
     y, augment_labels = step_augment(cfg, state.step, shard, y)
     cond, augment_labels = step_sr_condition(cfg, state.step, shard, y, augment_labels)
     lr = learning_rate(state.nimg + shard.batch, lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond)  # [2]: loss, mse summed over the batch
+    losses = None if state.sigma_history is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
+    sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond,
+                                weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
+    if state.sigma_history is not None:
+        state.sigma_history.update(draw.bins, losses)
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before the norm, clipping and the finiteness check
     grad_norm = clip_grad_norm(state.net, max_norm=cfg.optim.grad_clip)
     applied = apply_update(state, finite=math.isfinite(grad_norm) and bool(sums.isfinite().all()))
@@ -109,11 +118,15 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
 
 def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, shard: Shard, y: torch.Tensor,
                          labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor,
-                         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                         weight: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, leaving in ``.grad`` the gradient of the global batch's mean loss.
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
     to exactly the one-process mean. DDP's all-reduce runs only with the last micro-batch (``dist.ddp_sync``).
+    Binned sigma (importance / adaptive): each sample's loss (and logged MSE) is multiplied by its ``weight`` [n]; with
+    ``losses`` [batch] (importance) the unweighted per-sample losses of the whole global batch are written there
+    (all-reduced: the same on every rank, for the loss history).
 
     Returns:
         [2] float32: (loss, weighted MSE) summed over the whole global batch (all ranks).
@@ -128,8 +141,14 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
             extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond)) if v is not None}
             net = functools.partial(model, **extra) if extra else model
             loss, mse = loss_fn(net, y[part], None if labels is None else labels[part], sigma=sigma[part], noise=noise[part])
+            if weight is not None:
+                if losses is not None:
+                    losses[shard.rows()[part].to(losses.device)] = loss.detach()
+                loss, mse = loss * weight[part], mse * weight[part]
             state.scaler.scale(loss.sum() * (shard.world / shard.batch)).backward()
         sums += torch.stack([loss.detach().sum(), mse.sum()])
+    if losses is not None:
+        dist.all_reduce_sum(losses)
     return dist.all_reduce_sum(sums)
 
 
@@ -158,6 +177,14 @@ def clip_grad_norm(net: torch.nn.Module, *, max_norm: float) -> float:
 def due(prev_nimg: int, nimg: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (prev_nimg, nimg]."""
     return nimg // every > prev_nimg // every
+
+
+def flat_due(cfg: ExperimentConfig, prev_nimg: int, nimg: int) -> bool:
+    """Whether ``--stop-when-flat`` looks at the records after this step: on, and the watched evaluation just ran."""
+    if not cfg.train.stop_when_flat:
+        return False
+    every = cfg.train.eval_nimg if watched_score(cfg)[0] == "metric" else cfg.train.val_nimg
+    return due(prev_nimg, nimg, every)
 
 
 def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
@@ -202,7 +229,8 @@ def run_in_folder(cfg: ExperimentConfig, run_dir: Path, *, device: torch.device,
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     check_snapshot_budget(cfg, net, end_nimg=end_nimg, log=log)  # before anything is opened or resumed
     state = TrainState(net=net, optimizer=optimizer, ema=PowerFunctionEMA(net, stds=cfg.ema.stds),
-                       scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
+                       scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
+                       sigma_history=SigmaLossHistory() if cfg.loss.sigma_sampling == "importance" else None)
     resume(state, run_dir, log)
     if dist.is_main():
         rewind_records(run_dir, up_to_nimg=state.nimg, log=log)  # stats.jsonl as of the resumed state: no records from after it
@@ -293,6 +321,9 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
             write_validation(state, cfg, run_dir, monitor)
         if monitor.evaluator is not None and (due(prev, state.nimg, cfg.train.eval_nimg) or done):  # a collective: all ranks
             write_evaluation(state, cfg, run_dir, monitor)
+        if not done and flat_due(cfg, prev, state.nimg):  # rank 0 reads the records; every rank takes its answer
+            state.stop_reason = dist.broadcast_from_main(flat_reason(run_dir, cfg, up_to_nimg=state.nimg) if main else None)
+            done = state.stop_reason is not None  # the end-of-run saves below, then the loop ends
         if due(prev, state.nimg, cfg.train.status_nimg) or done:
             if main:
                 write_stats(run_dir, state, window, sinks=monitor.sinks)
@@ -303,4 +334,8 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
             save_grid(state, cfg, run_dir)
         if main and (due(prev, state.nimg, cfg.train.state_nimg) or done):
             save_training_state(state, cfg, run_dir)
+        if state.stop_reason is not None:
+            if main:
+                write_stop(run_dir, state, state.stop_reason, monitor)
+            break
         tick = time.perf_counter()  # I/O above does not count as training time

@@ -2,7 +2,8 @@
 EMA snapshots and sample grids.
 
 Records (``append_record``) are one strict-JSON line each in ``stats.jsonl``, of kind ``"train"`` (``write_stats``),
-``"val"`` (``write_validation``) or ``"metric"`` (``write_evaluation``), and go to every dashboard sink as well. None of
+``"val"`` (``write_validation``), ``"metric"`` (``write_evaluation``) or ``"stop"`` (``write_stop``: why
+``--stop-when-flat`` ended the run), and go to every dashboard sink as well. None of
 this changes the weights: sampling runs in eval mode and the in-training evaluation restores the global RNG.
 """
 
@@ -35,7 +36,7 @@ from edmkit.metrics.detectors import Detector
 from edmkit.sampling.generate import generate_images
 from edmkit.training.logging_sinks import Sink, make_sinks
 from edmkit.training.run_state import RunError, TrainState
-from edmkit.training.validation import Validator, make_validator
+from edmkit.training.validation import Validator, evaluations_since_best, make_validator
 
 
 def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]], *, sinks: Sequence[Sink] = ()) -> None:
@@ -54,6 +55,8 @@ def write_stats(run_dir: Path, state: TrainState, window: list[dict[str, float]]
     if not all(math.isfinite(v) for v in rec.values() if isinstance(v, float)):
         warnings.warn(f"non-finite training statistics at {state.nimg} images: {rec}")
     rec["ema_std"] = list(state.ema.stds)  # the tracked power-function EMA profiles (sigma_rel)
+    if state.sigma_probs is not None:  # importance / adaptive sigma: the density over the base density's equal-mass bins
+        rec["sigma_bin_probs"] = [round(float(p), 6) for p in state.sigma_probs]
     append_record(run_dir, rec, sinks)
 
 
@@ -185,6 +188,10 @@ def make_evaluator(cfg: ExperimentConfig, *, device: torch.device | str, log: Ca
     if {"kid", "pr"} & set(t.eval_metrics) and min(t.eval_n, len(ref.features)) < KID_PR_MIN_FEATURES:
         raise RunError(f"in-training KID / precision-recall need at least {KID_PR_MIN_FEATURES} images and reference features, got eval_n = "
                        f"{t.eval_n} and {len(ref.features)} in {t.eval_ref}: raise --eval-n or use --eval-metrics fid")
+    try:
+        metrics_eval.check_metrics(detector, t.eval_metrics, n=t.eval_n)
+    except ValueError as e:
+        raise RunError(f"in-training evaluation: {e}") from None
     log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, Heun {t.eval_steps} steps, EMA "
         f"{cfg.ema.sample_std:g}) against {t.eval_ref} every {t.eval_nimg} images")
     for line in metrics_eval.evaluation_notices(ref, detector, n=t.eval_n, resolution=c.resolution, channels=c.channels):
@@ -228,12 +235,49 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
         finally:
             net.train(was_training)
     scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
-    labels = metric_labels([k for k in scores if k not in ("kid_std", "pr_n")], n=e.n)
+    labels = metric_labels([k for k in scores if k not in ("kid_std", "is_std", "pr_n")], n=e.n)
     rec = {"kind": "metric", "nimg": state.nimg, "step": state.step, "n": e.n, **scores, "labels": labels,
            "label": f"small-n estimate (n={e.n})" if e.n < metrics_eval.PUBLISHED_N else f"n={e.n}",
            "ema_std": cfg.ema.sample_std, "sample_steps": e.steps, "eval_sec": round(time.perf_counter() - start, 3)}
     if dist.is_main():
         append_record(run_dir, rec, monitor.sinks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping when the watched score is flat (``train.stop_when_flat``).
+
+# first in-training metric -> (its record key, higher is better)
+WATCHED_SCORES: dict[str, tuple[str, bool]] = {"fid": ("fid", False), "kid": ("kid", False), "pr": ("recall", True), "is": ("is", True)}
+
+
+def watched_score(cfg: ExperimentConfig) -> tuple[str, str, bool]:
+    """(record kind, key, higher is better) that ``--stop-when-flat`` watches: the first in-training metric, else the validation loss."""
+    if cfg.train.eval_nimg:
+        return ("metric", *WATCHED_SCORES[cfg.train.eval_metrics[0]])
+    return ("val", "loss", False)
+
+
+def flat_reason(run_dir: Path, cfg: ExperimentConfig, *, up_to_nimg: int) -> str | None:
+    """Why the run should stop (None: not yet): the watched score of the ``stats.jsonl`` records up to ``up_to_nimg`` has not
+    improved for ``train.stop_when_flat`` evaluations. Read from the file, so a resumed run counts the evaluations before it."""
+    kind, key, higher = watched_score(cfg)
+    worst = -math.inf if higher else math.inf  # a non-finite score (written as null) is no improvement
+    rows = [(rec["nimg"], rec.get(key)) for _, rec in read_records(run_dir / "stats.jsonl") if rec.get("kind") == kind and rec["nimg"] <= up_to_nimg]
+    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else worst for _, v in rows]
+    since = evaluations_since_best(values, higher_is_better=higher)
+    if since < cfg.train.stop_when_flat:
+        return None
+    best = len(values) - 1 - since
+    name = f"in-training {key}" if kind == "metric" else "validation loss"
+    return (f"the {name} has not improved for {since} evaluations (best {values[best]:.6g} at {rows[best][0]} images, "
+            f"now {values[-1]:.6g}; --stop-when-flat {cfg.train.stop_when_flat})")
+
+
+def write_stop(run_dir: Path, state: TrainState, reason: str, monitor: Monitor) -> None:
+    """A ``"stop"`` record saying why the run ended before ``total_nimg``, and the same as a log line."""
+    append_record(run_dir, {"kind": "stop", "nimg": state.nimg, "step": state.step, "reason": reason}, monitor.sinks)
+    monitor.log(f"stopped at {state.nimg} images: {reason}. State, snapshots and grid saved in {run_dir}; "
+                "re-running the same command (with a longer --stop-when-flat or without it) trains on")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig, config_diff
+from edmkit.diffusion.loss import SigmaLossHistory
 from edmkit.diffusion.precond import Denoiser
 from edmkit.files import write_json, writer_lock
 from edmkit.training.ema import PowerFunctionEMA
@@ -31,6 +32,7 @@ RESUMABLE_CHANGES = {"train.total_nimg", "train.status_nimg", "train.grid_nimg",
                      "train.val_nimg", "train.val_sigmas", "train.val_patience"}
 # ... and how the work is split or run, not what it computes (a run may resume on another number of processes).
 RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_steps", "train.keep_states"}
+RESUMABLE_CHANGES |= {"train.stop_when_flat"}  # when to stop, not what a step computes
 RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
 RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
 RESUMABLE_CHANGES |= {f"train.eval_{k}" for k in ("nimg", "ref", "n", "steps", "detector", "metrics")}  # what is measured, not trained
@@ -53,12 +55,15 @@ class TrainState:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # fp16 loss scaling
     train_net: torch.nn.Module | None = None  # what forward/backward run through (DDP / autocast / compiled); None: ``net``
     stop_signal: int | None = None  # set when SIGTERM stopped the run early (its state saved); not part of the saved state
+    stop_reason: str | None = None  # set when --stop-when-flat ended the run (its state saved); not part of the saved state
+    sigma_history: SigmaLossHistory | None = None  # loss history of importance-sampled sigma (loss.sigma_sampling), else None
+    sigma_probs: torch.Tensor | None = None  # [K] sigma-bin probabilities of the last step (importance / adaptive); recorded, not saved
 
     def to_dict(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": cfg.to_json(),
                 "nimg": self.nimg, "step": self.step, "totals": dict(self.totals), "net": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(), "torch_rng": torch.get_rng_state(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), **({"sigma_history": self.sigma_history.state_dict()} if self.sigma_history is not None else {})}
 
     def load_dict(self, d: dict[str, Any]) -> None:
         self.net.load_state_dict(d["net"], strict=True)
@@ -68,6 +73,8 @@ class TrainState:
         torch.set_rng_state(d["torch_rng"])
         if d.get("scaler"):  # empty when saved without fp16 loss scaling
             self.scaler.load_state_dict(d["scaler"])
+        if self.sigma_history is not None and "sigma_history" in d:  # absent: a run switched to importance sampling starts afresh
+            self.sigma_history.load_state_dict(d["sigma_history"])
 
 
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, *, force: bool = False) -> None:

@@ -10,12 +10,14 @@ processes or accumulation rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import apply_augment, augment_params
-from edmkit.diffusion.loss import EDMLoss
+from edmkit.diffusion.loss import IMPORTANCE_BINS, EDMLoss, SigmaLossHistory, adaptive_probs, sample_binned
+from edmkit.diffusion.precond import Denoiser
 from edmkit.sampling.cascade import training_condition
 
 
@@ -85,21 +87,48 @@ def label_keep_mask(n: int, *, p_uncond: float, generator: torch.Generator, devi
     return torch.rand(n, generator=generator, device=device) >= p_uncond
 
 
+class StepNoise(NamedTuple):
+    """The noise draws of one step for this rank's rows (``weight`` and ``bins`` only with importance-sampled sigma)."""
+
+    sigma: torch.Tensor                  # [n] noise levels
+    noise: torch.Tensor                  # [n, C, H, W] unit Gaussian noise
+    labels: torch.Tensor | None          # [n, L] labels after dropout
+    weight: torch.Tensor | None = None   # [n] importance loss weights p_base / p (``sample_binned``)
+    bins: torch.Tensor | None = None     # [batch] sigma bin of every row of the global batch, for the history update
+
+
+def sigma_bin_probs(cfg: ExperimentConfig, loss_fn: EDMLoss, net: Denoiser, history: SigmaLossHistory | None) -> torch.Tensor | None:
+    """[K] probabilities of the sigma bins this step draws from: ``importance`` the loss history's, ``adaptive`` fitted
+    from the network's u(sigma) at the bin midpoints; None for independent / stratified draws. The same on every rank
+    (same history, same weights)."""
+    if cfg.loss.sigma_sampling == "importance":
+        return history.probs()
+    if cfg.loss.sigma_sampling == "adaptive":
+        return adaptive_probs(net.logvar_at(loss_fn.sigma_quantiles(IMPORTANCE_BINS)))
+    return None
+
+
 def step_noise(loss_fn: EDMLoss, cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor,
-               labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               labels: torch.Tensor | None, *, bin_probs: torch.Tensor | None = None) -> StepNoise:
     """Sigma [n], unit noise [n, C, H, W] and dropped-out labels [n, L] for this rank's rows ``y`` [n, C, H, W].
 
     Drawn for the whole global batch from the step's generator, then this rank's rows are kept: the same numbers
-    whatever the number of processes or accumulation rounds.
+    whatever the number of processes or accumulation rounds. With ``bin_probs`` (:func:`sigma_bin_probs`) sigma comes
+    from those bins of the base density, with the loss weights that keep the objective (``sample_binned``).
     """
     g = step_generator(cfg.train.seed, step, y.device)
     rows = shard.rows().to(y.device)
-    sigma = loss_fn.sample_sigma(shard.batch, generator=g, device=y.device)[rows]
+    weight = bins = None
+    if bin_probs is None:
+        sigma = loss_fn.sample_sigma(shard.batch, generator=g, device=y.device)[rows]
+    else:
+        sigma, weight, bins = sample_binned(bin_probs, shard.batch, sigma_at=loss_fn.sigma_at, generator=g, device=y.device)
+        sigma, weight = sigma[rows], weight[rows]
     noise = torch.randn((shard.batch, *y.shape[1:]), generator=g, device=y.device)[rows]
     if labels is not None and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
         keep = label_keep_mask(shard.batch, p_uncond=cfg.loss.p_uncond, generator=g, device=y.device)[rows]
         labels = labels * keep[:, None].to(labels.dtype)
-    return sigma, noise, labels
+    return StepNoise(sigma, noise, labels, weight, bins)
 
 
 AUGMENT_CHUNK = 2**22 - 1  # step_seed chunk of the augmentation generator: far above any micro-batch index

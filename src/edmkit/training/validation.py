@@ -132,6 +132,18 @@ def memorization_signal(val_losses: Sequence[float], train_losses: Sequence[floa
     return all(b > a for a, b in zip(v, v[1:])) and t[-1] < t[0]
 
 
+def evaluations_since_best(values: Sequence[float], *, higher_is_better: bool = False) -> int:
+    """Evaluations after the best one (0 when the newest is the best; ties do not count as improvements).
+
+    ``--stop-when-flat P`` stops once this reaches P: P evaluations in a row without a new best.
+    """
+    if not values:
+        return 0
+    sign = -1.0 if higher_is_better else 1.0
+    best = min(range(len(values)), key=lambda i: (sign * values[i], i))  # the first occurrence of the best value
+    return len(values) - 1 - best
+
+
 class Validator:
     """The validation loss of a run: one probe on held-out images, the same protocol on as many training images.
 
