@@ -216,3 +216,25 @@ def test_edmkit_autoencoder_beats_the_mean_image_resumes_exactly_and_encodes_a_d
     assert spec["kind"] == "edmkit-ae" and len(spec["raw_mean"]) == 4
     enc = encoder_from_spec(spec)
     assert enc.decode(torch.zeros(1, 4, 14, 14)).shape == (1, 1, 28, 28)
+
+
+def test_reconstruction_fid_is_the_floor_a_latent_model_is_scored_against(tmp_path, vae_dir):
+    """metrics folder --reconstruct-with scores decode(encode(images)); with a random VAE those are far from the images,
+    so their FID against the images' reference exceeds the images' own (same images, same detector)."""
+    import numpy as np
+    from test_metrics import save_tiny_detector
+
+    images = digits(48).numpy()
+    np.savez(tmp_path / "data.npz", images=images.transpose(0, 2, 3, 1))
+    det = save_tiny_detector(tmp_path / "det.pt", 0)
+    r = CliRunner()
+    base = ["--ref", str(tmp_path / "ref.npz"), "--detector", str(det), "--batch", "16", "--device", "cpu", "--quiet"]
+    assert r.invoke(main, ["metrics", "ref", "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "ref.npz"), "--detector", str(det),
+                           "--batch", "16", "--device", "cpu", "--quiet"]).exit_code == 0
+    res = r.invoke(main, ["metrics", "folder", "--images", str(tmp_path / "data.npz"), *base, "--metrics", "fid", "--out", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["metrics", "folder", "--images", str(tmp_path / "data.npz"), *base, "--metrics", "fid", "--out", str(tmp_path / "b.json"),
+                          "--reconstruct-with", str(vae_dir)])
+    assert res.exit_code == 0 and "reconstructions of 48 images" in res.output, res.output
+    own, recon = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert own["summary"]["fid"]["mean"] < 1e-3 < recon["summary"]["fid"]["mean"] and recon["reconstructed_by"] == str(vae_dir)

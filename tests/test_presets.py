@@ -74,3 +74,15 @@ def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, text, me
     assert str(path) in result.output and __import__("re").search(message, result.output), result.output
     missing = CliRunner().invoke(main, ["train", "--config-file", str(tmp_path / "none.json"), "--dry-run"])
     assert missing.exit_code != 0 and "cannot read config file" in missing.output
+
+
+@pytest.mark.parametrize("preset, params", [("edm2-img512-xs", 125e6), ("edm2-img512-m", 498e6), ("edm2-img64-s", 280e6), ("edm2-img64-xl", 1119e6)])
+def test_edm2_imagenet_presets_have_the_papers_sizes(preset, params):
+    """EDM2 Table 2 / Table 3 parameter counts (meta device: nothing allocated); a wrong width, block count or
+    embedding moves them by more than 1%."""
+    from edmkit.nn.build import network_cost
+
+    cfg = get_preset(preset)
+    n, _ = network_cost(cfg.network)
+    assert abs(n / params - 1) < 0.01, n
+    assert cfg.network.channels == (4 if "512" in preset else 3) and cfg.network.label_dim == 1000

@@ -302,3 +302,28 @@ def _resolve_eval(cfg: ExperimentConfig, kw: dict[str, Any]) -> ExperimentConfig
     if set(kw) - {"eval_nimg"} and not cfg.train.eval_nimg:
         raise ValueError("--eval-ref / --eval-n / --eval-steps / --eval-detector / --eval-metrics take effect with --eval-every K")
     return cfg
+
+# EDM2's ImageNet presets (Karras et al. 2024, Table 2 and train_edm2.py's sizes, read for the numbers): the EDM2 U-Net
+# (config G) at 64x64, widths XXS-XXL, class-conditional, batch 2048, lr alpha_ref with inverse-sqrt decay after
+# t_ref steps (70k for 512, 35k for 64) and a 10 Mimg warm-up, EMA profiles 0.05 and 0.10 snapshotted every 8 Mi images.
+# img512: in Stable Diffusion's VAE latent space (4 x 64 x 64, posterior sampled per step; convert the images with
+# `edmkit dataset convert SRC DEST.npz --vae sd-vae-ft-mse/ --vae-input [0,1]`); img64: pixels. GPU-scale runs.
+_EDM2_WIDTHS = {"xxs": 64, "xs": 128, "s": 192, "m": 256, "l": 320, "xl": 384, "xxl": 448}
+_EDM2_512 = {"xxs": (0.0170, 0.0, 2048), "xs": (0.0120, 0.0, 2048), "s": (0.0100, 0.0, 2048), "m": (0.0090, 0.1, 2048),
+             "l": (0.0080, 0.1, 1792), "xl": (0.0070, 0.1, 1280), "xxl": (0.0065, 0.1, 896)}  # lr, dropout, duration in Mi images
+_EDM2_64 = {"xs": (0.0120, 0.0, 1024), "s": (0.0100, 0.0, 1024), "m": (0.0090, 0.1, 2048), "l": (0.0080, 0.1, 1024), "xl": (0.0070, 0.1, 640)}
+
+
+def _edm2_imagenet(size: str, *, latent: bool) -> ExperimentConfig:
+    lr, dropout, mimg = (_EDM2_512 if latent else _EDM2_64)[size]
+    return _preset(network=dict(resolution=64, channels=4 if latent else 3, label_dim=1000, model_channels=_EDM2_WIDTHS[size],
+                                channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8), channels_per_head=64, dropout=dropout),
+                   loss=dict(P_mean=-0.4, P_std=1.0) if latent else dict(P_mean=-0.8, P_std=1.6),
+                   optim=dict(lr=lr, lr_ref_nimg=(70_000 if latent else 35_000) * 2048, warmup_nimg=10_000_000),
+                   ema=dict(stds=(0.05, 0.10), sample_std=0.10, snapshot_nimg=8 << 20),
+                   train=dict(data="imagenet-512-latents.npz" if latent else "imagenet-64x64.zip", batch=2048, total_nimg=mimg << 20,
+                              status_nimg=1 << 20, grid_nimg=32 << 20, state_nimg=32 << 20))
+
+
+PRESETS.update({f"edm2-img512-{size}": _edm2_imagenet(size, latent=True) for size in _EDM2_512})
+PRESETS.update({f"edm2-img64-{size}": _edm2_imagenet(size, latent=False) for size in _EDM2_64})

@@ -215,19 +215,21 @@ def _labelled_series(rows: list[dict], key: str) -> dict[str, tuple[list, list]]
     return series or {key: ([], [])}
 
 
-def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> str:
-    """Sample `num` images from the run's newest network, recording the reverse process; returns a note."""
-    from edmkit.checkpoint import find_network, load_network
+def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> tuple[str, bool]:
+    """Sample `num` images from the run's newest network, recording the reverse process; returns (a note, whether written)."""
+    from edmkit.checkpoint import find_network, load_network, read_network_metadata
     from edmkit.sampling.generate import generate_images
 
     path = find_network(run_dir)
+    if read_network_metadata(path)["encoder"] is not None:
+        return f"{path.name}: a latent-space network; its reverse process is not drawn (edmkit generate decodes its samples)", False
     net, meta = load_network(path, device=device)
     c, steps = meta["config"].network, steps or meta["config"].train.sample_steps
     recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)
     generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, steps=steps,
                     device=device, callback=recorder)
     recorder.save(out)
-    return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), Heun {steps} steps, seeds 0-{num - 1}"
+    return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), Heun {steps} steps, seeds 0-{num - 1}", True
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: int = 4, gif_steps: int | None = None,
@@ -269,11 +271,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: i
         f'<figure><img src="grids/{g.name}" alt="{g.stem}"><figcaption>{int(g.stem.split("-")[-1]) if g.stem.split("-")[-1].isdigit() else g.stem} images</figcaption></figure>'
         for g in grids) or "<p>no grid-*.png files</p>"))
     note = "no network-*.safetensors files" if not any(run_dir.glob("network-*.safetensors")) else "not requested"
+    written = False
     if gif_n > 0 and note != "no network-*.safetensors files":
-        note = _reverse_gif(run_dir, out / "reverse.gif", num=gif_n, steps=gif_steps, device=device)
+        note, written = _reverse_gif(run_dir, out / "reverse.gif", num=gif_n, steps=gif_steps, device=device)
+    if written:
         parts.append(f'<h2>Reverse diffusion (noisy state | denoised)</h2><figure><img src="reverse.gif" alt="reverse process"><figcaption>{html.escape(note)}</figcaption></figure>')
     else:
-        parts.append(f"<h2>Reverse diffusion</h2><p>{note}</p>")
+        parts.append(f"<h2>Reverse diffusion</h2><p>{html.escape(note)}</p>")
     style = "body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}img{image-rendering:pixelated;max-width:640px}"
     page = f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title><style>{style}</style></head><body>\n'
     text = (page + "\n".join(parts) + "\n</body></html>\n").encode()

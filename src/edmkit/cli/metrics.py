@@ -192,11 +192,21 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
 @click.option("--images", "source", required=True, help="Folder of images, or a zip / .npz (e.g. from edmkit generate --out images.npz).")
 @click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="Reference file from `edmkit metrics ref`.")
 @click.option("--n", "n", type=int, default=None, help="Images per repeat, in sorted order (default: all of them / --repeats).")
+@click.option("--reconstruct-with", "autoencoder", default=None, type=click.Path(exists=True),
+              help="Score the images' reconstructions by this autoencoder (a diffusers VAE folder or an edmkit autoencoder file): "
+                   "given the reference's own images, the FID floor of a latent model in its space.")
+@click.option("--vae-input", type=click.Choice(["[-1,1]", "[0,1]"]), default="[-1,1]", show_default=True, help="With --reconstruct-with: the pixel range the VAE takes.")
 @score_options
 @metrics_options
 @user_errors
-def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
-    """FID, KID and precision/recall of a folder of images against a reference (repeat r: images r*n .. (r+1)*n-1)."""
+def metrics_folder(source, ref_path, n, autoencoder, vae_input, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
+    """FID, KID and precision/recall of a folder of images against a reference (repeat r: images r*n .. (r+1)*n-1).
+
+    \b
+    Examples:
+      edmkit metrics folder --images samples.npz --ref refs/mnist.npz
+      edmkit metrics folder --images mnist5k --ref refs/mnist.npz --reconstruct-with runs/ae/autoencoder.safetensors
+    """
     from edmkit.data.dataset import load_dataset
     from edmkit.metrics import evaluate as ev
     from edmkit.metrics import reference as rf
@@ -212,11 +222,18 @@ def metrics_folder(source, ref_path, n, repeats, metric_names, out, detector, de
     echo = metrics_echo()
     det = rf.reference_detector(ref, detector, sha256=detector_sha256, device=dev, ref_path=ref_path, log=echo)
     images = load_dataset(source).images
+    if autoencoder is not None:
+        from edmkit.latent.encoder import reconstruct
+
+        images = reconstruct(autoencoder, images, input_range=vae_input, progress=not quiet)
+        echo(f"scoring the reconstructions of {len(images)} images by {autoencoder}: the FID floor of a latent model in its space")
     _, channels, resolution, _ = images.shape
     for line in ev.evaluation_notices(ref, det, n=n or len(images) // repeats, resolution=resolution, channels=channels):
         echo(line)
     result = ev.evaluate_images(images, ref=ref, detector=det, n=n, repeats=repeats, metrics=names, batch=batch, progress=not quiet)
     result.update(images=str(source), **ev.result_info(ref, ref_path, det))
+    if autoencoder is not None:
+        result.update(reconstructed_by=str(autoencoder))
     finish_metrics(result, out_path, echo)
 
 

@@ -276,6 +276,17 @@ def _unit(source: str | os.PathLike, *, final_std: float, **kw: Any) -> Standard
     return open_autoencoder(source, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, **kw)
 
 
+def reconstruct(source: str | os.PathLike, images: torch.Tensor, *, input_range: str = "[-1,1]", batch_size: int = 8,
+                progress: bool = False) -> torch.Tensor:
+    """decode(posterior mean of encode(images)) as uint8 [N, C, H, W]: what the autoencoder keeps of the images, whose FID
+    against the images' own reference is the floor a latent model's FID cannot beat."""
+    from edmkit.data.images import float_to_images
+
+    enc = _unit(source, final_std=0.5, input_range=input_range, batch_size=batch_size)
+    mean, _ = enc.encode(images, progress=progress)
+    return torch.cat([float_to_images(enc.decode(chunk)) for chunk in mean.split(256)])
+
+
 def measured_vae(folder: str | os.PathLike, images: torch.Tensor, **kw: Any) -> StandardisedEncoder:
     """The encoder of :func:`encode_measured` alone."""
     return encode_measured(folder, images, **kw)[0]
