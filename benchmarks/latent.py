@@ -79,9 +79,7 @@ def main() -> None:
     write_latents(out / "digits-latents.npz", mean=mean, std=std, encoder=enc.spec, labels=data.labels, class_names=data.class_names)
     result["encode_sec"] = time.perf_counter() - t0
 
-    base = dict(grid_n=16)
-    runs = {"pixels": resolve_config("mnist", **base),
-            "latent": resolve_config("mnist", data=str(out / "digits-latents.npz"), attn_resolutions=(7,), **base)}
+    runs = {"pixels": resolve_config("mnist"), "latent": resolve_config("mnist", data=str(out / "digits-latents.npz"), attn_resolutions=(7,))}
     for name, cfg in runs.items():
         result[name] = run_for(cfg, out / name, args.minutes)
         net, meta = ckpt.load_network(ckpt.find_network(out / name), latent=True)
