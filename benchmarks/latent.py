@@ -29,7 +29,7 @@ from edmkit.data.latents import write_latents
 from edmkit.latent.autoencoder import AEConfig
 from edmkit.latent.encoder import encode_measured, encoder_from_spec
 from edmkit.metrics.stats import frechet_distance
-from edmkit.presets import resolve_config
+from edmkit.presets import get_preset, resolve_config
 from edmkit.sampling.generate import generate_images
 from edmkit.training.autoencoder import train_autoencoder
 from edmkit.training.loop import train
@@ -79,7 +79,9 @@ def main() -> None:
     write_latents(out / "digits-latents.npz", mean=mean, std=std, encoder=enc.spec, labels=data.labels, class_names=data.class_names)
     result["encode_sec"] = time.perf_counter() - t0
 
-    runs = {"pixels": resolve_config("mnist"), "latent": resolve_config("mnist", data=str(out / "digits-latents.npz"), attn_resolutions=(7,))}
+    # the same preset; in latent space (14x14x4) the 28x28 level is gone: two levels at 14 and 7, as the pixel run's inner two
+    latent_base = get_preset("mnist").override("network", channel_mult=(2, 4))
+    runs = {"pixels": resolve_config("mnist"), "latent": resolve_config(latent_base, data=str(out / "digits-latents.npz"), attn_resolutions=(7,))}
     for name, cfg in runs.items():
         result[name] = run_for(cfg, out / name, args.minutes)
         net, meta = ckpt.load_network(ckpt.find_network(out / name), latent=True)
