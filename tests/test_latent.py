@@ -238,3 +238,30 @@ def test_reconstruction_fid_is_the_floor_a_latent_model_is_scored_against(tmp_pa
     assert res.exit_code == 0 and "reconstructions of 48 images" in res.output, res.output
     own, recon = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert own["summary"]["fid"]["mean"] < 1e-3 < recon["summary"]["fid"]["mean"] and recon["reconstructed_by"] == str(vae_dir)
+
+
+def test_xflip_stores_the_mirrored_images_moments_and_training_draws_both(tmp_path, vae_dir):
+    """A VAE's latents of a mirrored image are not the mirrored latents, so --xflip encodes the flips; float_batch takes
+    either per item (seeded), and the posterior mean of a mirrored image is what encoding it gives."""
+    from edmkit.data.latents import read_latents
+
+    r = CliRunner()
+    res = r.invoke(main, ["dataset", "convert", "mnist5k", str(tmp_path / "f.npz"), "--channels", "3", "--resolution", "16", "--classes", "7",
+                          "--vae", str(vae_dir), "--xflip"])
+    assert res.exit_code == 0 and "with mirrored images" in res.output, res.output
+    data = read_latents(tmp_path / "f.npz")
+    assert data.flipped is not None and not torch.equal(data.flipped[0], data.mean.flip(-1))  # not the mirrored latents
+    enc = encoder_from_spec(data.encoder)
+    from edmkit.data.dataset import load_dataset
+
+    images = load_dataset("mnist5k", resolution=16, channels=3, classes=[7]).images
+    flipped_mean, _ = enc.encode(images[:4].flip(-1))
+    assert torch.allclose(data.flipped[0][:4], flipped_mean, atol=2e-3)  # float16 storage
+    import dataclasses
+
+    exact = dataclasses.replace(data, std=torch.zeros_like(data.std), flipped=(data.flipped[0], torch.zeros_like(data.std)))  # no noise
+    z = exact.float_batch(torch.zeros(256, dtype=torch.int64), generator=torch.Generator().manual_seed(0))  # one image, 256 draws
+    is_flip = (z == data.flipped[0][0]).flatten(1).all(dim=1)
+    assert torch.all(is_flip | (z == data.mean[0]).flatten(1).all(dim=1)) and 0.4 < is_flip.float().mean() < 0.6
+    res = r.invoke(main, ["dataset", "convert", "mnist5k", str(tmp_path / "g.zip"), "--xflip"])
+    assert res.exit_code != 0 and "needs --vae" in res.output

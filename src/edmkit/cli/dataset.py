@@ -30,8 +30,9 @@ def dataset_group() -> None:
 @click.option("--vae-input", type=click.Choice(["[-1,1]", "[0,1]"]), default="[-1,1]", show_default=True, help="With --vae: the pixel range the VAE takes (EDM2 feeds SD's VAE [0,1]).")
 @click.option("--sigma-data", type=float, default=0.5, show_default=True, help="With --vae: per-channel std of the standardised latents (the network's sigma_data).")
 @click.option("--batch", type=int, default=8, show_default=True, help="With --vae: images per VAE call.")
+@click.option("--xflip", is_flag=True, help="With --vae: also encode the mirrored images; training takes either at random (flip augmentation).")
 @user_errors
-def dataset_convert(source, dest, resolution, center_crop, classes, channels, skip_bad, vae, vae_input, sigma_data, batch) -> None:
+def dataset_convert(source, dest, resolution, center_crop, classes, channels, skip_bad, vae, vae_input, sigma_data, batch, xflip) -> None:
     """Convert SRC (folder, zip, npz, MNIST idx, CIFAR tarball, mnist5k) to DEST.zip: PNGs + dataset.json labels.
 
     The archive is read back and checked; a preview grid DEST-preview.png is written beside it. With --vae, DEST.npz
@@ -48,13 +49,15 @@ def dataset_convert(source, dest, resolution, center_crop, classes, channels, sk
     """
     import warnings
 
+    if xflip and vae is None:
+        raise ValueError("--xflip encodes mirrored images for a latent dataset: it needs --vae")
     if vae is not None:
         from edmkit.latent.convert import convert_to_latents
 
         with writer_lock(dest, what="output file", file=True):
             info = convert_to_latents(source, dest, vae=vae, resolution=resolution, channels=None if channels is None else int(channels),
                                       classes=parse_int_list(classes, name="--classes"), center_crop=center_crop, skip_bad=skip_bad,
-                                      input_range=vae_input, final_std=sigma_data, batch=batch, progress=True)
+                                      input_range=vae_input, final_std=sigma_data, batch=batch, xflip=xflip, progress=True)
         click.echo(info)
         return
 

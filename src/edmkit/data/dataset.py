@@ -26,6 +26,7 @@ them in this package.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -292,8 +293,8 @@ def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset
             keep = [int(i) for i in torch.nonzero(torch.isin(data.labels, torch.tensor(t.classes))).flatten()]
             relabel = {c: i for i, c in enumerate(t.classes)}
             data = data.subset(keep)
-            data = LatentDataset(data.mean, data.std, torch.tensor([relabel[int(v)] for v in data.labels]), len(t.classes), data.name,
-                                 data.encoder, tuple(data.class_names[c] for c in t.classes) if data.class_names else ())
+            data = dataclasses.replace(data, labels=torch.tensor([relabel[int(v)] for v in data.labels]), num_classes=len(t.classes),
+                                       class_names=tuple(data.class_names[c] for c in t.classes) if data.class_names else ())
         if (data.resolution, data.channels) != (n.resolution, n.channels):
             raise ValueError(f"{data.name}: latents are {data.channels}x{data.resolution}x{data.resolution}, the network takes "
                              f"{n.channels}x{n.resolution}x{n.resolution}")

@@ -1,7 +1,9 @@
 """Latent datasets: an encoder's posterior moments of every image, precomputed (``edmkit dataset convert --vae``).
 
 File: ``.npz`` with ``latent_mean`` and ``latent_std`` float [N, c, h, w] (the *standardised* latents' posterior
-mean and std, so a training latent is mean + std * eps), optional ``labels`` int [N] and ``class_names``, and
+mean and std, so a training latent is mean + std * eps), optionally ``latent_mean_xflip`` / ``latent_std_xflip`` (the
+moments of the mirrored images: a VAE's latents of a flipped image are not the flipped latents, so flips must be
+encoded; training then takes either with probability 1/2), optional ``labels`` int [N] and ``class_names``, and
 ``encoder``: the JSON spec of the encoder that made them (kind, VAE path and sha256, per-channel constants;
 ``edmkit.latent.encoder``). Training draws a fresh posterior sample at every step (EDM2's recipe), so the VAE never
 runs during training; grids and ``generate`` decode with the recorded encoder.
@@ -33,8 +35,11 @@ class LatentDataset:
     name: str
     encoder: dict[str, Any]
     class_names: tuple[str, ...] = ()
+    flipped: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # (mean, std) of the mirrored images
 
     def __post_init__(self) -> None:
+        if self.flipped is not None and (self.flipped[0].shape != self.mean.shape or self.flipped[1].shape != self.mean.shape):
+            raise ValueError(f"{self.name}: the mirrored images' moments must be shaped like latent_mean {tuple(self.mean.shape)}")
         if self.mean.ndim != 4 or self.mean.shape != self.std.shape or self.mean.shape[2] != self.mean.shape[3]:
             raise ValueError(f"{self.name}: latent_mean and latent_std must be [N, c, h, h] alike, got {tuple(self.mean.shape)}, {tuple(self.std.shape)}")
         if self.labels is not None and (tuple(self.labels.shape) != (len(self.mean),) or self.num_classes < 1):
@@ -56,17 +61,21 @@ class LatentDataset:
     def subset(self, indices: Sequence[int] | torch.Tensor) -> LatentDataset:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return LatentDataset(self.mean[idx], self.std[idx], None if self.labels is None else self.labels[idx], self.num_classes,
-                             self.name, self.encoder, self.class_names)
+                             self.name, self.encoder, self.class_names, None if self.flipped is None else (self.flipped[0][idx], self.flipped[1][idx]))
 
     @property
     def images(self) -> torch.Tensor:
         raise ValueError(f"{self.name} is a latent dataset: this needs images (pixels); use the dataset it was converted from")
 
     def float_batch(self, idx: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents of items ``idx``: a posterior sample mean + std * eps (eps from ``generator``), or the mean without one."""
+        """Latents of items ``idx``: a posterior sample mean + std * eps (eps from ``generator``), or the mean without one.
+        With mirrored moments and a generator, each item is the mirrored image's with probability 1/2 (drawn first)."""
         mean, std = self.mean[idx], self.std[idx]
         if generator is None:
             return mean.clone()
+        if self.flipped is not None:
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).reshape(-1, 1, 1, 1)
+            mean, std = torch.where(flip, self.flipped[0][idx], mean), torch.where(flip, self.flipped[1][idx], std)
         return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
@@ -112,20 +121,26 @@ def read_latents(path: str | os.PathLike) -> LatentDataset:
             std = torch.from_numpy(z["latent_std"].astype(np.float32))
             encoder = json.loads(str(z["encoder"]))
             labels = torch.from_numpy(z["labels"].astype(np.int64)) if "labels" in z.files else None
+            flipped = (torch.from_numpy(z["latent_mean_xflip"].astype(np.float32)), torch.from_numpy(z["latent_std_xflip"].astype(np.float32))) \
+                if "latent_mean_xflip" in z.files else None
             names = tuple(str(s) for s in z["class_names"]) if "class_names" in z.files else ()
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(e if str(path) in str(e) else f"{path}: unreadable latent dataset ({e})") from None
     num_classes = 0 if labels is None else max(len(names), int(labels.max()) + 1 if len(labels) else 1)
-    return LatentDataset(mean, std, labels, num_classes, str(path), encoder, names if labels is not None else ())
+    return LatentDataset(mean, std, labels, num_classes, str(path), encoder, names if labels is not None else (), flipped)
 
 
 def write_latents(path: str | os.PathLike, *, mean: torch.Tensor, std: torch.Tensor, encoder: dict[str, Any],
-                  labels: torch.Tensor | None = None, class_names: Sequence[str] = ()) -> None:
+                  labels: torch.Tensor | None = None, class_names: Sequence[str] = (),
+                  flipped: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Write a latent dataset atomically (float16 moments halve the disk; the network trains in float32)."""
     from edmkit.files import atomic_write
 
     arrays: dict[str, Any] = {"latent_mean": mean.cpu().numpy().astype(np.float16), "latent_std": std.cpu().numpy().astype(np.float16),
                               "encoder": np.asarray(json.dumps(encoder, sort_keys=True))}
+    if flipped is not None:
+        arrays["latent_mean_xflip"] = flipped[0].cpu().numpy().astype(np.float16)
+        arrays["latent_std_xflip"] = flipped[1].cpu().numpy().astype(np.float16)
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy().astype(np.int64)
         if class_names:
