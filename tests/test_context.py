@@ -85,3 +85,66 @@ def test_checkpoint_round_trip_is_bit_exact_with_a_context(arch, tmp_path):
     assert meta["config"].network.context_dim == D
     x, sigma, ctx = torch.randn(2, 1, 28, 28), torch.tensor([0.5, 2.0]), torch.randn(2, L, D)
     assert torch.equal(again.eval()(x, sigma, context=ctx), net.eval()(x, sigma, context=ctx))
+
+
+def test_p_uncond_drops_the_same_rows_of_labels_and_context():
+    from edmkit.diffusion.loss import make_loss
+    from edmkit.training.step_inputs import Shard, step_noise
+
+    cfg = tiny("dit", label_dim=3).override("loss", p_uncond=0.5)
+    y, labels, ctx = torch.zeros(64, 1, 28, 28), torch.eye(3)[torch.arange(64) % 3], torch.randn(64, L, D)
+    draw = step_noise(make_loss(cfg), cfg, 0, Shard(batch=64, size=64), y, labels, context=ctx)
+    kept_labels, kept_ctx = draw.labels.any(1), draw.context.flatten(1).any(1)
+    assert torch.equal(kept_labels, kept_ctx) and 0 < int(kept_ctx.sum()) < 64
+    assert torch.equal(draw.context[kept_ctx], ctx[kept_ctx])
+    alone = step_noise(make_loss(cfg), cfg, 0, Shard(batch=64, size=64), y, None, context=ctx)
+    assert torch.equal(alone.context, draw.context)  # the same draw with or without labels
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_an_npz_context_trains_and_generate_context_with_cfg_runs(tmp_path):
+    from edmkit.data.dataset import load_dataset
+
+    data = load_dataset("mnist5k").subset(range(32))
+    ctx = np.random.default_rng(0).standard_normal((32, 2, 4)).astype(np.float32)
+    np.savez(tmp_path / "pairs.npz", images=data.images.numpy(), context=ctx)
+    assert torch.equal(load_dataset(tmp_path / "pairs.npz").subset([3, 1]).context, torch.from_numpy(ctx[[3, 1]]))
+    run_dir = tmp_path / "run"
+    res = run("train", "--preset", "tiny", "--data", tmp_path / "pairs.npz", "--context", "--p-uncond", "0.2", "--run", run_dir,
+              "--duration", "32", "--quiet")
+    assert res.exit_code == 0, res.output
+    net_file = sorted(run_dir.glob("*.safetensors"))[-1]
+    net, meta = ckpt.load_network(net_file)
+    assert meta["config"].network.context_dim == 4 and meta["config"].loss.p_uncond == 0.2
+    x, sigma = torch.randn(2, 1, 28, 28), torch.tensor([1.0, 1.0])
+    assert not torch.equal(net(x, sigma, context=torch.from_numpy(ctx[:2])), net(x, sigma))  # the context was trained on
+    np.save(tmp_path / "one.npy", ctx[0])
+    np.savez(tmp_path / "each.npz", context=ctx[:4])
+    for file, guidance in (("one.npy", "2"), ("each.npz", "1.5"), ("one.npy", "1")):
+        res = run("generate", "--checkpoint", net_file, "--n", "4", "--steps", "2", "--batch", "3", "--context", tmp_path / file,
+                  "--guidance", guidance, "--out", tmp_path / "g.npz")
+        assert res.exit_code == 0, res.output
+    a = np.load(tmp_path / "g.npz")["images"]
+    res = run("generate", "--checkpoint", net_file, "--n", "4", "--steps", "2", "--out", tmp_path / "u.npz")
+    assert not np.array_equal(a, np.load(tmp_path / "u.npz")["images"])  # the context changed the images
+    np.save(tmp_path / "bad.npy", ctx[:3, :, :3])
+    res = run("generate", "--checkpoint", net_file, "--n", "4", "--context", tmp_path / "bad.npy", "--out", tmp_path / "g.png")
+    assert res.exit_code != 0 and "is neither [L, 4] nor [4 images, L, 4]" in res.output and "Traceback" not in res.output
+    res = run("train", "--preset", "tiny", "--context", "--dry-run")
+    assert res.exit_code != 0 and "--context needs per-image context tokens" in res.output
+
+
+def test_cfg_guides_from_the_null_context():
+    from edmkit.diffusion.guidance import classifier_free
+
+    torch.manual_seed(0)
+    net = ckpt.build_denoiser(tiny("hdit"))
+    opened(net.net).eval()
+    x, sigma, ctx = torch.randn(2, 1, 28, 28), torch.tensor([0.7, 3.0]), torch.randn(2, L, D)
+    cond, uncond = net(x, sigma, context=ctx), net(x, sigma)
+    torch.testing.assert_close(classifier_free(net, 2.5, context=ctx)(x, sigma, None), uncond + 2.5 * (cond - uncond))
+    with pytest.raises(ValueError, match="needs labels or a context"):
+        classifier_free(net, 2.5)(x, sigma, None)
