@@ -114,7 +114,7 @@ def test_an_npz_context_trains_and_generate_context_with_cfg_runs(tmp_path):
     assert torch.equal(load_dataset(tmp_path / "pairs.npz").subset([3, 1]).context, torch.from_numpy(ctx[[3, 1]]))
     run_dir = tmp_path / "run"
     res = run("train", "--preset", "tiny", "--data", tmp_path / "pairs.npz", "--context", "--p-uncond", "0.2", "--run", run_dir,
-              "--duration", "32", "--quiet")
+              "--duration", "32", "--val-fraction", "0.25", "--quiet")
     assert res.exit_code == 0, res.output
     net_file = sorted(run_dir.glob("*.safetensors"))[-1]
     net, meta = ckpt.load_network(net_file)

@@ -267,9 +267,10 @@ def concat_cond(x: torch.Tensor, cond: torch.Tensor | None, *, cond_channels: in
 def context_tokens(context: torch.Tensor | None, *, context_dim: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Cross-attention conditioning, for every backbone: check context [N, L, context_dim] and mark its non-null rows.
 
-    Returns (context, keep [N] bool: rows that are not all zeros), or None when there is nothing to attend to (None, or
-    every row the null context = zeros, the trainer's dropped context), so a network then computes exactly what it
-    computes without context. A network without cross-attention (context_dim = 0) refuses a context.
+    Returns (context, keep [N] bool: rows that are not all zeros), or None for no context. A row of zeros is the null
+    context (the trainer's dropped context): the networks keep their no-context result for it exactly (``torch.where``
+    on ``keep``), while still running the branch, so every parameter gets a gradient (DDP) and nothing syncs with the
+    host. A network without cross-attention (context_dim = 0) refuses a context.
     """
     if context is None:
         return None
@@ -277,8 +278,7 @@ def context_tokens(context: torch.Tensor | None, *, context_dim: int, batch: int
         raise ValueError("a context given to a network without cross-attention (context_dim = 0)")
     if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim:
         raise ValueError(f"context of shape {tuple(context.shape)} does not match [N={batch}, L, D={context_dim}]: pass [N, L, {context_dim}] tokens")
-    keep = context.flatten(1).ne(0).any(dim=1)  # [N]
-    return (context, keep) if bool(keep.any()) else None
+    return context, context.flatten(1).ne(0).any(dim=1)  # keep [N]
 
 
 class UNet(torch.nn.Module):
