@@ -173,7 +173,7 @@ def test_make_batch_visits_every_image_once_per_epoch_in_a_new_order(size, world
         step = torch.full((batch,), -1)
         for rank in range(world):
             rows = Shard(batch=batch, size=size, rank=rank, world=world).rows()
-            y, labels = make_batch(data, cfg, nimg, "cpu", rows=rows)
+            y, labels, _ = make_batch(data, cfg, nimg, "cpu", rows=rows)
             index = float_to_images(y)[:, 0, 0, 0].long() // 20
             assert torch.equal(labels.argmax(1), index) and torch.equal(labels.sum(1), torch.ones(len(rows)))
             step[rows] = index

@@ -68,10 +68,10 @@ def test_validation_images_are_never_trained_on(tmp_path, cfg, monkeypatch):
     make_batch, make_monitor = train_mod.make_batch, train_mod.make_monitor
 
     def recording_make_batch(data, *args, **kwargs):
-        y, labels = make_batch(data, *args, **kwargs)
+        batch = make_batch(data, *args, **kwargs)
         seen_data.append(data)
-        batches.append(y)
-        return y, labels
+        batches.append(batch[0])
+        return batch
 
     def recording_make_monitor(*args, **kwargs):
         monitors.append(make_monitor(*args, **kwargs))

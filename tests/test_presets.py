@@ -41,7 +41,7 @@ def test_derived_values_yield_to_explicit_ones_and_none_keeps_the_base():
 def test_resolve_config_refuses_unknown_and_inconsistent_overrides():
     with pytest.raises(ValueError, match="unknown config override.*bogus"):
         resolve_config("tiny", bogus=1)
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
+    with pytest.raises(ValueError, match="needs a conditional model"):
         resolve_config("tiny", p_uncond=0.1)
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_config("nope")

@@ -45,7 +45,7 @@ def draws(cfg, step, shard=None, y=None, labels=None):
     shard = shard or Shard(batch=BATCH, size=BATCH)
     if y is None:
         y, labels = batch()
-    sigma, noise, dropped, _, _ = step_noise(make_loss(cfg), cfg, step, shard, y, labels)
+    sigma, noise, dropped, *_ = step_noise(make_loss(cfg), cfg, step, shard, y, labels)
     augmented, params = step_augment(cfg, step, shard, y)
     return {"sigma": sigma, "noise": noise, "labels": dropped, "y": augmented, "augment": params}
 

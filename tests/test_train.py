@@ -160,7 +160,7 @@ def test_train_step_is_one_adam_step_on_the_eq21_gradient(cfg, nimg, lr):
     state.nimg, state.step = nimg, nimg // 8
     y = images_to_float(load_dataset("mnist5k").images[:8])
     ref = copy.deepcopy(state.net)  # the same forward (forced weight normalization included) by hand
-    sigma, noise, _, _, _ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
+    sigma, noise, *_ = step_noise(make_loss(cfg), cfg, state.step, Shard(batch=8, size=8), y, None)
     D, u = ref(y + sigma.view(-1, 1, 1, 1) * noise, sigma, return_logvar=True)
     sd2 = cfg.network.sigma_data**2
     weighted = ((sigma**2 + sd2) / (sigma**2 * sd2)).view(-1, 1, 1, 1) * (D - y) ** 2

@@ -3,7 +3,8 @@
 ``resolve_config(base, **overrides)`` is what ``edmkit train`` calls with its flags (``None`` = keep the base's
 value) and what Python users call for the same result. It applies, in this order, so that derived values yield to
 explicit ones: the EDM2 rung (``ladder``) and the ``formulation`` with the values they derive; the plain field
-overrides of :data:`FIELDS`; ``cond`` (class count read from the data) and ``p_uncond``; ``augment_p`` with the
+overrides of :data:`FIELDS`; ``cond`` (class count read from the data), ``context`` (token width read from the data)
+and ``p_uncond``; ``augment_p`` with the
 augment-label width it needs; the cascade ``task``; the in-training evaluation. The super-resolution stage's
 config rules (:func:`resolve_sr`, :func:`check_sr_config`) live here too, being pure config.
 
@@ -193,7 +194,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")
-DERIVED = ("ladder", "formulation", "cond", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")
+DERIVED = ("ladder", "formulation", "cond", "context", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")
 OVERRIDES = tuple(FIELDS) + DERIVED + EVAL_FIELDS  # every name resolve_config accepts
 
 
@@ -220,7 +221,8 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
     Args:
         base: a preset name (:data:`PRESETS`) or an ``ExperimentConfig`` (e.g. from :func:`load_config_file`).
         overrides: any of :data:`OVERRIDES` (the ``edmkit train`` flags): ``ladder`` (EDM2 rung A-G), ``formulation``,
-            the plain fields of :data:`FIELDS`, ``cond`` (bool: class-conditional on the data's labels), ``p_uncond``,
+            the plain fields of :data:`FIELDS`, ``cond`` (bool: class-conditional on the data's labels), ``context``
+            (bool: cross-attention to the data's per-image context tokens, network.context_dim from them), ``p_uncond``,
             ``augment_p``, ``task`` / ``sr_scale`` / ``sr_aug_max``, ``eval_*`` (``eval_metrics`` as "fid,kid" or a tuple).
 
     Raises:
@@ -241,9 +243,11 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
     cfg = _resolve_latent(cfg)
     if "cond" in o:
         cfg = cfg.override("network", label_dim=_class_count(cfg) if o["cond"] else 0)
+    if "context" in o:
+        cfg = cfg.override("network", context_dim=_context_width(cfg) if o["context"] else 0)
     if "p_uncond" in o:
-        if o["p_uncond"] > 0 and not cfg.network.label_dim:
-            raise ValueError("--p-uncond drops class labels: it needs a class-conditional model (--cond)")
+        if o["p_uncond"] > 0 and not cfg.network.label_dim and not cfg.network.context_dim:
+            raise ValueError("--p-uncond drops class labels and context: it needs a conditional model (--cond or --context)")
         cfg = cfg.override("loss", p_uncond=o["p_uncond"])
     if "augment_p" in o:
         from edmkit.data.augment import AUGMENT_DIM  # torch only when a config asks for augmentation
@@ -281,6 +285,16 @@ def _class_count(cfg: ExperimentConfig) -> int:
     if not label_dim:
         raise ValueError(f"--cond needs labels, but {cfg.train.data} has none")
     return label_dim
+
+
+def _context_width(cfg: ExperimentConfig) -> int:
+    """``context``: the token width D of the config's dataset's per-image context [N, L, D] (an npz ``context`` array)."""
+    from edmkit.data.dataset import dataset_of  # torch and the data only when conditioning asks for them
+
+    context = getattr(dataset_of(cfg), "context", None)
+    if context is None:
+        raise ValueError(f"--context needs per-image context tokens, but {cfg.train.data} has none (an npz 'context' array [N, L, D])")
+    return int(context.shape[2])
 
 
 def _resolve_task(cfg: ExperimentConfig, *, task: str | None, sr_scale: int | None, sr_aug_max: float | None) -> ExperimentConfig:

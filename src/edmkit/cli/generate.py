@@ -25,6 +25,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @click.option("--s-noise", "S_noise", type=float, default=None, help="Heun: scale of the churn noise S_noise, e.g. 1.003.")
 @click.option("--eta", type=float, default=None, help="DDIM: stochasticity eta (0 deterministic, 1 = DDPM).")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn per seed).")
+@click.option("--context", "context_path", type=click.Path(dir_okay=False, exists=True), default=None, help="Cross-attention models: context tokens, a .npy (or an .npz's 'context' array) of [L, D] for every image or [N, L, D] one per seed; with --guidance, CFG against the null context.")
 @click.option("--guidance", type=float, default=None, help="Guidance weight w (1 = none): CFG with the model's unconditional branch, or autoguidance with --guide-checkpoint.")
 @click.option("--guide-checkpoint", default=None, help="Autoguidance: a weaker network file or run folder of the same images and classes.")
 @click.option("--guide-ema", type=float, default=None, help="With a guide run folder: EMA sigma_rel of its network (0 = raw weights).")
@@ -45,7 +46,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @user_errors
 def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmin, S_tmax, S_noise, eta, class_idx, guidance,
              guide_checkpoint, guide_ema, interval, oscillate, oscillate_warmup, threshold, gif, gif_n, ema_std,
-             classifier_path, classifier_scale, reject_threshold, max_tries, batch, vae, device) -> None:
+             classifier_path, classifier_scale, reject_threshold, max_tries, batch, vae, device, context_path) -> None:
     """Sample images; image k depends only on its seed, whatever the batch size.
 
     \b
@@ -55,11 +56,12 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
       edmkit generate --checkpoint runs/big --guide-checkpoint runs/small --guidance 1.5 --out grid.png --gif reverse.gif
       edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 7 --classifier-scale 2 --reject-threshold 0.9 --out grid.png
       edmkit generate --checkpoint img512-xs.safetensors --vae sd-vae-ft-mse/ --class 88 --out grid.png   # latent space
+      edmkit generate --checkpoint runs/xattn --context tokens.npy --guidance 2 --out grid.png   # cross-attention context
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.latent.encoder import encoder_from_spec
     from edmkit.report import ReverseProcessRecorder
-    from edmkit.sampling.generate import generate_images, load_guide, parse_pair, parse_seeds
+    from edmkit.sampling.generate import generate_images, load_context, load_guide, parse_pair, parse_seeds
 
     if n is not None and seeds is not None:
         raise ValueError("give --n or --seeds, not both")
@@ -94,10 +96,13 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     if clf is not None:
         guidance_kw.update(classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
         class_idx = guidance_kw.pop("class_idx")
+    context = load_context(context_path, num_images=len(seed_list), context_dim=c.context_dim) if context_path else None
+    if context is not None and context.ndim == 3 and reject_threshold is not None:
+        raise ValueError("--reject-threshold draws seeds beyond --n/--seeds: give one [L, D] --context for all images")
     recorder = ReverseProcessRecorder(num=min(gif_n, len(seed_list)), sigma_data=c.sigma_data) if gif else None
     sample = functools.partial(generate_images, net, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
                                class_idx=class_idx, sampler=sampler, steps=steps, schedule=schedule, guide=guide, batch=batch,
-                               device=dev, **guidance_kw, **sampler_kw)
+                               device=dev, context=context, **guidance_kw, **sampler_kw)
     if reject_threshold is not None:
         seed_list, x = rejection_generate(sample, clf, seed_list=seed_list, class_idx=guidance_kw["classifier_class"],
                                           threshold=reject_threshold, batch=batch, max_tries=max_tries)

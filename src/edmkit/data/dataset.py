@@ -65,6 +65,7 @@ class ImageDataset:
         name: Human-readable source.
         class_names: One name per class (index order) when known (dataset.json, class folders, CIFAR,
             MNIST digits), else empty; ``classes=`` subsetting keeps them in the relabelled order.
+        context: float32 [N, L, D] token sequence per image (cross-attention conditioning, an npz ``context``), or None.
     """
 
     images: torch.Tensor = field(repr=False)
@@ -72,9 +73,12 @@ class ImageDataset:
     num_classes: int
     name: str
     class_names: tuple[str, ...] = ()
+    context: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
+        if self.context is not None and (self.context.dtype != torch.float32 or self.context.ndim != 3 or len(self.context) != len(x)):
+            raise ValueError(f"{self.name}: context must be float32 [{len(x)}, L, D], got {self.context.dtype} {tuple(self.context.shape)}")
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3]:
             raise ValueError(f"{self.name}: images must be uint8 [N, 1|3, H, H], got {x.dtype} {tuple(x.shape)}")
         if not x.is_contiguous():
@@ -108,10 +112,11 @@ class ImageDataset:
         return self.images.shape[0]
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageDataset:
-        """The images (and labels) at ``indices``, in that order; classes are unchanged."""
+        """The images (and labels, context) at ``indices``, in that order; classes are unchanged."""
         index = torch.as_tensor(indices, dtype=torch.int64)
         labels = None if self.labels is None else self.labels[index]
-        return ImageDataset(self.images[index].contiguous(), labels, self.num_classes, self.name, self.class_names)
+        context = None if self.context is None else self.context[index]
+        return ImageDataset(self.images[index].contiguous(), labels, self.num_classes, self.name, self.class_names, context)
 
 
 def load_dataset(
@@ -138,7 +143,7 @@ def load_dataset(
         skip_bad: Skip unreadable files in folders/zips with a warning instead of raising.
 
     Returns:
-        The dataset: images uint8 [N, C, R, R], labels int64 [N] or None.
+        The dataset: images uint8 [N, C, R, R], labels int64 [N] or None, context float32 [N, L, D] or None.
 
     Raises:
         ValueError: unknown source, corrupt file, bad or missing labels, non-square or mixed sizes.
@@ -156,7 +161,8 @@ def load_dataset(
     images = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), order="C"))  # [N, C, H, W], own copy
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
     num_classes = 0 if labels is None else raw.num_classes
-    return ImageDataset(images, labels, num_classes, name, raw.class_names if labels is not None else ())
+    context = None if raw.context is None else torch.from_numpy(raw.context)
+    return ImageDataset(images, labels, num_classes, name, raw.class_names if labels is not None else (), context)
 
 
 def _read_source(source: str | Path, *, skip_bad: bool) -> tuple[Raw, str]:
@@ -201,7 +207,8 @@ def _filter_classes(raw: Raw, classes: Sequence[int], *, name: str) -> Raw:
     images = raw.images[keep] if isinstance(raw.images, np.ndarray) else [raw.images[i] for i in keep]
     class_names = tuple(raw.class_names[c] for c in classes) if raw.class_names else ()
     item_names = None if raw.item_names is None else [raw.item_names[i] for i in keep]
-    return Raw(images, remap[raw.labels[keep]], len(classes), class_names, item_names)
+    context = None if raw.context is None else raw.context[keep]
+    return Raw(images, remap[raw.labels[keep]], len(classes), class_names, item_names, context)
 
 
 def _square(image: np.ndarray, *, center_crop: bool, where: str) -> np.ndarray:

@@ -15,6 +15,21 @@ class Raw(NamedTuple):
     num_classes: int
     class_names: tuple[str, ...]
     item_names: list[str] | None  # per-image file names for messages
+    context: np.ndarray | None = None  # float32 [N, L, D] per-image token sequence for cross-attention, or None
+
+
+def check_context(context: np.ndarray | None, n: int, *, where: str) -> np.ndarray | None:
+    """Validate a per-image context [n, L, D] of real numbers (cross-attention conditioning); returns it as float32."""
+    if context is None:
+        return None
+    context = np.asarray(context)
+    if context.ndim != 3 or context.shape[0] != n or not (np.issubdtype(context.dtype, np.floating) or np.issubdtype(context.dtype, np.integer)):
+        raise ValueError(f"{where}: context must be a real array [N={n}, L, D] (L tokens of width D per image), "
+                         f"got {context.dtype} {context.shape}")
+    context = context.astype(np.float32)
+    if not np.isfinite(context).all():
+        raise ValueError(f"{where}: context has non-finite values")
+    return context
 
 
 def check_labels(labels: np.ndarray | None, n: int, *, where: str,

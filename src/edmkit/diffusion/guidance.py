@@ -18,6 +18,7 @@ schedules (interval, oscillation) compose without any state in the sampler.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence, Union
 
 import torch
@@ -68,27 +69,34 @@ def guided(main: Denoiser, guide: Denoiser, weight: float | WeightFn) -> Denoise
 
 
 def classifier_free(
-    denoiser: Denoiser, weight: float | WeightFn, *, uncond_labels: Tensor | None = None
+    denoiser: Denoiser, weight: float | WeightFn, *, uncond_labels: Tensor | None = None, context: Tensor | None = None
 ) -> Denoiser:
-    """Classifier-free guidance (Ho & Salimans 2022): guide = the same denoiser without labels.
+    """Classifier-free guidance (Ho & Salimans 2022): guide = the same denoiser without labels (and without context).
 
     Args:
-        denoiser: a label-conditional denoiser trained with label dropout.
+        denoiser: a label- or context-conditional denoiser trained with label (context) dropout; with ``context`` it
+            takes ``context=`` [N, L, D] tokens as a keyword (``precond.Denoiser``).
         weight: w >= 0 or a function of sigma (see :func:`guided`).
         uncond_labels: [L] or [N, L] labels of the unconditional branch; default all zeros.
+        context: [N, L, D] context tokens of the conditional branch; the unconditional branch gets the null context
+            (none, which the backbones compute exactly as zeros: the rows dropped in training).
 
     Returns:
-        Denoiser; calling it with labels=None raises ValueError (CFG needs labels).
+        Denoiser; calling it with labels=None and no context raises ValueError (CFG needs a condition).
     """
-    def uncond(x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+    main = denoiser if context is None else functools.partial(denoiser, context=context)
+
+    def uncond(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        if labels is None:
+            return denoiser(x, sigma, None)
         null = torch.zeros_like(labels) if uncond_labels is None else uncond_labels.to(labels).expand_as(labels)
         return denoiser(x, sigma, null)
 
-    cfg = guided(denoiser, uncond, weight)
+    cfg = guided(main, uncond, weight)
 
     def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        if labels is None:
-            raise ValueError("classifier-free guidance needs labels; got labels=None")
+        if labels is None and context is None:
+            raise ValueError("classifier-free guidance needs labels or a context; got neither")
         return cfg(x, sigma, labels)
 
     return denoise

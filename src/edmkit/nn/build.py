@@ -3,12 +3,13 @@
 Every backbone follows one contract, so preconditioning, the uncertainty head, losses, samplers, guidance,
 restoration, post-hoc EMA, DDP and checkpoints work unchanged for all of them:
 
-    F(x, c_noise, labels=None, augment_labels=None, cond=None) -> tensor shaped like x
+    F(x, c_noise, labels=None, augment_labels=None, cond=None, context=None) -> tensor shaped like x
 
 x [N, C, H, W] the preconditioned input, c_noise [N] the formulation's noise label, labels [N, label_dim] one-hot
 (None or zeros: the trainer's null label, for classifier-free guidance), augment_labels [N, augment_dim] (None or
-zeros: not augmented), cond [N, cond_channels, H, W] a conditioning image (None: zeros). The denoiser around a
-backbone is ``checkpoint.build_denoiser``.
+zeros: not augmented), cond [N, cond_channels, H, W] a conditioning image (None: zeros), context [N, L, context_dim]
+a token sequence for cross-attention (None or zeros: the null context; only ``config.CONTEXT_ARCHS`` take one, and only
+when context_dim > 0, so the others keep their signature). The denoiser around a backbone is ``checkpoint.build_denoiser``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _edm2_unet(n: NetworkConfig) -> torch.nn.Module:
     return UNet(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, model_channels=n.model_channels,
                 channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
                 channels_per_head=n.channels_per_head, dropout=n.dropout, ladder=n.ladder, augment_dim=n.augment_dim,
-                cond_channels=n.cond_channels)
+                cond_channels=n.cond_channels, context_dim=n.context_dim)
 
 
 def _common(n: NetworkConfig) -> dict:
@@ -59,7 +60,7 @@ def _dit(n: NetworkConfig) -> torch.nn.Module:
 
     return DiT(resolution=n.resolution, in_channels=n.channels, out_channels=n.channels, label_dim=n.label_dim,
                augment_dim=n.augment_dim, cond_channels=n.cond_channels, model_channels=n.model_channels, depth=n.num_blocks,
-               channels_per_head=n.channels_per_head, patch_size=n.patch_size, dropout=n.dropout)
+               channels_per_head=n.channels_per_head, patch_size=n.patch_size, dropout=n.dropout, context_dim=n.context_dim)
 
 
 def _hdit(n: NetworkConfig) -> torch.nn.Module:
@@ -70,7 +71,7 @@ def _hdit(n: NetworkConfig) -> torch.nn.Module:
     return HDiT(resolution=n.resolution, in_channels=n.channels, out_channels=n.channels, label_dim=n.label_dim,
                 augment_dim=n.augment_dim, cond_channels=n.cond_channels, widths=tuple(n.model_channels * m for m in n.channel_mult),
                 depths=n.depths or (n.num_blocks,) * levels, attention=n.attn_kinds or ("global",) * levels, patch_size=n.patch_size,
-                head_channels=n.channels_per_head, window_size=n.window_size, mapping_channels=n.mapping_channels, dropout=n.dropout)
+                head_channels=n.channels_per_head, window_size=n.window_size, mapping_channels=n.mapping_channels, dropout=n.dropout, context_dim=n.context_dim)
 
 
 # name -> builder; the names are config.ARCHS (``--arch``)

@@ -16,7 +16,12 @@ variance is the denoiser's uncertainty head here). Attention is ``scaled_dot_pro
 
 Initialisation (the paper follows ViT): Xavier-uniform linear layers and patch projection with zero biases,
 N(0, 0.02^2) for the noise MLP and the label embedding; zero for every adaLN regression, the augment map (EDM: augment
-conditioning starts switched off) and the output layer. DiT-S/2 (D 384, depth 12, 6 heads, p 2) at 32x32x3: ~33M.
+conditioning starts switched off) and the output layer.
+
+Context (cross-attention conditioning, ``context_dim > 0``, as PixArt-alpha's text conditioning): each block gets a
+pre-norm cross-attention sub-layer between self-attention and MLP, q from the tokens, k and v from the context tokens
+[N, L, context_dim], its output projection zero-initialised so the network starts unchanged. A null context row
+(zeros) skips the sub-layer exactly (``unet.context_tokens``). DiT-S/2 (D 384, depth 12, 6 heads, p 2) at 32x32x3: ~33M.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edmkit.nn.unet import concat_cond, positional_embedding
+from edmkit.nn.unet import concat_cond, context_tokens, positional_embedding
 
 NOISE_CHANNELS = 256  # width of the sinusoidal noise embedding before the MLP (DiT's frequency embedding size)
 
@@ -64,6 +69,14 @@ def self_attention(qkv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, T, D3 // 3)
 
 
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
+    """Multi-head cross-attention softmax(q k^T / sqrt(d)) v from T tokens to L context tokens: q [N, T, D], kv [N, L, 2D] -> [N, T, D]."""
+    N, T, D = q.shape
+    q = q.reshape(N, T, num_heads, D // num_heads).transpose(1, 2).contiguous()  # [N, heads, T, d]
+    k, v = kv.reshape(N, kv.shape[1], 2, num_heads, D // num_heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [N, heads, L, d]
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, T, D)
+
+
 def zero_linear(in_features: int, out_features: int) -> torch.nn.Linear:
     """A linear layer whose weight and bias start at exactly zero (adaLN-Zero's regressions, the output layer)."""
     layer = torch.nn.Linear(in_features, out_features)
@@ -75,7 +88,7 @@ def zero_linear(in_features: int, out_features: int) -> torch.nn.Linear:
 class DiTBlock(torch.nn.Module):
     """DiT block with adaLN-Zero (DiT Fig. 3): x + gate_a attn(adaLN(x)), then x + gate_m MLP(adaLN(x)); [N, T, D]."""
 
-    def __init__(self, width: int, *, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+    def __init__(self, width: int, *, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0, context_dim: int = 0) -> None:
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
         self.norm = torch.nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)  # one module: it holds no parameters
@@ -84,12 +97,19 @@ class DiTBlock(torch.nn.Module):
         self.proj = torch.nn.Linear(width, width)
         self.mlp0 = torch.nn.Linear(width, mlp_ratio * width)
         self.mlp1 = torch.nn.Linear(mlp_ratio * width, width)
+        self.xattn_q = torch.nn.Linear(width, width) if context_dim else None
+        self.xattn_kv = torch.nn.Linear(context_dim, 2 * width) if context_dim else None
+        self.xattn_proj = zero_linear(width, width) if context_dim else None  # zero: the sub-layer starts switched off
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x [N, T, D], c [N, D] the conditioning vector -> [N, T, D]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, T, D], c [N, D] the conditioning vector, context (tokens [N, L, D_ctx], keep [N]) or None -> [N, T, D]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(F.silu(c)).to(x.dtype).unsqueeze(1).chunk(6, dim=2)  # each [N, 1, D]
         h = self.qkv(modulate(self.norm(x), shift_a, scale_a))  # [N, T, 3D]
         x = x + gate_a * self.proj(self_attention(h, num_heads=self.num_heads))
+        if self.xattn_q is not None and context is not None:
+            tokens, keep = context
+            y = cross_attention(self.xattn_q(self.norm(x)), self.xattn_kv(tokens.to(x.dtype)), num_heads=self.num_heads)
+            x = torch.where(keep[:, None, None], x + self.xattn_proj(y), x)  # null rows: exactly the network without context
         h = F.gelu(self.mlp0(modulate(self.norm(x), shift_m, scale_m)), approximate="tanh")  # [N, T, 4D]
         return x + gate_m * self.mlp1(F.dropout(h, p=self.dropout, training=self.training))
 
@@ -99,12 +119,12 @@ class DiT(torch.nn.Module):
 
     def __init__(self, *, resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  cond_channels: int = 0, model_channels: int = 384, depth: int = 12, channels_per_head: int = 64,
-                 patch_size: int = 2, dropout: float = 0.0) -> None:
+                 patch_size: int = 2, dropout: float = 0.0, context_dim: int = 0) -> None:
         super().__init__()
         if resolution % patch_size or model_channels % channels_per_head or model_channels % 4:
             raise ValueError(f"DiT needs the image size ({resolution}) divisible by the patch size ({patch_size}) and the width "
                              f"({model_channels}) by 4 and by channels_per_head ({channels_per_head})")
-        self.label_dim, self.augment_dim, self.cond_channels = label_dim, augment_dim, cond_channels
+        self.label_dim, self.augment_dim, self.cond_channels, self.context_dim = label_dim, augment_dim, cond_channels, context_dim
         self.patch_size, self.out_channels = patch_size, out_channels
         D = model_channels
 
@@ -115,7 +135,7 @@ class DiT(torch.nn.Module):
         self.map_augment = torch.nn.Linear(augment_dim, D, bias=False) if augment_dim else None
 
         self.patch = torch.nn.Conv2d(in_channels + cond_channels, D, patch_size, stride=patch_size)
-        self.blocks = torch.nn.ModuleList(DiTBlock(D, num_heads=D // channels_per_head, dropout=dropout) for _ in range(depth))
+        self.blocks = torch.nn.ModuleList(DiTBlock(D, num_heads=D // channels_per_head, dropout=dropout, context_dim=context_dim) for _ in range(depth))
         self.out_norm = torch.nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.out_ada = zero_linear(D, 2 * D)  # c -> shift, scale of the final layer
         self.out = zero_linear(D, patch_size * patch_size * out_channels)
@@ -123,7 +143,7 @@ class DiT(torch.nn.Module):
 
     def _init_weights(self) -> None:
         """ViT's initialisation (DiT Sec. 3.2), then zero for the adaLN-Zero regressions, augment map and output."""
-        zero = {self.out, self.out_ada, *(b.ada for b in self.blocks)}
+        zero = {self.out, self.out_ada, *(b.ada for b in self.blocks), *(b.xattn_proj for b in self.blocks)}
         for m in self.modules():
             if isinstance(m, torch.nn.Linear) and m not in zero:
                 torch.nn.init.xavier_uniform_(m.weight)
@@ -150,19 +170,21 @@ class DiT(torch.nn.Module):
         return c
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C_in, H, W], c_noise [N], labels [N, label_dim] or None, augment_labels [N, augment_dim] or None,
-        cond [N, cond_channels, H, W] or None (zeros). Returns [N, out_channels, H, W]."""
+        cond [N, cond_channels, H, W] or None (zeros), context [N, L, context_dim] or None (zeros). Returns [N, out_channels, H, W]."""
         N, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"DiT with patch size {p} cannot take a {H}x{W} image: use a size divisible by {p}")
         c = self.embedding(c_noise, labels, augment_labels)  # [N, D]
+        ctx = context_tokens(context, context_dim=self.context_dim, batch=N)
         x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C_in + C_cond, H, W]
         x = self.patch(x).flatten(2).transpose(1, 2)  # [N, T, D]
         x = x + sincos_positions_2d(H // p, W // p, dim=x.shape[2], device=x.device).to(x.dtype)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, ctx)
         shift, scale = self.out_ada(F.silu(c)).to(x.dtype).unsqueeze(1).chunk(2, dim=2)  # each [N, 1, D]
         x = self.out(modulate(self.out_norm(x), shift, scale))  # [N, T, C_out p^2]
         return unpatchify(x, patch=p, height=H, width=W)

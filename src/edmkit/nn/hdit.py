@@ -10,7 +10,10 @@ neighbourhood attention is the same attention under a boolean mask (exact, but O
 O(L k^2)); shifted-window masks come from group ids (:func:`window_groups`); the noise level c_noise enters through
 edmkit's ``MPFourier`` features, one-hot labels through a linear map (N(0, 1) init, as k-diffusion's class
 embedding) and augment labels through a bias-free linear map, so zero labels add exactly zero (the trainer's null
-label, "not augmented"); a conditioning image is concatenated to the input by ``concat_cond``.
+label, "not augmented"); a conditioning image is concatenated to the input by ``concat_cond``. Added: a context
+token sequence [N, L, context_dim] (``context_dim > 0``) enters every layer through a pre-norm cosine cross-attention
+sub-layer (no RoPE: context tokens have no image position) between self-attention and feed-forward, its output
+zero-initialised like every residual branch; a null context row (zeros) skips it exactly (``unet.context_tokens``).
 
 Symbols: ``x`` [N, C, H, W] the preconditioned input; tokens [N, h, w, D] (h = H / p at the first level, halved at
 each further level), ``pos`` [h, w, 2] token centres (y, x) on [-1, 1], ``theta`` [heads, h, w, d/4] RoPE angles of a
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.nn.mp import MPFourier
-from edmkit.nn.unet import concat_cond
+from edmkit.nn.unet import concat_cond, context_tokens
 
 ATTENTION = ("global", "window", "neighborhood")  # config.HDIT_ATTENTION (kept there so configs validate without torch)
 
@@ -232,16 +235,45 @@ class SelfAttention(torch.nn.Module):
         return x + self.out(self.dropout(y))
 
 
-class Layer(torch.nn.Module):
-    """One transformer layer: self-attention, then feed-forward (hidden width 3 D, k-diffusion's default)."""
+class CrossAttention(torch.nn.Module):
+    """Pre-norm cosine cross-attention from the tokens to context tokens [N, L, D_ctx], with a residual connection."""
 
-    def __init__(self, width: int, head_channels: int, emb_features: int, *, kind: str, window: int, shift: int, dropout: float) -> None:
+    def __init__(self, width: int, head_channels: int, emb_features: int, context_dim: int, *, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_channels = width // head_channels, head_channels
+        self.norm = AdaRMSNorm(width, emb_features)
+        self.q = torch.nn.Linear(width, width, bias=False)
+        self.kv = torch.nn.Linear(context_dim, 2 * width, bias=False)
+        self.scale = torch.nn.Parameter(torch.full([self.heads], 10.0))
+        self.dropout = torch.nn.Dropout(dropout)
+        self.out = zero_linear(width, width)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        tokens, keep = context
+        n, h, w, width = x.shape
+        q = self.q(self.norm(x, emb)).view(n, h * w, self.heads, self.head_channels).transpose(1, 2)  # [N, heads, hw, d]
+        k, v = self.kv(tokens.to(x.dtype)).view(n, -1, 2, self.heads, self.head_channels).permute(2, 0, 3, 1, 4)  # [N, heads, L, d]
+        q, k = cosine_qk(q, k, self.scale.view(-1, 1, 1))
+        y = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0)  # cosine: no 1/sqrt(d)
+        y = self.out(self.dropout(y.transpose(1, 2).reshape(n, h, w, width)))
+        return torch.where(keep[:, None, None, None], x + y, x)  # null rows: exactly the network without context
+
+
+class Layer(torch.nn.Module):
+    """One transformer layer: self-attention, (cross-attention to the context,) then feed-forward (hidden width 3 D, k-diffusion's default)."""
+
+    def __init__(self, width: int, head_channels: int, emb_features: int, *, kind: str, window: int, shift: int, dropout: float,
+                 context_dim: int = 0) -> None:
         super().__init__()
         self.attn = SelfAttention(width, head_channels, emb_features, kind=kind, window=window, shift=shift, dropout=dropout)
+        self.xattn = CrossAttention(width, head_channels, emb_features, context_dim, dropout=dropout) if context_dim else None
         self.ff = FeedForward(width, 3 * width, emb_features, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.ff(self.attn(x, pos, emb), emb)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, emb: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attn(x, pos, emb)
+        if self.xattn is not None and context is not None:
+            x = self.xattn(x, emb, context)
+        return self.ff(x, emb)
 
 
 class TokenSplit(torch.nn.Module):
@@ -267,11 +299,12 @@ class HDiT(torch.nn.Module):
     def __init__(self, *, resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  cond_channels: int = 0, widths: tuple[int, ...], depths: tuple[int, ...], attention: tuple[str, ...],
                  patch_size: int, head_channels: int = 64, window_size: int = 7, mapping_channels: int = 256,
-                 mapping_depth: int = 2, dropout: float = 0.0) -> None:
+                 mapping_depth: int = 2, dropout: float = 0.0, context_dim: int = 0) -> None:
         super().__init__()
         if resolution % (patch_size * 2 ** (len(widths) - 1)):
             raise ValueError(f"HDiT cannot take {resolution}x{resolution} images with patch size {patch_size} and {len(widths)} levels")
         self.label_dim, self.augment_dim, self.cond_channels, self.patch_size = label_dim, augment_dim, cond_channels, patch_size
+        self.context_dim = context_dim
         m = mapping_channels
         self.patch_in = torch.nn.Linear((in_channels + cond_channels) * patch_size ** 2, widths[0], bias=False)
         self.emb_fourier = MPFourier(m)
@@ -287,7 +320,8 @@ class HDiT(torch.nn.Module):
         def level(i: int, first: int) -> torch.nn.ModuleList:
             """Layers first .. first + depths[i] - 1 of level i; windows shift on odd layers (Swin: every other layer)."""
             return torch.nn.ModuleList([Layer(widths[i], head_channels, m, kind=attention[i], window=window_size,
-                                              shift=window_size // 2 if attention[i] == "window" and j % 2 else 0, dropout=dropout)
+                                              shift=window_size // 2 if attention[i] == "window" and j % 2 else 0, dropout=dropout,
+                                              context_dim=context_dim)
                                         for j in range(first, first + depths[i])])
 
         last = len(widths) - 1
@@ -314,24 +348,27 @@ class HDiT(torch.nn.Module):
         return self.mapping_out(e)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None, augment_labels
-        [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] or None (zeros). Returns [N, C, H, W]."""
+        [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] or None (zeros), context [N, L, context_dim]
+        or None (zeros). Returns [N, C, H, W]."""
         emb = self.embedding(c_noise, labels, augment_labels)
+        ctx = context_tokens(context, context_dim=self.context_dim, batch=x.shape[0])
         x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C + C_cond, H, W]
         x = self.patch_in(merge_tokens(x.permute(0, 2, 3, 1), self.patch_size))  # [N, H/p, W/p, D0]
         pos = axial_positions(x.shape[1], x.shape[2], device=x.device)
         skips = []
         for layers, merge in zip(self.down, self.merges):
             for layer in layers:
-                x = layer(x, pos, emb)
+                x = layer(x, pos, emb, ctx)
             skips.append((x, pos))
             x, pos = merge(merge_tokens(x, 2)), merge_positions(pos)  # [N, h/2, w/2, D_next]
         for layer in self.mid:
-            x = layer(x, pos, emb)
+            x = layer(x, pos, emb, ctx)
         for layers, split, (skip, pos) in reversed(list(zip(self.up, self.splits, skips))):
             x = split(x, skip)  # [N, 2h, 2w, D]
             for layer in layers:
-                x = layer(x, pos, emb)
+                x = layer(x, pos, emb, ctx)
         x = split_tokens(self.patch_out(self.out_norm(x)), self.patch_size)  # [N, H, W, C]
         return x.permute(0, 3, 1, 2)

@@ -46,8 +46,11 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) / SILU_RMS
 
 
-def mp_sum(a: torch.Tensor, b: torch.Tensor, *, t: float = 0.5) -> torch.Tensor:
-    """Magnitude-preserving sum (EDM2 Eq. 88): ((1-t) a + t b) / sqrt((1-t)^2 + t^2)."""
+def mp_sum(a: torch.Tensor, b: torch.Tensor, *, t: float | torch.Tensor = 0.5) -> torch.Tensor:
+    """Magnitude-preserving sum (EDM2 Eq. 88): ((1-t) a + t b) / sqrt((1-t)^2 + t^2); t may be a learned 0-dim tensor."""
+    if isinstance(t, torch.Tensor):
+        t = t.to(a.dtype)
+        return a.lerp(b, t) / ((1 - t) ** 2 + t**2).sqrt()
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
 
 

@@ -22,6 +22,11 @@ Optional conditioning on augment labels (non-leaky augmentation, EDM App. C; ``a
 bias-free linear embedding of the labels added to the noise embedding (MP sum in G), zeros when not given.
 Optional conditioning image (cascade super-resolution, SR3; ``cond_channels > 0``): concatenated to the input
 channels, zeros when not given (``edmkit.sampling.cascade``; its noise-augmentation level rides on the augment labels).
+Optional context token sequence (cross-attention conditioning; ``context_dim > 0``): every block with self-attention
+also attends from its pixels to the context tokens (``Block._cross_attention``), magnitude-preserving in the same way
+(MP layers, cosine attention) and MP-summed into the main path with balance ``xattn_balance * xattn_gate``, the gate
+learned from 0 so the network starts unchanged. A null context row (all zeros, the trainer's dropped context) skips
+the branch exactly (``context_tokens``), as the zero one-hot is the null label.
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ class Block(torch.nn.Module):
         attn_balance: float = 0.3,
         clip_act: float | None = 256.0,
         switches: LadderSwitches | None = None,
+        context_dim: int = 0,
+        xattn_balance: float = 0.3,
     ) -> None:
         super().__init__()
         if flavor not in ("enc", "dec"):
@@ -148,8 +155,15 @@ class Block(torch.nn.Module):
         self.norm0 = group_norm_module(in_channels, switches=s)
         self.norm1 = group_norm_module(out_channels, switches=s)
         self.norm2 = group_norm_module(out_channels, switches=s) if self.num_heads else None
+        xattn = bool(self.num_heads and context_dim)  # cross-attention beside self-attention (context_dim > 0)
+        self.xattn_balance = xattn_balance
+        self.xattn_q = layer(out_channels, out_channels, (1, 1)) if xattn else None
+        self.xattn_kv = layer(context_dim, out_channels * 2) if xattn else None  # linear on tokens [N, L, D_ctx]
+        self.xattn_proj = layer(out_channels, out_channels, (1, 1)) if xattn else None
+        self.xattn_gate = torch.nn.Parameter(torch.zeros([])) if xattn else None  # balance multiplier: 0 = branch off
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, C_in, H, W], emb [N, E], context (tokens [N, L, D_ctx], keep [N] bool) from ``context_tokens`` or None."""
         s, mp = self.switches, self.switches.mp_fixed
         x = resample(x, mode=self.resample_mode)
         if self.pre_skip:
@@ -175,6 +189,11 @@ class Block(torch.nn.Module):
 
         if self.num_heads:
             x = add(x, self._attention(norm(x, self.norm2, switches=s)), mp=mp, t=self.attn_balance)
+        if self.xattn_q is not None and context is not None:
+            tokens, keep = context
+            t = self.xattn_balance * self.xattn_gate
+            y = mp_sum(x, self._cross_attention(norm(x, self.norm2, switches=s), tokens), t=t)
+            x = torch.where(keep[:, None, None, None], y, x)  # null rows: exactly the network without context
         if self.clip_act is not None:
             x = x.clamp(-self.clip_act, self.clip_act)
         return x
@@ -189,6 +208,20 @@ class Block(torch.nn.Module):
         q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
+
+    def _cross_attention(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Cross-attention from pixels x [N, C, H, W] to context tokens [N, L, D_ctx]: q from x (1x1 MP conv), k and v
+        from the tokens (MP linear); cosine attention from config C on, as in ``_attention``. Returns [N, C, H, W]."""
+        N, C, H, W = x.shape
+        heads, d, L = self.num_heads, C // self.num_heads, tokens.shape[1]
+        q = self.xattn_q(x).reshape(N * heads, d, H * W)
+        kv = self.xattn_kv(tokens.to(x.dtype)).transpose(1, 2).reshape(N * heads, d, 2, L)  # [N heads, d, 2, L]
+        if self.switches.cosine_attention:
+            q, kv = pixel_norm(q), pixel_norm(kv)  # unit RMS per head over d
+        q = q.reshape(N, heads, d, H * W).transpose(2, 3).contiguous()  # [N, heads, HW, d]
+        k, v = kv.reshape(N, heads, d, 2, L).permute(3, 0, 1, 4, 2).contiguous().unbind(0)  # each [N, heads, L, d]
+        y = F.scaled_dot_product_attention(q, k, v)  # [N, heads, HW, d]
+        return self.xattn_proj(y.transpose(2, 3).reshape(N, C, H, W))
 
 
 def encoder_blocks(*, in_channels: int, resolution: int, block_channels: list[int], num_blocks: int, emb_channels: int,
@@ -231,6 +264,23 @@ def concat_cond(x: torch.Tensor, cond: torch.Tensor | None, *, cond_channels: in
     return torch.cat([x, cond], dim=1)
 
 
+def context_tokens(context: torch.Tensor | None, *, context_dim: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cross-attention conditioning, for every backbone: check context [N, L, context_dim] and mark its non-null rows.
+
+    Returns (context, keep [N] bool: rows that are not all zeros), or None for no context. A row of zeros is the null
+    context (the trainer's dropped context): the networks keep their no-context result for it exactly (``torch.where``
+    on ``keep``), while still running the branch, so every parameter gets a gradient (DDP) and nothing syncs with the
+    host. A network without cross-attention (context_dim = 0) refuses a context.
+    """
+    if context is None:
+        return None
+    if not context_dim:
+        raise ValueError("a context given to a network without cross-attention (context_dim = 0)")
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim:
+        raise ValueError(f"context of shape {tuple(context.shape)} does not match [N={batch}, L, D={context_dim}]: pass [N, L, {context_dim}] tokens")
+    return context, context.flatten(1).ne(0).any(dim=1)  # keep [N]
+
+
 class UNet(torch.nn.Module):
     """EDM2 U-Net backbone F(x; c_noise, labels) for square images; ``ladder`` picks the EDM2 rung A-G (Table 1)."""
 
@@ -253,6 +303,7 @@ class UNet(torch.nn.Module):
         augment_dim: int = 0,
         augment_balance: float = 0.5,
         cond_channels: int = 0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -262,12 +313,13 @@ class UNet(torch.nn.Module):
         self.label_dim = label_dim
         self.augment_dim, self.augment_balance = augment_dim, augment_balance
         self.cond_channels = cond_channels  # cascade SR: conditioning-image channels concatenated to the input (SR3)
+        self.context_dim = context_dim  # cross-attention context token width (0 = none)
         self.model_channels = model_channels
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         block_channels = [model_channels * m for m in channel_mult]
         emb_channels = model_channels * emb_mult
-        block_kw = dict(channels_per_head=channels_per_head, dropout=dropout, switches=s)
+        block_kw = dict(channels_per_head=channels_per_head, dropout=dropout, switches=s, context_dim=context_dim)
         layer = functools.partial(learned_layer, switches=s)
         if s.adm_attention and levels > 1:  # config A: ADM also attends at the second-highest resolution (B drops it)
             attn_resolutions = tuple(attn_resolutions) + (resolution // 2,)
@@ -324,11 +376,13 @@ class UNet(torch.nn.Module):
         return act(emb, mp=mp)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None,
         augment_labels [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] conditioning image or None
-        (zeros). Returns [N, C, H, W]."""
+        (zeros), context [N, L, context_dim] tokens or None (zeros). Returns [N, C, H, W]."""
         s, mp = self.switches, self.switches.mp_fixed
+        ctx = context_tokens(context, context_dim=self.context_dim, batch=x.shape[0])
         emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device, augment_labels=augment_labels)
 
         x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C + C_cond, H, W]
@@ -338,12 +392,12 @@ class UNet(torch.nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
+            x = block(x) if name.endswith("_conv") else block(x, emb, ctx)
             skips.append(x)
         for name, block in self.dec.items():
             if "_block" in name:
                 x = cat(x, skips.pop(), mp=mp, t=self.concat_balance)
-            x = block(x, emb)
+            x = block(x, emb, ctx)
         if not s.pixel_norm:
             x = act(norm(x, self.out_norm, switches=s), mp=mp)
         return self.out_conv(x, gain=self.out_gain) if mp else self.out_conv(x)

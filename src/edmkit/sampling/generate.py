@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -132,6 +133,7 @@ def guided_denoiser(
     classifier: Callable | None = None,
     classifier_scale: float = 0.0,
     classifier_class: int | None = None,
+    context: torch.Tensor | None = None,
 ) -> Denoiser:
     """The denoiser a sampler runs, built from the guidance options (the one place they are combined).
 
@@ -159,6 +161,8 @@ def guided_denoiser(
         classifier: (x, sigma) -> logits [N, K] of a noise-aware classifier, or None.
         classifier_scale: s >= 0 (0 = no classifier guidance).
         classifier_class: class y of every image; None = the labels' class (needs a conditional model).
+        context: [N, L, D] cross-attention tokens of the images (the model's, and an autoguidance guide's); CFG's
+            unconditional branch gets the null context. None: no context.
 
     Returns:
         Denoiser ``(x [N,C,H,W], sigma [N], labels [N,L] | None) -> [N,C,H,W]``.
@@ -173,10 +177,14 @@ def guided_denoiser(
     if interval is not None:
         weight = guidance_interval(weight, sigma_lo=interval[0], sigma_hi=interval[1])
     guiding = oscillate is not None or guidance != 1
-    if guiding and guide is None and not label_dim:
-        raise ValueError("guidance needs a class-conditional model (for its unconditional branch) or a guide model (autoguidance)")
-    if guiding:
-        denoiser = guided(denoiser, guide, weight) if guide is not None else classifier_free(denoiser, weight)
+    if guiding and guide is None and not label_dim and context is None:
+        raise ValueError("guidance needs a class-conditional model or a context (for its unconditional branch), or a guide model (autoguidance)")
+    if guiding and guide is None:
+        denoiser = classifier_free(denoiser, weight, context=context)
+    elif context is not None:
+        denoiser, guide = (None if d is None else functools.partial(d, context=context) for d in (denoiser, guide))
+    if guiding and guide is not None:
+        denoiser = guided(denoiser, guide, weight)
     if classifier_scale < 0:
         raise ValueError(f"classifier guidance scale must be >= 0, got {classifier_scale}")
     if classifier_scale > 0:
@@ -190,7 +198,29 @@ def guided_denoiser(
     return denoiser
 
 
-GUIDANCE_OPTIONS = frozenset(inspect.signature(guided_denoiser).parameters) - {"denoiser", "sigmas", "label_dim"}
+GUIDANCE_OPTIONS = frozenset(inspect.signature(guided_denoiser).parameters) - {"denoiser", "sigmas", "label_dim", "context"}
+
+
+def load_context(path: str | Path, *, num_images: int, context_dim: int) -> torch.Tensor:
+    """Cross-attention context for ``generate --context``: a .npy array, or an .npz's ``context`` array, of [L, D]
+    (the same tokens for every image) or [num_images, L, D] (one sequence per seed, in seed order). Returns float32."""
+    path = Path(path)
+    if not context_dim:
+        raise ValueError(f"--context {path}: this model has no cross-attention (context_dim = 0)")
+    try:
+        array = np.load(path, allow_pickle=False)
+        if isinstance(array, np.lib.npyio.NpzFile):
+            with array as npz:
+                if "context" not in npz.files:
+                    raise ValueError(f"arrays {', '.join(npz.files)}")
+                array = npz["context"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"--context {path}: not a readable .npy, or .npz with a 'context' array ({e})") from None
+    if array.ndim not in (2, 3) or array.shape[-1] != context_dim or (array.ndim == 3 and len(array) != num_images):
+        raise ValueError(f"--context {path}: shape {array.shape} is neither [L, {context_dim}] nor [{num_images} images, L, {context_dim}]")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)) or not np.isfinite(array).all():
+        raise ValueError(f"--context {path}: context must be finite real numbers, got {array.dtype}")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 def class_labels(seeds: Sequence[int], *, label_dim: int, class_idx: int | None, device: torch.device | str) -> torch.Tensor:
@@ -231,11 +261,13 @@ def generate_images(
     device: torch.device | str = "cpu",
     progress: bool = False,
     callback: Callable | None = None,
+    context: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Sample one image per seed; returns float32 [len(seeds), C, H, W] in roughly [-1, 1] on the CPU.
 
     Labels: with ``label_dim > 0`` and ``class_idx=None`` each image draws its class from its own seed.
+    Context (cross-attention models): [L, D] tokens for every image or [len(seeds), L, D] one sequence per seed.
     `options` are guidance options — the keywords of :func:`guided_denoiser` (guidance, guide, interval,
     oscillate, oscillate_warmup, threshold, classifier, classifier_scale, classifier_class) — and options of
     the chosen sampler (heun: S_churn, S_tmin, S_tmax, S_noise; ddim: eta). A `guide` passed here is not checked
@@ -253,13 +285,18 @@ def generate_images(
     sample = get_sampler(sampler)
     _check_sampler_options(sample, sampler, sampler_kw)
     sigmas = sampling_sigmas(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)
-    denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, **guidance_kw)
+    if context is not None and context.ndim == 3 and len(context) != len(seeds):
+        raise ValueError(f"context has {len(context)} sequences for {len(seeds)} seeds: give [L, D] or one [L, D] per seed")
+    denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, **guidance_kw) if context is None else None
     out = []
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         batch_seeds = list(seeds[start:start + batch])
         rnd = SeededRandn(batch_seeds, device=device)
         noise = rnd.randn([channels, resolution, resolution])
         labels = class_labels(batch_seeds, label_dim=label_dim, class_idx=class_idx, device=device) if label_dim else None
+        if context is not None:  # the batch's tokens bound into the denoiser (CFG: the null context in its other branch)
+            tokens = context.expand(len(batch_seeds), *context.shape) if context.ndim == 2 else context[start:start + batch]
+            denoise = guided_denoiser(denoiser, sigmas=sigmas, label_dim=label_dim, context=tokens.to(device), **guidance_kw)
         kw = dict(sampler_kw)
         if "randn" in inspect.signature(sample).parameters:
             kw.setdefault("randn", rnd)  # stochastic samplers draw per-sample seeded noise too

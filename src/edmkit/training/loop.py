@@ -68,10 +68,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.preci
 
 
 def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: int, device: torch.device | str,
-               *, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               *, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Images [B, C, H, W] in [-1, 1] (or latents: a posterior sample each, drawn for the whole global batch from a
-    generator seeded by (seed, nimg)) and one-hot labels [B, L] (or None) for stream position ``nimg`` (only the
-    global-batch ``rows`` given, in their order: one process's shard)."""
+    generator seeded by (seed, nimg)), one-hot labels [B, L] (or None) and context tokens [B, L_ctx, D_ctx] (or None:
+    a network without cross-attention) for stream position ``nimg`` (only the global-batch ``rows`` given, in their
+    order: one process's shard)."""
     idx = sample_order(num_items=len(data), seed=cfg.train.seed, start=nimg, count=cfg.train.batch)
     if isinstance(data, LatentDataset):
         y = data.float_batch(idx, generator=torch.Generator().manual_seed(step_seed(cfg.train.seed, nimg, chunk=POSTERIOR_CHUNK)))
@@ -83,18 +84,20 @@ def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: 
     labels = None
     if cfg.network.label_dim:
         labels = F.one_hot(data.labels[idx], cfg.network.label_dim).to(device=device, dtype=torch.float32)
-    return y, labels
+    context = data.context[idx].to(device) if cfg.network.context_dim else None
+    return y, labels, context
 
 
 def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: torch.Tensor, labels: torch.Tensor | None,
-               *, shard: Shard | None = None) -> dict[str, float]:
+               *, shard: Shard | None = None, context: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step on this rank's rows ``y`` of the global batch (``shard``; default: ``y`` is the whole batch):
     noise, loss and backward over the accumulation rounds, Adam with the scheduled lr, EMA update. A step whose loss or
-    gradient is not finite is skipped (no Adam or EMA update) and counted in ``totals["skipped_steps"]``."""
+    gradient is not finite is skipped (no Adam or EMA update) and counted in ``totals["skipped_steps"]``. ``context``
+    [n, L, D]: cross-attention tokens of the rows (``p_uncond`` drops them to the null context with the labels)."""
     shard = shard or Shard(batch=y.shape[0], size=y.shape[0])
     state.sigma_probs = sigma_bin_probs(cfg, loss_fn, state.net, state.sigma_history)
-    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, bin_probs=state.sigma_probs)
-    sigma, noise, labels = draw.sigma, draw.noise, draw.labels
+    draw = step_noise(loss_fn, cfg, state.step, shard, y, labels, bin_probs=state.sigma_probs, context=context)
+    sigma, noise, labels, context = draw.sigma, draw.noise, draw.labels, draw.context
     y, augment_labels = step_augment(cfg, state.step, shard, y)
     cond, augment_labels = step_sr_condition(cfg, state.step, shard, y, augment_labels)
     lr = learning_rate(state.nimg + shard.batch, lr=cfg.optim.lr, ref_nimg=cfg.optim.lr_ref_nimg, warmup_nimg=cfg.optim.warmup_nimg)
@@ -102,7 +105,7 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
         group["lr"] = lr
     losses = None if state.sigma_history is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
     sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond,
-                                weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
+                                context=context, weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
     if state.sigma_history is not None:
         state.sigma_history.update(draw.bins, losses)
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before the norm, clipping and the finiteness check
@@ -119,7 +122,8 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
 def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, shard: Shard, y: torch.Tensor,
                          labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor,
                          augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                         weight: torch.Tensor | None = None, losses: torch.Tensor | None = None) -> torch.Tensor:
+                         context: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         losses: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, leaving in ``.grad`` the gradient of the global batch's mean loss.
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
@@ -138,7 +142,7 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
         part = slice(r * shard.size, (r + 1) * shard.size)
         torch.manual_seed(step_seed(cfg.train.seed, state.step, r * shard.world + shard.rank))  # dropout: per micro-batch
         with dist.ddp_sync(model, sync=r == shard.rounds - 1):
-            extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond)) if v is not None}
+            extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond), ("context", context)) if v is not None}
             net = functools.partial(model, **extra) if extra else model
             loss, mse = loss_fn(net, y[part], None if labels is None else labels[part], sigma=sigma[part], noise=noise[part])
             if weight is not None:
@@ -192,8 +196,11 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
     data = dataset_of(cfg)
     if n.label_dim and (data.labels is None or data.num_classes > n.label_dim):
         raise RunError(f"network has {n.label_dim} classes but the data has {data.num_classes or 'no'} labels")
-    if cfg.loss.p_uncond > 0 and not n.label_dim:
-        raise RunError(f"p_uncond = {cfg.loss.p_uncond} needs a class-conditional network (label_dim > 0)")
+    if cfg.loss.p_uncond > 0 and not n.label_dim and not n.context_dim:
+        raise RunError(f"p_uncond = {cfg.loss.p_uncond} needs a conditional network (label_dim or context_dim > 0)")
+    if n.context_dim and (getattr(data, "context", None) is None or data.context.shape[2] != n.context_dim):
+        have = "no" if getattr(data, "context", None) is None else f"width-{data.context.shape[2]}"
+        raise RunError(f"network attends to width-{n.context_dim} context tokens, but the data has {have} context (an npz 'context' [N, L, D])")
     if cfg.train.augment_p > 0 and cfg.train.task != "sr" and n.augment_dim != AUGMENT_DIM:  # sr: check_sr_config
         raise RunError(f"augment_p = {cfg.train.augment_p} needs augment conditioning: network.augment_dim = {AUGMENT_DIM} (got {n.augment_dim})")
     try:
@@ -309,8 +316,8 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
     tick = time.perf_counter()
     while state.nimg < end_nimg and not stop.requested():
         prev = state.nimg
-        y, labels = make_batch(data, cfg, state.nimg, device, rows=shard.rows())
-        window.append(train_step(state, loss_fn, cfg, y, labels, shard=shard))
+        y, labels, context = make_batch(data, cfg, state.nimg, device, rows=shard.rows())
+        window.append(train_step(state, loss_fn, cfg, y, labels, shard=shard, context=context))
         check_bad_streak(state, cfg, run_dir)
         bar.update(state.nimg - prev)
         bar.set_postfix(loss=f"{window[-1]['mse']:.4f}", refresh=False)

@@ -95,6 +95,7 @@ class StepNoise(NamedTuple):
     labels: torch.Tensor | None          # [n, L] labels after dropout
     weight: torch.Tensor | None = None   # [n] importance loss weights p_base / p (``sample_binned``)
     bins: torch.Tensor | None = None     # [batch] sigma bin of every row of the global batch, for the history update
+    context: torch.Tensor | None = None  # [n, L, D] context tokens after dropout (dropped rows: zeros, the null context)
 
 
 def sigma_bin_probs(cfg: ExperimentConfig, loss_fn: EDMLoss, net: Denoiser, history: SigmaLossHistory | None) -> torch.Tensor | None:
@@ -109,8 +110,11 @@ def sigma_bin_probs(cfg: ExperimentConfig, loss_fn: EDMLoss, net: Denoiser, hist
 
 
 def step_noise(loss_fn: EDMLoss, cfg: ExperimentConfig, step: int, shard: Shard, y: torch.Tensor,
-               labels: torch.Tensor | None, *, bin_probs: torch.Tensor | None = None) -> StepNoise:
-    """Sigma [n], unit noise [n, C, H, W] and dropped-out labels [n, L] for this rank's rows ``y`` [n, C, H, W].
+               labels: torch.Tensor | None, *, bin_probs: torch.Tensor | None = None, context: torch.Tensor | None = None) -> StepNoise:
+    """Sigma [n], unit noise [n, C, H, W], dropped-out labels [n, L] and context [n, L_ctx, D] for this rank's rows ``y``.
+
+    Dropout (``p_uncond``, for classifier-free guidance) zeroes the same rows of the labels and the context: a dropped
+    row is the fully unconditional input, the branch CFG guides away from.
 
     Drawn for the whole global batch from the step's generator, then this rank's rows are kept: the same numbers
     whatever the number of processes or accumulation rounds. With ``bin_probs`` (:func:`sigma_bin_probs`) sigma comes
@@ -125,10 +129,11 @@ def step_noise(loss_fn: EDMLoss, cfg: ExperimentConfig, step: int, shard: Shard,
         sigma, weight, bins = sample_binned(bin_probs, shard.batch, sigma_at=loss_fn.sigma_at, generator=g, device=y.device)
         sigma, weight = sigma[rows], weight[rows]
     noise = torch.randn((shard.batch, *y.shape[1:]), generator=g, device=y.device)[rows]
-    if labels is not None and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
+    if (labels is not None or context is not None) and cfg.loss.p_uncond > 0:  # drawn after sigma and noise: runs without dropout are unchanged
         keep = label_keep_mask(shard.batch, p_uncond=cfg.loss.p_uncond, generator=g, device=y.device)[rows]
-        labels = labels * keep[:, None].to(labels.dtype)
-    return StepNoise(sigma, noise, labels, weight, bins)
+        labels = None if labels is None else labels * keep[:, None].to(labels.dtype)
+        context = None if context is None else context * keep[:, None, None].to(context.dtype)
+    return StepNoise(sigma, noise, labels, weight, bins, context)
 
 
 AUGMENT_CHUNK = 2**22 - 1  # step_seed chunk of the augmentation generator: far above any micro-batch index

@@ -17,6 +17,8 @@ training loss falls is a necessary condition for memorizing the training set.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,6 +67,7 @@ class DenoisingProbe:
     labels: torch.Tensor | None                 # [N, L] one-hot float32, or None
     sigmas: tuple[float, ...]                   # the K fixed noise levels
     noise_seed: int                             # level k's noise [N, C, H, W] comes from seed (noise_seed, k)
+    context: torch.Tensor | None = None         # [N, L, D] cross-attention tokens of the images, or None
 
     def noise(self, k: int) -> torch.Tensor:
         """Unit noise [N, C, H, W] of level k, drawn on the CPU (the same on every device)."""
@@ -73,8 +76,9 @@ class DenoisingProbe:
 
 
 def make_probe(data: ImageDataset, indices: Sequence[int] | torch.Tensor, *, label_dim: int, sigmas: Sequence[float] | torch.Tensor,
-               noise_seed: int) -> DenoisingProbe:
-    """A probe of the images ``data[indices]`` at ``sigmas``; labels one-hot to ``label_dim`` classes (0: unconditional)."""
+               noise_seed: int, context_dim: int = 0) -> DenoisingProbe:
+    """A probe of the images ``data[indices]`` at ``sigmas``; labels one-hot to ``label_dim`` classes (0: unconditional);
+    with ``context_dim`` the images' context tokens too."""
     index = torch.as_tensor(indices, dtype=torch.int64)
     if len(index) == 0 or len(sigmas) == 0:
         raise ValueError("a denoising probe needs at least one image and one noise level")
@@ -83,7 +87,8 @@ def make_probe(data: ImageDataset, indices: Sequence[int] | torch.Tensor, *, lab
         if data.labels is None:
             raise ValueError(f"the network is class-conditional but {data.name} has no labels")
         labels = F.one_hot(data.labels[index], label_dim).to(torch.float32)  # [N, L]
-    return DenoisingProbe(data.float_batch(index), labels, tuple(float(s) for s in sigmas), noise_seed)  # latents: posterior means
+    context = data.context[index] if context_dim else None
+    return DenoisingProbe(data.float_batch(index), labels, tuple(float(s) for s in sigmas), noise_seed, context)  # latents: posterior means
 
 
 @torch.no_grad()
@@ -108,7 +113,8 @@ def probe_loss(net: torch.nn.Module, loss_fn: EDMLoss, probe: DenoisingProbe, *,
             for i in range(0, len(probe.y), batch):
                 yb, nb = probe.y[i:i + batch].to(device), noise[i:i + batch].to(device)
                 lb = None if probe.labels is None else probe.labels[i:i + batch].to(device)
-                _, mse = loss_fn(net, yb, lb, sigma=torch.full((len(yb),), sigma, device=device), noise=nb)
+                model = net if probe.context is None else functools.partial(net, context=probe.context[i:i + batch].to(device))
+                _, mse = loss_fn(model, yb, lb, sigma=torch.full((len(yb),), sigma, device=device), noise=nb)
                 out[k] += mse.double().sum().item()
         return out / len(probe.y)
     finally:
@@ -176,6 +182,6 @@ def make_validator(cfg: ExperimentConfig, train_data: ImageDataset, val_data: Im
     n = min(len(val_data), len(train_data))
     train_pick = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(t.seed))[:n]
     sigmas = loss_fn.sigma_quantiles(t.val_sigmas)
-    probes = [make_probe(d, idx, label_dim=cfg.network.label_dim, sigmas=sigmas, noise_seed=t.seed)
+    probes = [make_probe(d, idx, label_dim=cfg.network.label_dim, sigmas=sigmas, noise_seed=t.seed, context_dim=cfg.network.context_dim)
               for d, idx in ((val_data, torch.arange(len(val_data))), (train_data, train_pick))]
     return Validator(*probes, loss_fn, patience=t.val_patience, batch=t.batch, device=device, history=history)
