@@ -64,6 +64,11 @@ class LatentDataset:
                              self.name, self.encoder, self.class_names, None if self.flipped is None else (self.flipped[0][idx], self.flipped[1][idx]))
 
     @property
+    def context(self) -> None:
+        """Per-image context tokens: none in latent datasets (yet)."""
+        return None
+
+    @property
     def images(self) -> torch.Tensor:
         raise ValueError(f"{self.name} is a latent dataset: this needs images (pixels); use the dataset it was converted from")
 
