@@ -1,6 +1,7 @@
 """The built-in "mnist" detector: the shipped file is the recorded one, it classifies held-out digits, it loads offline
 through the registry and the CLI, and its FID orders real digits before collapsed or noisy ones."""
 
+import json
 import re
 from importlib import resources
 
@@ -64,15 +65,22 @@ def test_cli_metrics_ref_works_offline(tmp_path, monkeypatch, digits):
     assert (ref.detector, ref.detector_sha256, ref.n, ref.features.shape[1]) == ("mnist", MNIST.sha256, 200, 128)
     assert not (tmp_path / "empty-cache").exists()
     assert reference_detector(ref).spec is MNIST  # what metrics gen / train --eval-ref load when no --detector is given
+    res = CliRunner().invoke(main, ["metrics", "folder", "--images", str(tmp_path / "digits.npz"), "--ref", str(tmp_path / "ref.npz"),
+                                    "--metrics", "fid,is", "--out", str(tmp_path / "scores.json"), "--device", "cpu", "--quiet"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("not comparable to Inception") == 2  # the notice before, the note under the scores
+    assert "not comparable to Inception" in json.loads((tmp_path / "scores.json").read_text())["detector_note"]
 
 
 def test_fid_ranks_real_before_collapsed_and_noise(detector, digits):
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(digits.images), generator=g)[:1000]
     a, b = digits.images[perm[:500]], digits.images[perm[500:]]
+    ref_stats = feature_stats(detector(a))
 
     def fid(images):
-        return frechet_distance(*feature_stats(detector(images)), *feature_stats(detector(a)))
+        return frechet_distance(*feature_stats(detector(images)), *ref_stats)
 
     floor = fid(b)
     assert floor < fid(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
