@@ -56,8 +56,8 @@ def sample_size_notice(n: int) -> str | None:
 
 
 def evaluation_notices(ref: Reference, detector: Detector, *, n: int, resolution: int, channels: int) -> list[str]:
-    """The notices every evaluation prints once: the detector's own note (scores not comparable to Inception's), its input conversion, a reference of another image shape,
-    and n differing from the published 50,000 (empty when none applies)."""
+    """The notices every evaluation prints once: the detector's own note (e.g. scores not comparable to Inception's), its
+    input conversion, a reference of another image shape, and n differing from the published 50,000 (empty when none applies)."""
     lines = (detector.spec.note, conversion_notice(detector.spec, channels=channels, resolution=resolution),
              shape_notice(ref, resolution=resolution, channels=channels), sample_size_notice(n))
     return [line for line in lines if line]
