@@ -83,7 +83,7 @@ DINOV2 = DetectorSpec(
 
 MNIST = DetectorSpec(
     name="mnist", filename=WEIGHTS_FILE, url=None,
-    sha256="16cab4485cf967b3600135f633dd581cccf0e9c86006af1a6a245efc83c51607",
+    sha256="456e475c6db2c17afb6f7bf9def40acaa0ca1b9e20eddf82dbe9e9e1489fac5a",
     pixels="0-255", resolution=28, return_features=True,
     how_to_get="it ships with edmkit (edmkit/assets/mnist-detector.safetensors); reinstall edmkit, or rebuild it with "
                "benchmarks/train_mnist_detector.py",
