@@ -17,7 +17,8 @@ from edmkit.files import writer_lock
 def metrics_options(fn):
     """Options shared by the metrics commands."""
     for option in reversed([
-        click.option("--detector", default=None, help="Feature network: inception (the standard FID network; default), dinov2, or a TorchScript file path. Looked up in $EDMKIT_CACHE or ~/.cache/edmkit."),
+        click.option("--detector", default=None, help="Feature network: inception (the standard FID network; default), dinov2, mnist (built-in digit classifier, no download; "
+                     "its FIDs are not comparable to Inception FIDs), or a TorchScript file path. Looked up in $EDMKIT_CACHE or ~/.cache/edmkit."),
         click.option("--detector-sha256", default=None, help="Expected sha256 of the detector file (a mismatch is an error)."),
         click.option("--batch", type=int, default=64, show_default=True, help="Images per batch (does not change the results)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
@@ -93,9 +94,9 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
         echo = metrics_echo()
         ds = load_dataset(data)
         det = load_detector(detector or "inception", sha256=detector_sha256, device=dev, log=echo)
-        notice = conversion_notice(det.spec, channels=ds.images.shape[1], resolution=ds.images.shape[-1])
-        if notice:
-            echo(notice)
+        for notice in (det.spec.note, conversion_notice(det.spec, channels=ds.images.shape[1], resolution=ds.images.shape[-1])):
+            if notice:
+                echo(notice)
         ref = ev.compute_reference(ds.images, detector=det, source=str(data), batch=batch, max_features=max_features, progress=not quiet)
         if ev.dist.is_main():
             rf.save_reference(out, ref)

@@ -59,7 +59,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--eval-ref", default=None, help="Reference statistics for --eval-every (from `edmkit metrics ref`); checked before training starts.")
 @click.option("--eval-n", type=int, default=None, help="Images per in-training evaluation, seeds 0..n-1 (default 1000).")
 @click.option("--eval-steps", type=int, default=None, help="Heun steps of the evaluation images (default 18).")
-@click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2 or a TorchScript file (default: the reference's).")
+@click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2, mnist (built in, digits) or a TorchScript file (default: the reference's).")
 @click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr, is (default fid,kid).")
 @user_errors
 def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, classes, attn, **overrides) -> None:

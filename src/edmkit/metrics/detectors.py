@@ -1,4 +1,4 @@
-"""Feature detectors: TorchScript networks that map images to feature vectors, in a small registry.
+"""Feature detectors: networks that map images to feature vectors (TorchScript files, and the built-in digit detector), in a small registry.
 
 Registered detectors (``DETECTORS``; each a loader function):
     inception   The standard FID network: Inception-v3 of the 2015-12-05 TensorFlow graph, as the
@@ -11,6 +11,10 @@ Registered detectors (``DETECTORS``; each a loader function):
     dinov2      DINOv2 ViT-L/14 (Stein et al. 2023 use it for FD_DINOv2), as a TorchScript file you
                 export once (no official TorchScript release exists; see DINOV2.how_to_get).
                 Called as ``model(x)`` on ImageNet-normalised 224x224 images; 1024-d features.
+    mnist       edmkit's own digit classifier (``mnist_net.DigitNet``), trained on the embedded MNIST
+                digits and shipped in the package (``assets/mnist-detector.safetensors``, sha256 pinned):
+                no download. 28x28 gray digits; 128-d penultimate features and 10 class probabilities.
+                Its FIDs measure digits offline but are not comparable to Inception FIDs.
 A path to any other TorchScript file is a "torchscript" detector with the inception convention:
 ``model(x_float_0_255 [N, 3, H, W], return_features=True) -> [N, D]``, and class probabilities (for the
 Inception Score) from ``model(x, return_features=False) -> [N, K]`` (the inception file also takes
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.files import atomic_write, file_sha256
+from edmkit.metrics.mnist_net import WEIGHTS_FILE, load_digit_net, packaged_weights
 
 CACHE_ENV = "EDMKIT_CACHE"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,6 +64,7 @@ class DetectorSpec:
     return_features: bool       # call as model(x, return_features=True) instead of model(x)
     how_to_get: str             # where the file comes from, for error messages
     probs_kwargs: tuple[tuple[str, bool], ...] | None = None  # call as model(x, **kwargs) for class probabilities [N, K]; None: no class head
+    note: str | None = None     # printed with every evaluation and recorded in results (e.g. scores not comparable to Inception's)
 
 
 INCEPTION = DetectorSpec(
@@ -74,6 +80,15 @@ DINOV2 = DetectorSpec(
     name="dinov2", filename="dinov2-vitl14.pt", url=None, sha256=None, pixels="imagenet", resolution=224, return_features=False,
     how_to_get="export it once where torch.hub can reach GitHub: m = torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14').eval(); "
                "torch.jit.trace(m, torch.zeros(1, 3, 224, 224)).save('dinov2-vitl14.pt')")
+
+MNIST = DetectorSpec(
+    name="mnist", filename=WEIGHTS_FILE, url=None,
+    sha256="456e475c6db2c17afb6f7bf9def40acaa0ca1b9e20eddf82dbe9e9e1489fac5a",
+    pixels="0-255", resolution=28, return_features=True,
+    how_to_get="it ships with edmkit (edmkit/assets/mnist-detector.safetensors); reinstall edmkit, or rebuild it with "
+               "benchmarks/train_mnist_detector.py",
+    probs_kwargs=(("return_features", False),),
+    note="mnist detector: FID/KID/IS in the feature space of edmkit's digit classifier, not comparable to Inception FIDs")
 
 
 def generic_spec(path: Path) -> DetectorSpec:
@@ -231,8 +246,31 @@ def _registered_loader(spec: DetectorSpec) -> Callable[..., Detector]:
     return load
 
 
-DETECTORS: dict[str, Callable[..., Detector]] = {spec.name: _registered_loader(spec) for spec in (INCEPTION, DINOV2)}
-SPECS: dict[str, DetectorSpec] = {spec.name: spec for spec in (INCEPTION, DINOV2)}
+def load_mnist(path: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None, sha256: str | None = None,
+               allow_download: bool = True, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> Detector:
+    """Load the built-in mnist detector from `path`, else from the package (never downloaded; `cache` is not used).
+
+    Raises:
+        DetectorError: missing file, hash mismatch, or not a digit-detector file.
+    """
+    file = Path(path) if path else packaged_weights()
+    if not file.is_file():
+        raise DetectorError(_missing_message(MNIST, file))
+    digest = file_sha256(file)
+    expected = (sha256 or MNIST.sha256 or "").lower()
+    if digest != expected:
+        raise DetectorError(f"detector {file} has sha256 {digest}, expected {expected}: the file is damaged or a different "
+                            f"network ({MNIST.how_to_get})")
+    try:
+        module = load_digit_net(file, device=device)
+    except ValueError as e:
+        raise DetectorError(str(e)) from None
+    return Detector(module=module, spec=MNIST, path=file, sha256=digest, device=torch.device(device))
+
+
+DETECTORS: dict[str, Callable[..., Detector]] = {
+    **{spec.name: _registered_loader(spec) for spec in (INCEPTION, DINOV2)}, MNIST.name: load_mnist}
+SPECS: dict[str, DetectorSpec] = {spec.name: spec for spec in (INCEPTION, DINOV2, MNIST)}
 
 
 def load_detector(name_or_path: str | os.PathLike = "inception", *, cache: str | os.PathLike | None = None, sha256: str | None = None,
@@ -244,7 +282,7 @@ def load_detector(name_or_path: str | os.PathLike = "inception", *, cache: str |
     convention).
 
     Args:
-        name_or_path: "inception", "dinov2", or a path to a TorchScript file.
+        name_or_path: "inception", "dinov2", "mnist", or a path to a TorchScript file.
         cache: cache folder for registered detectors (default :func:`cache_dir`).
         sha256: expected hex sha256 of the file; a mismatch raises DetectorError.
         allow_download: download a missing registered detector when it has a URL.
@@ -258,4 +296,6 @@ def load_detector(name_or_path: str | os.PathLike = "inception", *, cache: str |
     if not path.suffix and not path.exists():
         raise DetectorError(f"unknown detector {name!r}: give one of {', '.join(DETECTORS)} or a TorchScript file path")
     spec = next((s for s in SPECS.values() if s.filename == path.name), None)
-    return load_torchscript(path, spec=spec or generic_spec(path), sha256=sha256, device=device)
+    if spec is not None:
+        return DETECTORS[spec.name](path, sha256=sha256, device=device)
+    return load_torchscript(path, spec=generic_spec(path), sha256=sha256, device=device)

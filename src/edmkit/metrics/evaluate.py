@@ -56,9 +56,9 @@ def sample_size_notice(n: int) -> str | None:
 
 
 def evaluation_notices(ref: Reference, detector: Detector, *, n: int, resolution: int, channels: int) -> list[str]:
-    """The notices every evaluation prints once: the detector's input conversion, a reference of another image shape,
-    and n differing from the published 50,000 (empty when none applies)."""
-    lines = (conversion_notice(detector.spec, channels=channels, resolution=resolution),
+    """The notices every evaluation prints once: the detector's own note (e.g. scores not comparable to Inception's), its
+    input conversion, a reference of another image shape, and n differing from the published 50,000 (empty when none applies)."""
+    lines = (detector.spec.note, conversion_notice(detector.spec, channels=channels, resolution=resolution),
              shape_notice(ref, resolution=resolution, channels=channels), sample_size_notice(n))
     return [line for line in lines if line]
 
@@ -248,8 +248,9 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 def result_info(ref: Reference, ref_path: str | os.PathLike, detector: Detector) -> dict:
     """What a results file records about the reference and the detector."""
-    return dict(ref=str(ref_path), ref_n=ref.n, ref_source=ref.source, detector=detector.spec.name, detector_path=str(detector.path),
+    info = dict(ref=str(ref_path), ref_n=ref.n, ref_source=ref.source, detector=detector.spec.name, detector_path=str(detector.path),
                 detector_sha256=detector.sha256)
+    return info | ({"detector_note": detector.spec.note} if detector.spec.note else {})
 
 
 def format_results(result: dict) -> list[str]:
@@ -269,6 +270,8 @@ def format_results(result: dict) -> list[str]:
         per = "".join(f"; repeat {i + 1}: {r['accepted']} of {r['tried']}" for i, r in enumerate(rows)) if len(rows) > 1 else ""
         lines.append(f"rejection  accepted {accepted} of {tried} candidates (rate {accepted / max(tried, 1):.1%}{per}); "
                      f"scored the first {rows[0]['n']} accepted per repeat")
+    if result.get("detector_note"):
+        lines.append(f"note: {result['detector_note']}")
     return lines
 
 
