@@ -204,6 +204,8 @@ def test_edmkit_autoencoder_beats_the_mean_image_resumes_exactly_and_encodes_a_d
     assert res.exit_code == 0 and "resuming" in res.output, res.output
     wa, wb = (load_file(str(tmp_path / run / "autoencoder.safetensors")) for run in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    res = r.invoke(main, [*args, "--run", str(tmp_path / "b"), "--duration", "1024"])  # nothing left to train: reports as it is
+    assert res.exit_code == 0 and f"PSNR {report['psnr']:.2f} dB" in res.output, res.output
     res = r.invoke(main, [*args, "--run", str(tmp_path / "b"), "--duration", "1024", "--kl-weight", "0.1"])
     assert res.exit_code != 0 and "another config" in res.output
 

@@ -96,6 +96,7 @@ def train_autoencoder(cfg: AEConfig, run_dir: str | Path, *, progress: bool = Tr
         report: dict[str, Any] = {}
         model.train()
         h = cfg.resolution // model.factor
+        shape = {"latent_shape": [cfg.latent_channels, h, h], "factor": model.factor, "parameters": sum(p.numel() for p in model.parameters())}
         with tqdm(total=cfg.total_nimg, initial=nimg, desc="autoencoder", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             try:
                 while nimg < cfg.total_nimg:
@@ -111,11 +112,12 @@ def train_autoencoder(cfg: AEConfig, run_dir: str | Path, *, progress: bool = Tr
                     bar.update(cfg.batch)
                     bar.set_postfix(rec=f"{parts['rec']:.4f}", kl=f"{parts['kl']:.3g}")
                     if nimg % cfg.state_nimg < cfg.batch or nimg >= cfg.total_nimg:
-                        report = {"nimg": nimg, **evaluate(model, val, train_mean), **parts, "latent_shape": [cfg.latent_channels, h, h],
-                                  "factor": model.factor, "parameters": sum(p.numel() for p in model.parameters())}
+                        report = {"nimg": nimg, **evaluate(model, val, train_mean), **parts, **shape}
                         save(report)
             except KeyboardInterrupt:
                 save({**report, "nimg": nimg, "interrupted": True})
                 log(f"interrupted at {nimg} images: state saved; run the same command to resume")
                 raise
+        if not report:  # already trained this long: report the weights as they are
+            report = {"nimg": nimg, **evaluate(model, val, train_mean), **shape}
         return report
