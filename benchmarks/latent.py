@@ -3,8 +3,9 @@
 Steps (all in one process, one machine, so the ratios hold however busy it is):
 1. train edmkit's KL autoencoder (``--ae-nimg`` images) and report its held-out PSNR and that of the mean image;
 2. encode the digits once into a latent dataset;
-3. measure the training speed of the same EDM2 U-Net recipe on pixels (28x28x1) and on latents (4x14x14), then train
-   each for ``--minutes`` of training time;
+3. measure the training speed of the same EDM2 U-Net recipe on pixels (28x28x1) and on latents (4x14x14) on a short
+   probe run, then train each for the images that fit ``--minutes`` at that speed (on a machine whose load changes,
+   the two runs' training times differ: both are reported);
 4. sample ``--n`` images from each (Heun, 18 steps; latents decoded), timing it, and write both grids;
 5. score both sample sets with edmkit's built-in digit detector (``--detector mnist``: FID on its own scale, not
    comparable to Inception FIDs) against the digits, beside the real-vs-real floor and the autoencoder's floor (its
@@ -68,6 +69,8 @@ def main() -> None:
     report = train_autoencoder(AEConfig(total_nimg=args.ae_nimg), out / "ae", progress=False, log=print)
     result["autoencoder"] = {**report, "train_sec": time.perf_counter() - t0}
     data = load_dataset("mnist5k")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))  # the file is sorted by class
+    ref, held = data.images[perm[args.n:]], data.images[perm[:args.n]]
     t0 = time.perf_counter()
     enc, mean, std = encode_measured(out / "ae" / "autoencoder.safetensors", data.images)
     write_latents(out / "digits-latents.npz", mean=mean, std=std, encoder=enc.spec, labels=data.labels, class_names=data.class_names)
@@ -86,11 +89,10 @@ def main() -> None:
         result[name]["sample_img_per_sec"] = args.n / (time.perf_counter() - t0)
         samples = float_to_images(x)
         save_image_grid(samples[:64], out / f"{name}-grid.png")
-        result[name]["fid_mnist"] = digit_fid(detector, samples, data.images[: args.n * 4])
+        result[name]["fid_mnist"] = digit_fid(detector, samples, ref)
         print(name, json.dumps(result[name]))
-    result["fid_mnist_real_floor"] = digit_fid(detector, data.images[args.n * 4: args.n * 5], data.images[: args.n * 4])
-    recon = reconstruct(out / "ae" / "autoencoder.safetensors", data.images[args.n * 4: args.n * 5])
-    result["fid_mnist_autoencoder_floor"] = digit_fid(detector, recon, data.images[: args.n * 4])
+    result["fid_mnist_real_floor"] = digit_fid(detector, held, ref)  # n real digits not in the reference
+    result["fid_mnist_autoencoder_floor"] = digit_fid(detector, reconstruct(out / "ae" / "autoencoder.safetensors", held), ref)
     (out / "latent.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
