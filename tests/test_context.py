@@ -15,24 +15,15 @@ from edmkit.cli import main
 from edmkit.config import CONTEXT_ARCHS, NetworkConfig
 from edmkit.nn.build import build_network
 from edmkit.nn.mp import mp_sum
-from edmkit.presets import get_preset
+from test_backbones import opened
+from test_backbones import tiny as backbones_tiny
 
 L, D = 3, 8  # context tokens per image and their width
 
 
 def tiny(arch: str, **network):
-    cfg = get_preset("tiny" if arch == "edm2-unet" else f"tiny-{arch}")
-    return cfg.override("network", **{"context_dim": D, **network})
-
-
-def opened(net: torch.nn.Module) -> torch.nn.Module:
-    """Give every all-zero parameter (zero-initialised outputs, gains, the cross-attention gate) random values."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return net
+    """test_backbones' tiny preset of ``arch`` with a context of width D (``network`` overrides it)."""
+    return backbones_tiny(arch, **{"context_dim": D, **network})
 
 
 def test_mp_sum_with_a_learned_balance_is_the_identity_at_zero_and_preserves_magnitude():

@@ -171,9 +171,6 @@ def _edm(path: Path, top: PersistentRecord) -> tuple[NetworkConfig, dict[str, to
         if out != channels and k.startswith("net.out_conv."):
             v = v[:channels]  # iDDPM: [eps, variance] -> eps (EDM's iDDPMPrecond uses the first C channels only)
         state[k] = v
-    fresh = build_denoiser(ExperimentConfig(network=n)).state_dict()
-    for k in ("logvar_fourier.freqs", "logvar_fourier.phases", "logvar_linear.weight"):
-        state[k] = fresh[k]  # EDM has no uncertainty head: edmkit's deterministic init (weights the training loss only)
     return n, state, f"EDM {top.class_name}/{model.class_name}"
 
 
@@ -212,6 +209,8 @@ def read_network(path: str | os.PathLike, *, stds: tuple[float, ...] | None = No
                                                                 encoder=json.dumps(encoder, sort_keys=True) if latent else ""))
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     net = build_denoiser(cfg)
+    if top.class_name != "Precond":  # EDM has no uncertainty head: edmkit's init (it weights the training loss only)
+        state.update({k: v for k, v in net.state_dict().items() if k.startswith(("logvar_fourier.", "logvar_linear."))})
     missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
     if missing or unexpected:
         detail = "; ".join(f"{what}: {', '.join(sorted(keys)[:4])}{' ...' if len(keys) > 4 else ''}"
