@@ -113,14 +113,17 @@ class StandardisedEncoder(Encoder):
 
     Args:
         source: the model's folder or file (recorded in the spec with its weights' sha256).
-        raw_mean, raw_std: per-channel mean / std of the raw latents (measured on the data, or EDM2's constants).
+        raw_mean, raw_std: per-channel mean / std of the raw latents (measured on the data, or EDM2's constants);
+            None: the raw latents unchanged (to measure them).
         final_std, final_mean: of the standardised latents.
         input_range: "[-1,1]" or "[0,1]" (EDM2 feeds Stable Diffusion's VAE [0, 1]).
     """
 
     def __init__(self, source: str | os.PathLike, model: torch.nn.Module, *, kind: str, channels: int, image_channels: int, factor: int,
-                 sha256: str, raw_mean: list[float], raw_std: list[float], final_std: float = 0.5, final_mean: float = 0.0,
-                 input_range: str = "[-1,1]", batch_size: int = 8) -> None:
+                 sha256: str, raw_mean: list[float] | None = None, raw_std: list[float] | None = None, final_std: float = 0.5,
+                 final_mean: float = 0.0, input_range: str = "[-1,1]", batch_size: int = 8) -> None:
+        if raw_mean is None or raw_std is None:  # no constants yet: final = raw (scale 1, bias 0), to measure them
+            raw_mean, raw_std = [final_mean] * channels, [final_std] * channels
         if input_range not in INPUT_RANGES:
             raise ValueError(f"unknown input range {input_range!r}; valid: {', '.join(INPUT_RANGES)}")
         if len(raw_mean) != channels or len(raw_std) != channels:
@@ -254,26 +257,11 @@ def encode_measured(source: str | os.PathLike, images: torch.Tensor, *, final_st
 
     Returns (the encoder with those constants, standardised posterior mean, std), each latent [N, c, h, w].
     """
-    enc = _unit(source, final_std=final_std, input_range=input_range, batch_size=batch_size)  # scale 1, bias 0: raw latents
+    enc = open_autoencoder(source, final_std=final_std, input_range=input_range, batch_size=batch_size)  # no constants: raw latents
     mean, std = enc.encode(images, progress=progress)
     enc = enc.with_constants(*posterior_moments(mean, std))
     scale, bias = enc._constants(mean)
     return enc, mean * scale + bias, std * scale
-
-
-def _unit(source: str | os.PathLike, *, final_std: float, **kw: Any) -> StandardisedEncoder:
-    """The autoencoder with constants that leave its raw latents unchanged (scale 1, bias 0)."""
-    source = Path(source)
-    if source.is_file():
-        from edmkit.latent.autoencoder import read_autoencoder_config
-
-        c = read_autoencoder_config(source).latent_channels
-    else:
-        import json
-
-        config = source / "config.json"
-        c = int(json.loads(config.read_text()).get("latent_channels", 4)) if config.is_file() else 4
-    return open_autoencoder(source, raw_mean=[0.0] * c, raw_std=[final_std] * c, final_std=final_std, **kw)
 
 
 def reconstruct(source: str | os.PathLike, images: torch.Tensor, *, input_range: str = "[-1,1]", batch_size: int = 8,
@@ -282,7 +270,7 @@ def reconstruct(source: str | os.PathLike, images: torch.Tensor, *, input_range:
     against the images' own reference is the floor a latent model's FID cannot beat."""
     from edmkit.data.images import float_to_images
 
-    enc = _unit(source, final_std=0.5, input_range=input_range, batch_size=batch_size)
+    enc = open_autoencoder(source, input_range=input_range, batch_size=batch_size)
     mean, _ = enc.encode(images, progress=progress)
     return torch.cat([float_to_images(enc.decode(chunk)) for chunk in mean.split(256)])
 
