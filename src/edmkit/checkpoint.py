@@ -30,6 +30,8 @@ from edmkit.nn.build import build_network
 FORMAT = "edmkit"
 FORMAT_VERSION = 1
 STATE_GLOB = "state-*.pt"
+EMA_CHOICE_DIR = "ema-choice"    # <run>/ema-choice/: the end-of-training EMA choice (training.ema_choice)
+EMA_CHOICE_FILE = "choice.json"  # its summary, written last
 
 
 class CheckpointError(ValueError):
@@ -144,8 +146,25 @@ def network_path(run_dir: str | os.PathLike, nimg: int, ema_std: float) -> Path:
     return Path(run_dir) / f"network-{nimg:012d}-{ema_std:.3f}.safetensors"
 
 
+def chosen_network(run_dir: str | os.PathLike) -> Path | None:
+    """The network of the run's end-of-training EMA choice (``training.ema_choice``) when it was made at the run's newest
+    snapshot; None otherwise (no choice, or training went on after it)."""
+    run_dir = Path(run_dir)
+    summary = run_dir / EMA_CHOICE_DIR / EMA_CHOICE_FILE
+    files = sorted(run_dir.glob("network-*.safetensors"))
+    if not summary.is_file() or not files:
+        return None
+    try:
+        choice = json.loads(summary.read_text())
+        path, nimg = run_dir / EMA_CHOICE_DIR / choice["network"], int(choice["nimg"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{summary}: damaged EMA-choice summary; delete the folder {summary.parent} to choose again") from None
+    return path if path.is_file() and nimg == read_network_metadata(files[-1])["nimg"] else None
+
+
 def find_network(source: str | os.PathLike, *, ema_std: float | None = None) -> Path:
-    """Resolve ``--checkpoint``: a network file, or a run folder (newest network file with the run's sampling EMA)."""
+    """Resolve ``--checkpoint``: a network file, or a run folder: its EMA choice (``chosen_network``), else its newest
+    network file with the run's sampling EMA; ``ema_std`` asks for that EMA instead."""
     source = Path(source)
     if source.is_file():
         return source
@@ -154,6 +173,8 @@ def find_network(source: str | os.PathLike, *, ema_std: float | None = None) -> 
     files = sorted(source.glob("network-*.safetensors"))
     if not files:
         raise CheckpointError(f"{source}: run folder has no network-*.safetensors files yet")
+    if ema_std is None and (chosen := chosen_network(source)) is not None:
+        return chosen
     if ema_std is None:
         cfg_file = source / "config.json"
         ema_std = ExperimentConfig.from_json(cfg_file.read_text()).ema.sample_std if cfg_file.is_file() else None

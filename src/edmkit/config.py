@@ -208,6 +208,12 @@ class OptimConfig:
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
 
+# the end-of-training EMA choice (EMAConfig.choose): "fid" scores with the in-training evaluation's reference (eval_ref) or,
+# on the embedded digits, the built-in digit detector; "auto" is "fid" where one of those fits the data, else "loss"
+# (the denoising loss on fixed images and noise); "off" keeps sample_std
+EMA_CHOICES = ("off", "auto", "fid", "loss")
+
+
 @dataclass(frozen=True)
 class EMAConfig:
     stds: tuple[float, ...] = (0.05, 0.10)      # power-function EMA profiles tracked (sigma_rel)
@@ -215,6 +221,9 @@ class EMAConfig:
     snapshot_nimg: int = 32_000                 # save EMA snapshots (for post-hoc EMA) every this many images
     snapshot_dtype: str = "float32"             # storage dtype of snapshot files: "float32" or "float16" (half the disk)
     snapshot_budget_mb: float = 0.0             # refuse to start when the expected snapshot disk use exceeds this (0 = no limit)
+    choose: str = "off"                         # at the end of training, pick the sampling EMA length by a post-hoc sweep (EMA_CHOICES)
+    choose_stds: tuple[float, ...] = (0.02, 0.03, 0.05, 0.07, 0.10, 0.14, 0.20)  # the sigma_rel grid of that sweep
+    choose_n: int = 500                         # with an FID score: images per sigma_rel, seeds 0..n-1 (the same noise for each)
 
     def __post_init__(self) -> None:
         _check(all(0 < s < 0.28 for s in self.stds), f"EMA stds must be in (0, 0.28), got {self.stds}")
@@ -222,6 +231,9 @@ class EMAConfig:
         _check(self.snapshot_nimg > 0, f"snapshot_nimg must be positive, got {self.snapshot_nimg}")
         _check(self.snapshot_dtype in ("float32", "float16"), f"snapshot_dtype must be 'float32' or 'float16', got {self.snapshot_dtype!r}")
         _check(self.snapshot_budget_mb >= 0, f"snapshot_budget_mb must be >= 0 (0 = no limit), got {self.snapshot_budget_mb}")
+        _check(self.choose in EMA_CHOICES, f"unknown EMA choice {self.choose!r}; valid: {', '.join(EMA_CHOICES)}")
+        _check(len(self.choose_stds) > 0 and all(0 < s < 0.28 for s in self.choose_stds), f"choose_stds must be in (0, 0.28), got {self.choose_stds}")
+        _check(self.choose_n >= 2, f"choose_n must be >= 2, got {self.choose_n}")
 
 
 def snapshot_disk_estimate(*, n_params: int, n_stds: int, snapshot_nimg: int, total_nimg: int, dtype: str = "float32") -> tuple[int, int]:

@@ -99,7 +99,6 @@ PRESETS["hdit-cifar10"] = PRESETS["cifar10"].override("network", **_HDIT, model_
 PRESETS["tiny-hdit"] = PRESETS["tiny"].override("network", arch="hdit", model_channels=16, channels_per_head=8, patch_size=2,
                                                 mapping_channels=32).override("optim", lr=2e-3)  # best of 5e-4..4e-3 (digits loss, 2k images)
 
-
 DEFAULT_PRESET = "mnist"
 
 
@@ -192,6 +191,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "batch_per_device": ("train", "batch_per_device"), "precision": ("train", "precision"), "compile": ("train", "compile"),
     "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"), "stop_when_flat": ("train", "stop_when_flat"),
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
+    "ema_choice": ("ema", "choose"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")
 DERIVED = ("ladder", "formulation", "cond", "context", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")
@@ -341,3 +341,5 @@ def _edm2_imagenet(size: str, *, latent: bool) -> ExperimentConfig:
 
 PRESETS.update({f"edm2-img512-{size}": _edm2_imagenet(size, latent=True) for size in _EDM2_512})
 PRESETS.update({f"edm2-img64-{size}": _edm2_imagenet(size, latent=False) for size in _EDM2_64})
+# every full-size preset ends with the EMA choice (training.ema_choice); the tiny ones (tests, smoke runs) do not
+PRESETS.update({name: cfg.override("ema", choose="auto") for name, cfg in PRESETS.items() if not name.startswith("tiny")})

@@ -10,7 +10,7 @@ import click
 
 from edmkit import dist
 from edmkit.cli._common import NIMG, check_output_target, main, parse_int_list, pick_device, user_errors
-from edmkit.config import ARCHS, FORMULATIONS, LADDER, PRECISIONS, SIGMA_SAMPLINGS
+from edmkit.config import ARCHS, EMA_CHOICES, FORMULATIONS, LADDER, PRECISIONS, SIGMA_SAMPLINGS
 from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_config
 
 
@@ -51,6 +51,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--snapshot-every", "snapshot_nimg", type=NIMG, default=None, help="Save EMA snapshots (for post-hoc EMA) every this many images.")
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Storage type of EMA snapshots (float16 halves the disk).")
 @click.option("--snapshot-budget", "snapshot_budget_mb", type=float, default=None, help="Refuse to start when the snapshots would exceed this many MB.")
+@click.option("--ema-choice", "ema_choice", type=click.Choice(EMA_CHOICES), default=None, help="At the end of training, pick the EMA length `generate --checkpoint RUN` samples by a post-hoc sweep (into RUN/ema-choice/): fid (against --eval-ref, or the built-in digit detector on the embedded digits), loss (denoising loss), auto (fid where a reference fits, else loss; the presets' default) or off.")
 @click.option("--augment", "augment_p", type=float, default=None, help="Non-leaky augmentation (EDM App. C): probability of each transform (flip, translation, scaling, rotation), e.g. 0.12; adds augment-label conditioning to the network.")
 @click.option("--task", type=click.Choice(["generate", "sr"]), default=None, help="generate (default) or sr: a cascade super-resolution stage conditioned on the low-res image (noise-conditioning augmentation).")
 @click.option("--sr-scale", type=int, default=None, help="sr: low-res factor (must divide the image size; default 2).")

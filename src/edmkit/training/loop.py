@@ -39,6 +39,7 @@ from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory, make_loss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.diffusion.schedules import learning_rate
 from edmkit.presets import check_sr_config
+from edmkit.training import ema_choice
 from edmkit.training.ema import PowerFunctionEMA
 from edmkit.training.monitor import (
     Evaluator,
@@ -221,6 +222,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | 
     device = dist.init(device)  # under torchrun: join the process group (gloo / nccl); a no-op in one process
     log = log if dist.is_main() else lambda s: None
     evaluator = make_evaluator(cfg, device=device, log=log)  # before the run folder is touched: a bad file leaves it as it was
+    ema_choice.score_kind(cfg)  # likewise: an EMA choice by FID without a reference
     with open_run_folder(run_dir, cfg, force=force):
         return run_in_folder(cfg, run_dir, device=device, end_nimg=min(stop_nimg or cfg.train.total_nimg, cfg.train.total_nimg),
                              progress=progress, log=log, loggers=loggers, evaluator=evaluator)
@@ -268,6 +270,8 @@ def run_in_folder(cfg: ExperimentConfig, run_dir: Path, *, device: torch.device,
                 raise KeyboardInterrupt  # Ctrl-C: the command exits 130
             state.stop_signal = signum  # SIGTERM (preemption, a scheduler, kill): a clean return on every rank, exit 0
             return state
+    if dist.is_main() and (state.nimg >= cfg.train.total_nimg or state.stop_reason):  # finished: pick the EMA generate samples
+        ema_choice.choose_ema(cfg, run_dir, device=device, log=log, progress=progress)
     dist.barrier()
     return state
 
