@@ -12,7 +12,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 
 
 @main.command()
-@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (the network its end-of-training EMA choice kept, else its newest network with the run's sampling EMA).")
 @click.option("--out", required=True, type=click.Path(), help="grid.png (one grid), images.npz (uint8 array) or a folder (one PNG per seed).")
 @click.option("--n", "n", type=int, default=None, help="Number of images (seeds 0..n-1). Default 64.")
 @click.option("--seeds", default=None, help="Explicit seeds, e.g. 0-63 or 1,5,9 (instead of --n).")
@@ -183,7 +183,7 @@ def write_images(x: torch.Tensor, out: Path, *, seeds: list[int]) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (the network its end-of-training EMA choice kept, else its newest network with the run's sampling EMA).")
 @click.option("--task", required=True, type=click.Choice(["inpaint", "sr"]), help="inpaint (needs --mask) or sr (super-resolution by --scale).")
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="inpaint: the image (model size); sr: the low-res image (model size / scale).")
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None, help="inpaint: PNG of the image's size, white (nonzero) = known pixel; 1 channel or the image's.")

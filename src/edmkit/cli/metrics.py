@@ -105,7 +105,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 
 
 @metrics_group.command("gen")
-@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (the network its end-of-training EMA choice kept, else its newest network with the run's sampling EMA).")
 @click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="Reference file from `edmkit metrics ref`.")
 @click.option("--n", "n", type=int, default=None, help="Images per repeat, seeds 0..n-1 (default 50000, as behind published FIDs).")
 @click.option("--seeds", default=None, help="Seeds of the first repeat, e.g. 0-49999 (instead of --n); repeat r shifts them by r times their span.")
@@ -292,7 +292,7 @@ def metrics_memorization(checkpoint, source, data, n, space, top, steps, out, de
 
 
 @metrics_group.command("probe")
-@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (its newest network with the run's sampling EMA).")
+@click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (the network its end-of-training EMA choice kept, else its newest network with the run's sampling EMA).")
 @click.option("--data", required=True, help='Labelled dataset: "mnist5k" or a path (converted to the network\'s resolution and channels).')
 @click.option("--sigma", type=float, default=0.5, show_default=True, help="Noise level the features are taken at.")
 @click.option("--block", default=None, help="U-Net block whose pooled output is probed, e.g. dec.7x7_in0 (default: the first decoder block).")
