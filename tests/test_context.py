@@ -96,6 +96,31 @@ def test_p_uncond_drops_the_same_rows_of_labels_and_context():
     assert torch.equal(alone.context, draw.context)  # the same draw with or without labels
 
 
+def test_a_folder_dataset_json_gives_each_image_its_context(tmp_path):
+    import json
+
+    from edmkit.data.dataset import load_dataset
+    from test_data import _png, write_folder
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    files = {f"{name}.png": _png(img) for name, img in zip("abc", images)}
+    ctx = {f"{name}.png": np.random.default_rng(i).standard_normal((2, 4)).round(3).tolist() for i, name in enumerate("abc")}
+
+    def load(context, folder):
+        meta = {"labels": [[f"{n}.png", i] for i, n in enumerate("abc")], "context": context}
+        return load_dataset(write_folder(tmp_path / folder, {**files, "dataset.json": json.dumps(meta).encode()}))
+
+    data = load([[name, ctx[name]] for name in ("c.png", "a.png", "b.png")], "ok")  # any order: matched by path
+    assert torch.equal(data.context, torch.tensor([ctx["a.png"], ctx["b.png"], ctx["c.png"]], dtype=torch.float32))
+    assert torch.equal(data.labels, torch.arange(3))
+    with pytest.raises(ValueError, match=r"dataset\.json: no context for 1 of 3 images, e\.g\. c\.png"):
+        load([[name, ctx[name]] for name in ("a.png", "b.png")], "missing")
+    with pytest.raises(ValueError, match=r"the context of b\.png has shape \(3, 4\).*a\.png, has \(2, 4\)"):
+        load([["a.png", ctx["a.png"]], ["b.png", ctx["b.png"] + [[0.0] * 4]], ["c.png", ctx["c.png"]]], "longer")
+    with pytest.raises(ValueError, match=r"the context of b\.png is not an \[L, D\] list of numbers"):
+        load([["a.png", ctx["a.png"]], ["b.png", [[1.0, 2.0], [1.0]]], ["c.png", ctx["c.png"]]], "ragged")
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
