@@ -121,6 +121,28 @@ def test_a_folder_dataset_json_gives_each_image_its_context(tmp_path):
         load([["a.png", ctx["a.png"]], ["b.png", [[1.0, 2.0], [1.0]]], ["c.png", ctx["c.png"]]], "ragged")
 
 
+def test_a_context_run_draws_its_grid_conditioned_on_the_first_contexts(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from edmkit.training.monitor import save_grid
+
+    cfg = tiny("dit").override("ema", sample_std=0).override("train", grid_n=4, sample_steps=2)
+    torch.manual_seed(0)
+    state = SimpleNamespace(net=opened(ckpt.build_denoiser(cfg)), nimg=0)
+    ctx = torch.randn(6, L, D)
+
+    def grid(context, name):
+        (tmp_path / name).mkdir()
+        return np.asarray(Image.open(save_grid(state, cfg, tmp_path / name, context=context)))
+
+    conditioned = grid(ctx, "ctx")
+    assert np.array_equal(conditioned, grid(ctx[:4], "first"))  # rows 0-3 of the dataset's context, one per image
+    assert not np.array_equal(conditioned, grid(None, "none"))
+    assert np.array_equal(grid(ctx[:1], "one"), grid(ctx[:1].expand(4, L, D), "repeated"))  # fewer rows than grid_n repeat
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -338,7 +338,7 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
         if main and (due(prev, state.nimg, cfg.ema.snapshot_nimg) or done):
             save_snapshot(state, cfg, run_dir)
         if main and (due(prev, state.nimg, cfg.train.grid_nimg) or done):
-            save_grid(state, cfg, run_dir)
+            save_grid(state, cfg, run_dir, context=data.context if cfg.network.context_dim else None)
         if main and (due(prev, state.nimg, cfg.train.state_nimg) or done):
             save_training_state(state, cfg, run_dir)
         if state.stop_reason is not None:
