@@ -36,6 +36,19 @@ def test_mp_sum_with_a_learned_balance_is_the_identity_at_zero_and_preserves_mag
     assert abs(mp_sum(a, b, t=torch.tensor(0.3)).square().mean().sqrt() - 1) < 0.05
 
 
+def test_feature_map_cross_attention_ignores_token_order_and_one_token_adds_its_value_everywhere():
+    from edmkit.nn.xattn import FeatureMapCrossAttention
+
+    torch.manual_seed(0)
+    xattn = opened(FeatureMapCrossAttention(8, D, num_heads=2, norm=torch.nn.GroupNorm(2, 8)))
+    x, tokens, keep = torch.randn(2, 8, 5, 3), torch.randn(2, 4, D), torch.tensor([True, True])
+    y = xattn(x, (tokens, keep))
+    torch.testing.assert_close(xattn(x, (tokens.flip(1), keep)), y)  # context tokens carry no position
+    one = tokens[:, :1]  # softmax over one key is 1: every pixel receives proj(v(token))
+    v = xattn.kv(one)[:, :, 8:]  # [N, 1, C] (keys, then values)
+    torch.testing.assert_close(xattn(x, (one, keep)), x + xattn.proj(v)[:, 0, :, None, None])
+
+
 @pytest.mark.parametrize("arch", CONTEXT_ARCHS)
 def test_context_starts_off_conditions_once_opened_and_zeros_mean_none(arch):
     torch.manual_seed(0)
