@@ -13,7 +13,9 @@ parameters and FLOPs grow at different rates than a U-Net's), in a fresh subproc
 
 Speeds are reported as ratios to edm2-unet measured in the same run (the machine's speed varies between days).
 
-    python benchmarks/backbones.py [--batch 32] [--steps 3] [--train-nimg 4k] [--archs dit,edm2-unet] [--out backbones.json]
+    python benchmarks/backbones.py [--batch 32] [--steps 3] [--train-nimg 4k] [--archs dit,edm2-unet] [--matches gflops] [--out backbones.json]
+
+``--matches gflops`` measures only the transformers' GFLOPs-matched rows (edm2-unet, the reference, is always measured).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def main() -> None:
     ap.add_argument("--train-nimg", default="4k")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: small, medium")
     ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated backbones (edm2-unet is the speed reference)")
+    ap.add_argument("--matches", default=",".join(MATCHES), help="comma-separated transformer rows: params, gflops")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", nargs=3, metavar=("ARCH", "SIZE", "MATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -130,7 +133,7 @@ def main() -> None:
     archs = ["edm2-unet"] + [a for a in args.archs.split(",") if a != "edm2-unet"]
     for size in args.sizes.split(","):
         for arch in archs:
-            for match in MATCHES if arch not in UNETS else MATCHES[:1]:
+            for match in args.matches.split(",") if arch not in UNETS else MATCHES[:1]:
                 cmd = [sys.executable, __file__, "--worker", arch, size, match, "--batch", str(args.batch), "--steps", str(args.steps),
                        "--train-nimg", args.train_nimg]
                 rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))

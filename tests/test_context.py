@@ -1,8 +1,10 @@
-"""Cross-attention conditioning on a context token sequence [N, L, D] (issue 27 item 3): edm2-unet, dit, hdit.
+"""Cross-attention conditioning on a context token sequence [N, L, D] (issue 27 item 3): every arch in CONTEXT_ARCHS
+(edm2-unet, ddpmpp, ncsnpp, adm, dit, hdit).
 
 Per backbone: the branch starts switched off, a context changes the output once opened, zeros == None exactly (the
-null context, per row), a wrong shape is a one-line error; the other archs refuse context_dim; the checkpoint file
-round trip is bit-exact; a tiny npz dataset with a context trains; ``edmkit generate --context`` with CFG runs.
+null context, per row), a wrong shape is a one-line error, the checkpoint file round trip is bit-exact, CFG guides from
+the null context; an arch outside CONTEXT_ARCHS refuses context_dim; a tiny npz dataset with a context trains;
+``edmkit generate --context`` with CFG runs.
 """
 
 import numpy as np
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 
 from edmkit import checkpoint as ckpt
 from edmkit.cli import main
+from edmkit import config
 from edmkit.config import CONTEXT_ARCHS, NetworkConfig
 from edmkit.nn.build import build_network
 from edmkit.nn.mp import mp_sum
@@ -31,6 +34,19 @@ def test_mp_sum_with_a_learned_balance_is_the_identity_at_zero_and_preserves_mag
     assert torch.equal(mp_sum(a, b, t=torch.tensor(0.0)), a)  # the gate at init: exactly the main path
     torch.testing.assert_close(mp_sum(a, b, t=torch.tensor(0.3)), mp_sum(a, b, t=0.3))
     assert abs(mp_sum(a, b, t=torch.tensor(0.3)).square().mean().sqrt() - 1) < 0.05
+
+
+def test_feature_map_cross_attention_ignores_token_order_and_one_token_adds_its_value_everywhere():
+    from edmkit.nn.xattn import FeatureMapCrossAttention
+
+    torch.manual_seed(0)
+    xattn = opened(FeatureMapCrossAttention(8, D, num_heads=2, norm=torch.nn.GroupNorm(2, 8)))
+    x, tokens, keep = torch.randn(2, 8, 5, 3), torch.randn(2, 4, D), torch.tensor([True, True])
+    y = xattn(x, (tokens, keep))
+    torch.testing.assert_close(xattn(x, (tokens.flip(1), keep)), y)  # context tokens carry no position
+    one = tokens[:, :1]  # softmax over one key is 1: every pixel receives proj(v(token))
+    v = xattn.kv(one)[:, :, 8:]  # [N, 1, C] (keys, then values)
+    torch.testing.assert_close(xattn(x, (one, keep)), x + xattn.proj(v)[:, 0, :, None, None])
 
 
 @pytest.mark.parametrize("arch", CONTEXT_ARCHS)
@@ -59,10 +75,11 @@ def test_a_wrong_context_is_a_one_line_error(arch):
         build_network(tiny(arch, context_dim=0).network)(x, c_noise, context=torch.randn(2, L, D))
 
 
-def test_backbones_without_cross_attention_refuse_context_dim():
-    for arch in ("ddpmpp", "ncsnpp", "adm"):
-        with pytest.raises(ValueError, match="supported by edm2-unet, dit, hdit only"):
-            NetworkConfig(arch=arch, context_dim=D)
+def test_an_arch_without_cross_attention_refuses_context_dim(monkeypatch):
+    monkeypatch.setattr(config, "CONTEXT_ARCHS", ("dit",))  # every arch has cross-attention today: pretend adm has none
+    NetworkConfig(arch="adm")
+    with pytest.raises(ValueError, match="supported by dit only, not adm"):
+        NetworkConfig(arch="adm", context_dim=D)
 
 
 @pytest.mark.parametrize("arch", CONTEXT_ARCHS)
@@ -90,6 +107,53 @@ def test_p_uncond_drops_the_same_rows_of_labels_and_context():
     assert torch.equal(draw.context[kept_ctx], ctx[kept_ctx])
     alone = step_noise(make_loss(cfg), cfg, 0, Shard(batch=64, size=64), y, None, context=ctx)
     assert torch.equal(alone.context, draw.context)  # the same draw with or without labels
+
+
+def test_a_folder_dataset_json_gives_each_image_its_context(tmp_path):
+    import json
+
+    from edmkit.data.dataset import load_dataset
+    from test_data import _png, write_folder
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    files = {f"{name}.png": _png(img) for name, img in zip("abc", images)}
+    ctx = {f"{name}.png": np.random.default_rng(i).standard_normal((2, 4)).round(3).tolist() for i, name in enumerate("abc")}
+
+    def load(context, folder):
+        meta = {"labels": [[f"{n}.png", i] for i, n in enumerate("abc")], "context": context}
+        return load_dataset(write_folder(tmp_path / folder, {**files, "dataset.json": json.dumps(meta).encode()}))
+
+    data = load([[name, ctx[name]] for name in ("c.png", "a.png", "b.png")], "ok")  # any order: matched by path
+    assert torch.equal(data.context, torch.tensor([ctx["a.png"], ctx["b.png"], ctx["c.png"]], dtype=torch.float32))
+    assert torch.equal(data.labels, torch.arange(3))
+    with pytest.raises(ValueError, match=r"dataset\.json: no context for 1 of 3 images, e\.g\. c\.png"):
+        load([[name, ctx[name]] for name in ("a.png", "b.png")], "missing")
+    with pytest.raises(ValueError, match=r"the context of b\.png has shape \(3, 4\).*a\.png, has \(2, 4\)"):
+        load([["a.png", ctx["a.png"]], ["b.png", ctx["b.png"] + [[0.0] * 4]], ["c.png", ctx["c.png"]]], "longer")
+    with pytest.raises(ValueError, match=r"the context of b\.png is not an \[L, D\] list of numbers"):
+        load([["a.png", ctx["a.png"]], ["b.png", [[1.0, 2.0], [1.0]]], ["c.png", ctx["c.png"]]], "ragged")
+
+
+def test_a_context_run_draws_its_grid_conditioned_on_the_first_contexts(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from edmkit.training.monitor import save_grid
+
+    cfg = tiny("dit").override("ema", sample_std=0).override("train", grid_n=4, sample_steps=2)
+    torch.manual_seed(0)
+    state = SimpleNamespace(net=opened(ckpt.build_denoiser(cfg)), nimg=0)
+    ctx = torch.randn(6, L, D)
+
+    def grid(context, name):
+        (tmp_path / name).mkdir()
+        return np.asarray(Image.open(save_grid(state, cfg, tmp_path / name, context=context)))
+
+    conditioned = grid(ctx, "ctx")
+    assert np.array_equal(conditioned, grid(ctx[:4], "first"))  # rows 0-3 of the dataset's context, one per image
+    assert not np.array_equal(conditioned, grid(None, "none"))
+    assert np.array_equal(grid(ctx[:1], "one"), grid(ctx[:1].expand(4, L, D), "repeated"))  # fewer rows than grid_n repeat
 
 
 def run(*args):
@@ -128,11 +192,12 @@ def test_an_npz_context_trains_and_generate_context_with_cfg_runs(tmp_path):
     assert res.exit_code != 0 and "--context needs per-image context tokens" in res.output
 
 
-def test_cfg_guides_from_the_null_context():
+@pytest.mark.parametrize("arch", CONTEXT_ARCHS)
+def test_cfg_guides_from_the_null_context(arch):
     from edmkit.diffusion.guidance import classifier_free
 
     torch.manual_seed(0)
-    net = ckpt.build_denoiser(tiny("hdit"))
+    net = ckpt.build_denoiser(tiny(arch))
     opened(net.net).eval()
     x, sigma, ctx = torch.randn(2, 1, 28, 28), torch.tensor([0.7, 3.0]), torch.randn(2, L, D)
     cond, uncond = net(x, sigma, context=ctx), net(x, sigma)

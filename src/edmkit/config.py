@@ -72,7 +72,7 @@ LADDER: dict[str, LadderSwitches] = {
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # the backbones with levels (channel_mult) and attn_resolutions
 ARCHS = (*UNETS, "dit", "hdit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
-CONTEXT_ARCHS = ("edm2-unet", "dit", "hdit")  # backbones with cross-attention to a context token sequence (context_dim > 0)
+CONTEXT_ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm", "dit", "hdit")  # backbones with cross-attention to a context token sequence (context_dim > 0)
 HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
@@ -109,7 +109,7 @@ class NetworkConfig:
     attn_kinds: tuple[str, ...] = ()            # hdit: attention per level: global, window (shifted), neighborhood; () = global each
     window_size: int = 7                        # hdit: window side (window) or kernel size (neighborhood), in tokens
     mapping_channels: int = 256                 # hdit: width of the mapping network (noise level, labels, augment labels)
-    context_dim: int = 0                        # cross-attention context token width (tokens [N, L, context_dim] per image); 0 = none; edm2-unet, dit, hdit
+    context_dim: int = 0                        # cross-attention context token width (tokens [N, L, context_dim] per image); 0 = none; CONTEXT_ARCHS
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)

@@ -293,7 +293,7 @@ def _context_width(cfg: ExperimentConfig) -> int:
 
     context = getattr(dataset_of(cfg), "context", None)
     if context is None:
-        raise ValueError(f"--context needs per-image context tokens, but {cfg.train.data} has none (an npz 'context' array [N, L, D])")
+        raise ValueError(f"--context needs per-image context tokens, but {cfg.train.data} has none (an npz 'context' array [N, L, D] or a dataset.json \"context\" entry per image)")
     return int(context.shape[2])
 
 

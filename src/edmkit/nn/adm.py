@@ -19,6 +19,10 @@ Initialisation: PyTorch's default U(+-1/sqrt(fan_in)) for weights and biases (wh
 sqrt(1/3) gives), unit-Gaussian class embedding (ADM's ``nn.Embedding``), and exactly zero for every
 residual branch's last conv (``conv1``), every attention ``proj``, the augment map (EDM) and ``out_conv``,
 so the network outputs exactly zero at init and the denoiser returns c_skip x.
+
+Context (``context_dim > 0``, issue 27): every block with self-attention then cross-attends from its pixels to the
+context tokens [N, L, context_dim] with the same heads (``xattn.FeatureMapCrossAttention``, output starting at zero);
+a null context row (zeros) leaves the block exactly as without context.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.nn.mp import resample
-from edmkit.nn.unet import concat_cond, num_groups, positional_embedding
+from edmkit.nn.unet import concat_cond, context_tokens, num_groups, positional_embedding
+from edmkit.nn.xattn import FeatureMapCrossAttention
 
 
 def group_norm(channels: int) -> torch.nn.GroupNorm:
@@ -59,10 +64,11 @@ def multi_head_attention(qkv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
 
 class ADMBlock(torch.nn.Module):
     """ADM residual block with adaptive group norm (guided-diffusion ``ResBlock``, ``use_scale_shift_norm=True``),
-    optional 2x resampling (average pool / nearest) and optional multi-head self-attention after it."""
+    optional 2x resampling (average pool / nearest) and optional multi-head self-attention after it; with attention and
+    ``context_dim > 0`` a multi-head cross-attention to the context tokens follows (``xattn.FeatureMapCrossAttention``)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, resample_mode: str = "keep",
-                 attention: bool = False, channels_per_head: int = 64, dropout: float = 0.0) -> None:
+                 attention: bool = False, channels_per_head: int = 64, dropout: float = 0.0, context_dim: int = 0) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.resample_mode = resample_mode
@@ -78,9 +84,12 @@ class ADMBlock(torch.nn.Module):
             self.norm2 = group_norm(out_channels)
             self.qkv = torch.nn.Conv2d(out_channels, 3 * out_channels, 1)
             self.proj = zero_conv(out_channels, out_channels, 1)
+        self.xattn = (FeatureMapCrossAttention(out_channels, context_dim, num_heads=self.num_heads, norm=group_norm(out_channels))
+                      if self.num_heads and context_dim else None)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x [N, C_in, H, W], emb [N, E] -> [N, C_out, H', W'] (H' = H/2, H or 2H by ``resample_mode``)."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, C_in, H, W], emb [N, E], context (tokens [N, L, D_ctx], keep [N]) from ``context_tokens`` or None
+        -> [N, C_out, H', W'] (H' = H/2, H or 2H by ``resample_mode``)."""
         h = resample(F.silu(self.norm0(x)), mode=self.resample_mode)  # ADM resamples between activation and conv
         h = self.conv0(h)  # [N, C_out, H', W']
         scale, shift = self.affine(emb)[:, :, None, None].to(h.dtype).chunk(2, dim=1)  # each [N, C_out, 1, 1]
@@ -90,6 +99,8 @@ class ADMBlock(torch.nn.Module):
         x = h + (self.skip(x) if self.skip is not None else x)
         if self.num_heads:
             x = x + self.attention(x)
+        if self.xattn is not None and context is not None:
+            x = self.xattn(x, context)
         return x
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,14 +136,14 @@ class ADMUNet(torch.nn.Module):
                  augment_dim: int = 0, cond_channels: int = 0, model_channels: int = 192,
                  channel_mult: tuple[int, ...] = (1, 2, 3, 4), num_blocks: int = 3,
                  attn_resolutions: tuple[int, ...] = (32, 16, 8), channels_per_head: int = 64,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, context_dim: int = 0) -> None:
         super().__init__()
         check_geometry(resolution=resolution, channel_mult=tuple(channel_mult), attn_resolutions=tuple(attn_resolutions),
                        model_channels=model_channels, channels_per_head=channels_per_head)
         self.label_dim, self.augment_dim, self.cond_channels = label_dim, augment_dim, cond_channels
-        self.model_channels = model_channels
+        self.model_channels, self.context_dim = model_channels, context_dim
         emb_channels = 4 * model_channels
-        block_kw = dict(emb_channels=emb_channels, channels_per_head=channels_per_head, dropout=dropout)
+        block_kw = dict(emb_channels=emb_channels, channels_per_head=channels_per_head, dropout=dropout, context_dim=context_dim)
 
         # Embedding: positional(c_noise) (+ augment) -> linear -> SiLU -> linear (+ label) -> SiLU (ADM's time_embed).
         self.map_augment = torch.nn.Linear(augment_dim, model_channels, bias=False) if augment_dim else None
@@ -200,19 +211,21 @@ class ADMUNet(torch.nn.Module):
         return F.silu(emb)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C_in, H, W], c_noise [N], labels [N, label_dim] or None, augment_labels [N, augment_dim] or None,
-        cond [N, cond_channels, H, W] or None (zeros). Returns [N, out_channels, H, W]."""
+        cond [N, cond_channels, H, W] or None (zeros), context [N, L, context_dim] or None (zeros). Returns [N, out_channels, H, W]."""
         emb = self.embedding(c_noise, labels, augment_labels)
+        ctx = context_tokens(context, context_dim=self.context_dim, batch=x.shape[0])
         x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C_in + C_cond, H, W]
 
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
+            x = block(x) if name.endswith("_conv") else block(x, emb, ctx)
             skips.append(x)
         for name, block in self.dec.items():
             if "_block" in name:
                 x = torch.cat([x, skips.pop()], dim=1)  # [N, C + C_skip, H, W]
-            x = block(x, emb)
+            x = block(x, emb, ctx)
         return self.out_conv(F.silu(self.out_norm(x)))

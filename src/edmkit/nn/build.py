@@ -34,7 +34,8 @@ def _common(n: NetworkConfig) -> dict:
     """The constructor arguments every other backbone shares."""
     return dict(resolution=n.resolution, in_channels=n.channels, out_channels=n.channels, label_dim=n.label_dim,
                 augment_dim=n.augment_dim, cond_channels=n.cond_channels, model_channels=n.model_channels,
-                channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions, dropout=n.dropout)
+                channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions, dropout=n.dropout,
+                context_dim=n.context_dim)
 
 
 def _song_unet(variant: str) -> Callable[[NetworkConfig], torch.nn.Module]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from edmkit.nn.unet import concat_cond, context_tokens, positional_embedding
+from edmkit.nn.xattn import cross_attention
 
 NOISE_CHANNELS = 256  # width of the sinusoidal noise embedding before the MLP (DiT's frequency embedding size)
 
@@ -67,14 +68,6 @@ def self_attention(qkv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
     # -> q, k, v each [N, heads, T, d], contiguous (SDPA on CPU is much slower on strided input)
     q, k, v = qkv.reshape(N, T, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, T, D3 // 3)
-
-
-def cross_attention(q: torch.Tensor, kv: torch.Tensor, *, num_heads: int) -> torch.Tensor:
-    """Multi-head cross-attention softmax(q k^T / sqrt(d)) v from T tokens to L context tokens: q [N, T, D], kv [N, L, 2D] -> [N, T, D]."""
-    N, T, D = q.shape
-    q = q.reshape(N, T, num_heads, D // num_heads).transpose(1, 2).contiguous()  # [N, heads, T, d]
-    k, v = kv.reshape(N, kv.shape[1], 2, num_heads, D // num_heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [N, heads, L, d]
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, T, D)
 
 
 def zero_linear(in_features: int, out_features: int) -> torch.nn.Linear:

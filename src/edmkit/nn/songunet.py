@@ -18,6 +18,9 @@ input alongside) -> decoder (two blocks at the lowest resolution, the first with
 ``num_blocks + 1`` blocks that each take a skip) -> GroupNorm, SiLU, 3x3 output conv (per level and upsampled-summed in
 the skip decoder). A block is BigGAN-style: GroupNorm, SiLU, conv (resampling inside), + embedding (added, not
 scale-shift), GroupNorm, SiLU, dropout, conv; residual sums scaled by sqrt(1/2); single-head self-attention after it.
+With ``context_dim > 0`` (cross-attention conditioning, issue 27) every block with self-attention then attends to the
+context tokens [N, L, context_dim] (``xattn.FeatureMapCrossAttention``, single head, output starting at zero); these
+``xattn.*`` parameters exist only then, so context-free networks and EDM's weights are unchanged.
 
 Parameter names and shapes follow EDM's released ``SongUNet`` (map_*, enc/dec ``{res}x{res}_*``, norm0/conv0/affine/
 norm1/conv1/skip/norm2/qkv/proj), so its weights map one to one: drop its fixed ``resample_filter`` buffers, which are
@@ -37,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edmkit.nn.unet import concat_cond, num_groups
+from edmkit.nn.unet import concat_cond, context_tokens, num_groups
+from edmkit.nn.xattn import FeatureMapCrossAttention
 
 VARIANTS = MappingProxyType({
     "ddpmpp": MappingProxyType({"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
@@ -127,10 +131,12 @@ class Conv2d(torch.nn.Module):
 
 class Block(torch.nn.Module):
     """Residual block of DDPM++ / NCSN++ (BigGAN-style, Song et al. 2021 App. H), optionally resampling, optionally
-    followed by single-head self-attention. The embedding is added between the convs; both sums are scaled by sqrt(1/2)."""
+    followed by single-head self-attention. The embedding is added between the convs; both sums are scaled by sqrt(1/2).
+    With attention and ``context_dim > 0``, a single-head cross-attention to the context tokens follows the self-attention
+    (``xattn.FeatureMapCrossAttention``: its own GroupNorm, plain residual, output starting at zero)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, mode: str = "keep", attention: bool = False,
-                 dropout: float = 0.0, resample_filter: tuple[int, ...] = (1, 1)) -> None:
+                 dropout: float = 0.0, resample_filter: tuple[int, ...] = (1, 1), context_dim: int = 0) -> None:
         super().__init__()
         self.out_channels, self.dropout = out_channels, dropout
         resampling = {"mode": mode, "resample_filter": resample_filter}
@@ -143,14 +149,19 @@ class Block(torch.nn.Module):
         self.norm2 = group_norm(out_channels) if attention else None
         self.qkv = Conv2d(out_channels, out_channels * 3, 1, scale=math.sqrt(0.2)) if attention else None
         self.proj = Conv2d(out_channels, out_channels, 1, scale=1e-5) if attention else None
+        self.xattn = (FeatureMapCrossAttention(out_channels, context_dim, num_heads=1, norm=group_norm(out_channels))
+                      if attention and context_dim else None)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, C_in, H, W], emb [N, E], context (tokens [N, L, D_ctx], keep [N]) from ``context_tokens`` or None -> [N, C_out, H', W']."""
         y = self.conv0(F.silu(self.norm0(x)))  # [N, C_out, H', W']
         y = F.silu(self.norm1(y + self.affine(emb)[:, :, None, None].to(y.dtype)))
         y = self.conv1(F.dropout(y, p=self.dropout, training=self.training))
         x = (y + (self.skip(x) if self.skip is not None else x)) * math.sqrt(0.5)
         if self.qkv is not None:
             x = (self.proj(self._attention(self.norm2(x))) + x) * math.sqrt(0.5)
+        if self.xattn is not None and context is not None:
+            x = self.xattn(x, context)
         return x
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,6 +275,7 @@ class SongUNet(torch.nn.Module):
         resample_filter: tuple[int, ...] = (1, 1),
         channel_mult_noise: int = 1,
         fourier_scale: float = 16.0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         for name, value, valid in (("embedding_type", embedding_type, ("positional", "fourier")),
@@ -279,8 +291,8 @@ class SongUNet(torch.nn.Module):
             raise ValueError(f"resample_filter {tuple(resample_filter)} needs an even number of taps, e.g. (1, 1) or (1, 3, 3, 1)")
         emb_channels = model_channels * channel_mult_emb
         self.label_dim, self.augment_dim, self.cond_channels = label_dim, augment_dim, cond_channels
-        self.noise_channels, self.resample_filter = noise_channels, tuple(resample_filter)
-        block = {"emb_channels": emb_channels, "dropout": dropout, "resample_filter": self.resample_filter}
+        self.noise_channels, self.resample_filter, self.context_dim = noise_channels, tuple(resample_filter), context_dim
+        block = {"emb_channels": emb_channels, "dropout": dropout, "resample_filter": self.resample_filter, "context_dim": context_dim}
         levels_kw = {"resolution": resolution, "model_channels": model_channels, "channel_mult": tuple(channel_mult),
                      "num_blocks": num_blocks, "attn_resolutions": tuple(attn_resolutions)}
 
@@ -312,14 +324,17 @@ class SongUNet(torch.nn.Module):
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x [N, C, H, W], c_noise [N], labels [N, label_dim] one-hot or None (zeros), augment_labels
-        [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] or None (zeros). Returns [N, out_channels, H, W]."""
+        [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] or None (zeros), context [N, L, context_dim]
+        or None (zeros). Returns [N, out_channels, H, W]."""
         emb = self._embedding(c_noise, labels, augment_labels)
-        x, skips = self._encode(concat_cond(x, cond, cond_channels=self.cond_channels), emb)  # [N, C + C_cond, H, W] in
-        return self._decode(x, skips, emb)
+        ctx = context_tokens(context, context_dim=self.context_dim, batch=x.shape[0])
+        x, skips = self._encode(concat_cond(x, cond, cond_channels=self.cond_channels), emb, ctx)  # [N, C + C_cond, H, W] in
+        return self._decode(x, skips, emb, ctx)
 
-    def _encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, x: torch.Tensor, emb: torch.Tensor, ctx: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encoder pass; returns the lowest-resolution activation and the skips (the aux layers update the last one)."""
         aux, skips = x, []
         for name, layer in self.enc.items():
@@ -331,12 +346,12 @@ class SongUNet(torch.nn.Module):
             elif name.endswith("_aux_residual"):
                 x = skips[-1] = aux = (x + layer(aux)) * math.sqrt(0.5)
             else:
-                x = layer(x, emb)
+                x = layer(x, emb, ctx)
             if "_aux_" not in name:
                 skips.append(x)
         return x, skips
 
-    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, ctx: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Decoder pass; returns the output [N, out_channels, H, W] (skip decoder: upsampled running sum of the heads)."""
         out = None
         for name, layer in self.dec.items():
@@ -348,5 +363,5 @@ class SongUNet(torch.nn.Module):
             else:
                 if "_block" in name:
                     x = torch.cat([x, skips.pop()], dim=1)  # [N, C + C_skip, H, W]
-                x = layer(x, emb)
+                x = layer(x, emb, ctx)
         return out

@@ -201,7 +201,7 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
         raise RunError(f"p_uncond = {cfg.loss.p_uncond} needs a conditional network (label_dim or context_dim > 0)")
     if n.context_dim and (getattr(data, "context", None) is None or data.context.shape[2] != n.context_dim):
         have = "no" if getattr(data, "context", None) is None else f"width-{data.context.shape[2]}"
-        raise RunError(f"network attends to width-{n.context_dim} context tokens, but the data has {have} context (an npz 'context' [N, L, D])")
+        raise RunError(f"network attends to width-{n.context_dim} context tokens, but the data has {have} context (an npz 'context' [N, L, D] or dataset.json \"context\" entries)")
     if cfg.train.augment_p > 0 and cfg.train.task != "sr" and n.augment_dim != AUGMENT_DIM:  # sr: check_sr_config
         raise RunError(f"augment_p = {cfg.train.augment_p} needs augment conditioning: network.augment_dim = {AUGMENT_DIM} (got {n.augment_dim})")
     try:
@@ -342,7 +342,7 @@ def training_loop(state: TrainState, cfg: ExperimentConfig, data: ImageDataset, 
         if main and (due(prev, state.nimg, cfg.ema.snapshot_nimg) or done):
             save_snapshot(state, cfg, run_dir)
         if main and (due(prev, state.nimg, cfg.train.grid_nimg) or done):
-            save_grid(state, cfg, run_dir)
+            save_grid(state, cfg, run_dir, context=data.context if cfg.network.context_dim else None)
         if main and (due(prev, state.nimg, cfg.train.state_nimg) or done):
             save_training_state(state, cfg, run_dir)
         if state.stop_reason is not None:

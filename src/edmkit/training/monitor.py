@@ -316,14 +316,20 @@ def sampling_net(state: TrainState, cfg: ExperimentConfig) -> Denoiser:
     return net
 
 
-def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``."""
+def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, context: torch.Tensor | None = None) -> Path:
+    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``.
+
+    A context run passes the dataset's context [N, L, D]: image i of the grid is conditioned on its row i (the first
+    ``grid_n`` rows, repeated when N is smaller), so the grid shows conditioned samples, the same at every image count.
+    """
     net = sampling_net(state, cfg)
     was_training = net.training
     net.eval()
     n = cfg.network
+    if context is not None:
+        context = context[torch.arange(cfg.train.grid_n) % len(context)]  # [grid_n, L, D]
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
-                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device)
+                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, context=context)
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
     save_image_grid(decoder_of(cfg.train.encoder)(x), path)
