@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from edmkit.diffusion.inverse import projected
+from edmkit.diffusion.operators import downsample
 from edmkit.diffusion.samplers import SAMPLERS, sample_heun
 from edmkit.diffusion.schedules import karras_sigmas
 from edmkit.diffusion.video import (
@@ -23,7 +24,6 @@ from edmkit.diffusion.video import (
     sample_long,
     window_starts,
 )
-from edmkit.diffusion.operators import downsample
 
 T, RHO = 6, 0.9
 

@@ -67,7 +67,7 @@ def frame_mask(frames: int, known: list[int] | tuple[int, ...] | range) -> Tenso
         frames: T, the clip length.
         known: indices of the known frames, each in [0, T).
     """
-    idx = sorted(set(int(i) for i in known))
+    idx = sorted({int(i) for i in known})
     if not idx:
         raise ValueError("no known frames: nothing to condition on")
     if idx[0] < 0 or idx[-1] >= frames:
