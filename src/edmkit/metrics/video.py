@@ -266,7 +266,7 @@ def motion_checks(clips: torch.Tensor, *, classifier: Detector | None = None, th
 
 # Limits of the flicker flags, measured on bouncing-digit clips (2 MNIST digits, 64x64, 20 frames, 2.5 px/frame): real
 # clips give mass_cv ≈ 0.03, count_changes ≈ 0.10 (digits overlap), acceleration ≈ 0.7 (integer positions); frames of
-# shuffled or independent clips give ≥ 0.26 count changes and ≥ 13 px/frame² (benchmarks/video_metrics.py).
+# shuffled or independent clips give ≥ 0.33 count changes and ≥ 13 px/frame² (benchmarks/video_metrics.py, 64 clips).
 FLICKER_LIMITS = dict(mass_cv=0.1, count_changes=0.2, acceleration=2.0)
 
 
