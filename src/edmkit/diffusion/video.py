@@ -215,6 +215,7 @@ def sample_long(
     w_r: float = 0.0,
     labels: Tensor | None = None,
     randn: Randn | None = None,
+    device: torch.device | str = "cpu",
     **sampler_kw,
 ) -> Tensor:
     """Autoregressive long video (VDM Sec. 3.1): windows of T frames, each an extension of the previous one's last frames.
@@ -232,6 +233,7 @@ def sample_long(
         w_r: reconstruction-guidance weight of the new frames.
         labels: [N, L] conditioning or None.
         randn: noise source ``randn(x) -> ε`` shaped like x (e.g. ``SeededRandn``: clip k reproducible); default torch.randn_like.
+        device: where the clips live (the denoiser's device).
         **sampler_kw: passed to `sample`.
 
     Returns:
@@ -241,7 +243,7 @@ def sample_long(
         raise ValueError(f"shape must be (N, C, T, H, W), got {tuple(shape)}")
     n, c, t, h, w = shape
     noise_fn = torch.randn_like if randn is None else randn
-    template = torch.zeros(shape, device=sigmas.device)
+    template = torch.zeros(shape, device=device)
     out = template.new_zeros(n, c, total, h, w)
     done = 0
     for s in window_starts(total, window=t, overlap=overlap):
