@@ -15,7 +15,8 @@ def run(*args):
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["generate"], ["phema"], ["restore"], ["report"], ["dataset", "convert"], ["dataset", "info"],
-                                 ["metrics", "ref"], ["metrics", "gen"], ["metrics", "folder"], ["metrics", "memorization"], ["metrics", "probe"]])
+                                 ["metrics", "ref"], ["metrics", "gen"], ["metrics", "folder"], ["metrics", "memorization"], ["metrics", "probe"],
+                                 ["metrics", "video"]])
 def test_help(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output

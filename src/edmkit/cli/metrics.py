@@ -67,6 +67,7 @@ def metrics_group() -> None:
       edmkit metrics ref --data cifar-10-python.tar.gz --out refs/cifar10.npz
       edmkit metrics gen --checkpoint runs/cifar10 --ref refs/cifar10.npz --n 50000 --repeats 3
       edmkit metrics folder --images samples/ --ref refs/cifar10.npz
+      edmkit metrics video real.npz samples.npz --detector i3d_torchscript.pt   (FVD / KVD of clips)
       edmkit metrics probe --checkpoint runs/mnist --data mnist5k --sigma 0.5
       edmkit metrics memorization --checkpoint runs/mnist --n 1000 --out pairs.png
       torchrun --nproc_per_node 8 -m edmkit metrics gen --seeds 0-49999 ...   (each rank a slice; torchrun mistakes --n for its own options)
@@ -236,6 +237,71 @@ def metrics_folder(source, ref_path, n, autoencoder, vae_input, repeats, metric_
     if autoencoder is not None:
         result.update(reconstructed_by=str(autoencoder))
     finish_metrics(result, out_path, echo)
+
+
+@metrics_group.command("video")
+@click.argument("real", type=click.Path(exists=True))
+@click.argument("gen", type=click.Path(exists=True))
+@click.option("--detector", default="i3d", show_default=True, help="FVD / KVD network: i3d (StyleGAN-V's i3d_torchscript.pt, from $EDMKIT_CACHE or "
+              "~/.cache/edmkit, downloaded there when the network allows), a video TorchScript file path, or none (skip FVD).")
+@click.option("--detector-sha256", default=None, help="Expected sha256 of the detector file (a mismatch is an error).")
+@click.option("--frames", type=int, default=16, show_default=True, help="First frames of each clip scored (the protocol: 16).")
+@click.option("--n", "n", type=int, default=None, help="Clips per set (default: min(2048, available)).")
+@click.option("--frame-detector", default=None, help="Also per-frame FID / KID with this image detector (inception, dinov2, mnist or a path).")
+@click.option("--motion", is_flag=True, help="Also the Moving-MNIST flicker checks (digit mass, blob count, centroid acceleration, digit identity).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON (default: beside GEN, *-video-metrics.json).")
+@click.option("--batch", type=int, default=16, show_default=True, help="Clips per detector call (does not change the results).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def metrics_video(real, gen, detector, detector_sha256, frames, n, frame_detector, motion, out, batch, device, quiet) -> None:
+    """FVD and KVD of generated clips GEN against real clips REAL (each an .npz with `videos` [N, T, H, W(, C)], a .gif or a folder of GIFs).
+
+    \b
+    The protocol (clips per set, frames per clip, frame size, detector sha256) is printed and saved with the scores.
+    Examples:
+      edmkit metrics video real.npz samples.npz --detector ~/Downloads/i3d_torchscript.pt
+      edmkit metrics video real.npz samples/ --detector none --frame-detector mnist --motion
+    """
+    from edmkit.files import write_json
+    from edmkit.metrics import video as mv
+    from edmkit.metrics.detectors import load_detector
+
+    if detector == "none" and frame_detector is None and not motion:
+        raise ValueError("--detector none leaves nothing to compute: add --frame-detector and/or --motion")
+    gen_path = Path(gen)
+    out_path = Path(out) if out else gen_path.with_name(f"{gen_path.stem}-video-metrics.json")
+    check_output_target(out_path)
+    dev = pick_device(device)
+    real_clips, gen_clips = mv.read_videos(real), mv.read_videos(gen)
+    click.echo(f"real: {tuple(real_clips.shape)}, generated: {tuple(gen_clips.shape)} (N, C, T, H, W)")
+    result: dict = dict(real=str(real), gen=str(gen))
+    if detector != "none":
+        det = load_detector(detector, sha256=detector_sha256, device=dev, log=click.echo, video=True)
+        scores = mv.fvd_kvd(real_clips, gen_clips, detector=det, frames=frames, n=n, batch=batch, progress=not quiet)
+        for line in scores.pop("notices"):
+            click.echo(line)
+        p = scores["protocol"]
+        click.echo(f"FVD {scores['fvd']:.2f}, KVD {scores['kvd']:.4f} ± {scores['kvd_std']:.4f} ({p['gen_clips']} vs {p['real_clips']} clips of "
+                   f"{p['frames']} frames at {p['size']}, {p['detector']} sha256 {p['detector_sha256']})")
+        result.update(scores)
+    if frame_detector is not None:
+        fdet = load_detector(frame_detector, device=dev, log=click.echo)
+        scores = mv.frame_fid_kid(real_clips, gen_clips, detector=fdet, batch=batch * 4, progress=not quiet)
+        click.echo(f"per-frame FID {scores['frame_fid']:.2f}, KID {scores['frame_kid']:.4f} ({scores['gen_frames']} vs {scores['real_frames']} frames, "
+                   f"{scores['frame_detector']})")
+        result.update(scores)
+    if motion:
+        classifier = load_detector("mnist", device=dev)
+        checks = {name: mv.motion_checks(clips, classifier=classifier) for name, clips in (("real", real_clips), ("gen", gen_clips))}
+        for name, c in checks.items():
+            failed = mv.flicker_failures(c)
+            click.echo(f"motion {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in c.items())
+                       + (f"; flicker: {', '.join(failed)} above {', '.join(str(mv.FLICKER_LIMITS[k]) for k in failed)}" if failed else "; no flicker"))
+            checks[name] = dict(c, flicker=failed)
+        result.update(motion=checks)
+    write_json(out_path, result)
+    click.echo(f"wrote {out_path}")
 
 
 @metrics_group.command("memorization")

@@ -11,11 +11,17 @@ Registered detectors (``DETECTORS``; each a loader function):
     dinov2      DINOv2 ViT-L/14 (Stein et al. 2023 use it for FD_DINOv2), as a TorchScript file you
                 export once (no official TorchScript release exists; see DINOV2.how_to_get).
                 Called as ``model(x)`` on ImageNet-normalised 224x224 images; 1024-d features.
+    i3d         The FVD network of the StyleGAN-V / fvd-comparison protocol (Skorokhodov et al. 2022): I3D trained on
+                Kinetics-400 (Carreira & Zisserman 2017), as the TorchScript file ``i3d_torchscript.pt`` they distribute.
+                Called as ``model(x, rescale=False, resize=False, return_features=True)`` on clips
+                [N, 3, T, 224, 224] in [-1, 1] (frames resized here, bicubic); 400-d features (the logits before
+                the softmax). FVD/KVD use it (``metrics/video.py``); clips, not images.
     mnist       edmkit's own digit classifier (``mnist_net.DigitNet``), trained on the embedded MNIST
                 digits and shipped in the package (``assets/mnist-detector.safetensors``, sha256 pinned):
                 no download. 28x28 gray digits; 128-d penultimate features and 10 class probabilities.
                 Its FIDs measure digits offline but are not comparable to Inception FIDs.
-A path to any other TorchScript file is a "torchscript" detector with the inception convention:
+A path to any other TorchScript file is a "torchscript" detector (``load_detector(..., video=True)``: a
+"torchscript-video" detector with the i3d convention at the clips' own size) with the inception convention:
 ``model(x_float_0_255 [N, 3, H, W], return_features=True) -> [N, D]``, and class probabilities (for the
 Inception Score) from ``model(x, return_features=False) -> [N, K]`` (the inception file also takes
 ``no_output_bias=True``, as the original IS code). dinov2 has no class head.
@@ -33,7 +39,7 @@ import shutil
 import urllib.request
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,12 +65,14 @@ class DetectorSpec:
     filename: str               # file name in the cache folder
     url: str | None             # download source, or None when the user must provide the file
     sha256: str | None          # expected file hash, or None when not pinned
-    pixels: str                 # input scaling: "0-255" (raw pixels) or "imagenet" ([0, 1], then (x - mean) / std)
+    pixels: str                 # input scaling: "0-255" (raw pixels), "imagenet" ([0, 1], then (x - mean) / std) or "-1-1" ([-1, 1])
     resolution: int | None      # resize to this square size here; None: the network resizes itself
     return_features: bool       # call as model(x, return_features=True) instead of model(x)
     how_to_get: str             # where the file comes from, for error messages
     probs_kwargs: tuple[tuple[str, bool], ...] | None = None  # call as model(x, **kwargs) for class probabilities [N, K]; None: no class head
     note: str | None = None     # printed with every evaluation and recorded in results (e.g. scores not comparable to Inception's)
+    video: bool = False         # takes clips [N, C, T, H, W] (frames resized and scaled one by one) instead of images
+    call_kwargs: tuple[tuple[str, bool], ...] = ()  # further keyword arguments of the feature call (i3d: rescale=False, resize=False)
 
 
 INCEPTION = DetectorSpec(
@@ -81,6 +89,13 @@ DINOV2 = DetectorSpec(
     how_to_get="export it once where torch.hub can reach GitHub: m = torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14').eval(); "
                "torch.jit.trace(m, torch.zeros(1, 3, 224, 224)).save('dinov2-vitl14.pt')")
 
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
+I3D = DetectorSpec(
+    name="i3d", filename="i3d_torchscript.pt", url=I3D_URL,
+    sha256=None,  # not pinned: no published hash; the computed one is recorded with every FVD
+    pixels="-1-1", resolution=224, return_features=True, video=True, call_kwargs=(("rescale", False), ("resize", False)),
+    how_to_get=f"download {I3D_URL} (the I3D TorchScript file of StyleGAN-V's FVD) and pass --detector PATH or put it in the cache folder")
+
 MNIST = DetectorSpec(
     name="mnist", filename=WEIGHTS_FILE, url=None,
     sha256="456e475c6db2c17afb6f7bf9def40acaa0ca1b9e20eddf82dbe9e9e1489fac5a",
@@ -91,8 +106,13 @@ MNIST = DetectorSpec(
     note="mnist detector: FID/KID/IS in the feature space of edmkit's digit classifier, not comparable to Inception FIDs")
 
 
-def generic_spec(path: Path) -> DetectorSpec:
-    """Spec of a user-supplied TorchScript file with the inception calling convention."""
+def generic_spec(path: Path, *, video: bool = False) -> DetectorSpec:
+    """Spec of a user-supplied TorchScript file with the inception calling convention (video: the i3d one at the clips' own size)."""
+    if video:
+        return DetectorSpec(name="torchscript-video", filename=path.name, url=None, sha256=None, pixels="-1-1", resolution=None,
+                            return_features=True, video=True, call_kwargs=I3D.call_kwargs,
+                            how_to_get="a TorchScript file called as model(x [N, 3, T, H, W] in [-1, 1], rescale=False, resize=False, "
+                                       "return_features=True) -> [N, D]")
     return DetectorSpec(name="torchscript", filename=path.name, url=None, sha256=None, pixels="0-255", resolution=None,
                         return_features=True, how_to_get="a TorchScript file called as model(x [N, 3, H, W] in [0, 255], return_features=True)",
                         probs_kwargs=(("return_features", False),))
@@ -105,7 +125,8 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True, eq=False)
 class Detector:
-    """A loaded detector: call it on images [N, C, H, W] (uint8, C = 1 or 3) to get float32 features [N, D] on its device."""
+    """A loaded detector: call it on images [N, C, H, W] (clips [N, C, T, H, W] when ``spec.video``; uint8, C = 1 or 3) to get
+    float32 features [N, D] on its device."""
 
     module: torch.nn.Module
     spec: DetectorSpec
@@ -116,7 +137,8 @@ class Detector:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = detector_input(images.to(self.device), spec=self.spec)
-        features = self.module(x, return_features=True) if self.spec.return_features else self.module(x)
+        kwargs = dict(self.spec.call_kwargs, **({"return_features": True} if self.spec.return_features else {}))
+        features = self.module(x, **kwargs)
         if features.ndim != 2 or features.shape[0] != x.shape[0]:
             raise DetectorError(f"detector {self.path} returned shape {tuple(features.shape)}, expected [{x.shape[0]}, D]")
         return features.to(torch.float32)
@@ -138,12 +160,18 @@ class Detector:
 
 
 def detector_input(images: torch.Tensor, *, spec: DetectorSpec) -> torch.Tensor:
-    """uint8 images [N, 1|3, H, W] -> the detector's float32 input [N, 3, H', W'].
+    """uint8 images [N, 1|3, H, W] -> the detector's float32 input [N, 3, H', W'] (video: clips [N, 1|3, T, H, W] -> [N, 3, T, H', W']).
 
     Grayscale is repeated to 3 channels; with ``spec.resolution`` the images are resized bicubically
     (antialiased when shrinking) and clamped to [0, 255]; "imagenet" pixels are then scaled to
-    [0, 1] and normalised with the ImageNet mean / std.
+    [0, 1] and normalised with the ImageNet mean / std, "-1-1" pixels to [-1, 1]. Clips go frame by frame.
     """
+    if spec.video:
+        if images.ndim != 5 or images.shape[1] not in (1, 3):
+            raise ValueError(f"the {spec.name} detector takes clips [N, 1|3, T, H, W], got shape {tuple(images.shape)}")
+        n, t = images.shape[0], images.shape[2]
+        frames = detector_input(images.transpose(1, 2).flatten(0, 1), spec=replace(spec, video=False))  # [N·T, 3, H', W']
+        return frames.unflatten(0, (n, t)).transpose(1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [N, 1|3, H, W], got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8:
@@ -158,6 +186,8 @@ def detector_input(images: torch.Tensor, *, spec: DetectorSpec) -> torch.Tensor:
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         x = (x / 255 - mean) / std
+    elif spec.pixels == "-1-1":
+        x = x / 127.5 - 1
     return x
 
 
@@ -269,12 +299,13 @@ def load_mnist(path: str | os.PathLike | None = None, *, cache: str | os.PathLik
 
 
 DETECTORS: dict[str, Callable[..., Detector]] = {
-    **{spec.name: _registered_loader(spec) for spec in (INCEPTION, DINOV2)}, MNIST.name: load_mnist}
-SPECS: dict[str, DetectorSpec] = {spec.name: spec for spec in (INCEPTION, DINOV2, MNIST)}
+    **{spec.name: _registered_loader(spec) for spec in (INCEPTION, DINOV2, I3D)}, MNIST.name: load_mnist}
+SPECS: dict[str, DetectorSpec] = {spec.name: spec for spec in (INCEPTION, DINOV2, I3D, MNIST)}
 
 
 def load_detector(name_or_path: str | os.PathLike = "inception", *, cache: str | os.PathLike | None = None, sha256: str | None = None,
-                  allow_download: bool = True, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> Detector:
+                  allow_download: bool = True, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None,
+                  video: bool = False) -> Detector:
     """Load a detector by registry name or file path.
 
     A path whose file name is a registered detector's (e.g. ``.../inception-2015-12-05.pt``) is
@@ -288,14 +319,18 @@ def load_detector(name_or_path: str | os.PathLike = "inception", *, cache: str |
         allow_download: download a missing registered detector when it has a URL.
         device: where the network runs.
         log: receives a line before a download.
+        video: the caller scores clips (FVD): refuse image detectors, and load an unregistered file as "torchscript-video".
     """
     name = str(name_or_path)
+    path = Path(name)
+    spec = SPECS.get(name) or next((s for s in SPECS.values() if s.filename == path.name), None)
+    if spec is None and not path.suffix and not path.exists():
+        raise DetectorError(f"unknown detector {name!r}: give one of {', '.join(DETECTORS)} or a TorchScript file path")
+    if spec is not None and spec.video != video:
+        raise DetectorError(f"the {spec.name} detector takes {'clips' if spec.video else 'images'}: "
+                            + ("use --detector i3d (or a video TorchScript file) for FVD" if video else "use it for FVD / KVD (edmkit metrics video)"))
     if name in DETECTORS:
         return DETECTORS[name](None, cache=cache, sha256=sha256, allow_download=allow_download, device=device, log=log)
-    path = Path(name)
-    if not path.suffix and not path.exists():
-        raise DetectorError(f"unknown detector {name!r}: give one of {', '.join(DETECTORS)} or a TorchScript file path")
-    spec = next((s for s in SPECS.values() if s.filename == path.name), None)
     if spec is not None:
         return DETECTORS[spec.name](path, sha256=sha256, device=device)
-    return load_torchscript(path, spec=generic_spec(path), sha256=sha256, device=device)
+    return load_torchscript(path, spec=generic_spec(path, video=video), sha256=sha256, device=device)
