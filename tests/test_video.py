@@ -1,6 +1,8 @@
 """Video (issue 22): clips [N, C, T, H, W] through preconditioning and losses, Moving MNIST, the space-time network,
 joint image-video batches, training and sampling."""
 
+import numpy as np
+import pytest
 import torch
 
 from edmkit.diffusion.loss import EDMLoss
@@ -38,3 +40,68 @@ def test_clip_precond_and_loss_equal_a_per_clip_loop():
         li, mi = loss_fn(net, y[i:i + 1], None, sigma=sigma[i:i + 1], noise=noise[i:i + 1])
         torch.testing.assert_close(loss[i:i + 1], li)
         torch.testing.assert_close(mse[i:i + 1], mi)
+
+
+# --- Moving MNIST --------------------------------------------------------------------------------------------------
+
+def test_bounce_is_reflection_off_both_walls():
+    from edmkit.data.movingmnist import bounce
+
+    # A point stepped frame by frame, its velocity flipped where it would leave [0, L], lands where the closed form says.
+    L, p, v = 10.0, 3.0, 2.7
+    for t in range(1, 40):
+        p += v
+        if p > L:
+            p, v = 2 * L - p, -v
+        elif p < 0:
+            p, v = -p, -v
+        assert abs(float(bounce(3.0, 2.7, t, L)) - p) < 1e-9
+    assert float(bounce(9.0, 2.0, 1, 10.0)) == 9.0  # 11 reflects to 9
+    t = np.arange(1000.0)
+    assert bounce(0.5, -3.3, t, 7.0).min() >= 0 and bounce(0.5, -3.3, t, 7.0).max() <= 7.0
+
+
+def test_moving_mnist_is_seeded_per_clip_and_in_bounds():
+    from edmkit.data.movingmnist import MovingMNIST, embedded_digits, moving_mnist, render_clip, trajectories
+
+    spec = MovingMNIST(size=32, frames=6, clips=5, seed=3)
+    clips = moving_mnist(spec)
+    assert clips.shape == (5, 6, 32, 32, 1) and clips.dtype == np.uint8
+    digits = embedded_digits(spec.digit_px)
+    assert spec.digit_px == 14 and digits.shape[1:] == (14, 14)
+    # clip i depends on (seed, i) only: the same from a smaller dataset, another from another seed
+    np.testing.assert_array_equal(render_clip(MovingMNIST(size=32, frames=6, clips=1, seed=3), 4, digits), clips[4, ..., 0])
+    assert not np.array_equal(render_clip(MovingMNIST(size=32, frames=6, seed=4), 4, digits), clips[4, ..., 0])
+    for i in range(5):
+        picks, pos = trajectories(spec, i)
+        assert pos.min() >= 0 and pos.max() <= 32 - 14  # every digit wholly inside every frame
+        step = np.linalg.norm(np.diff(pos, axis=1), axis=2)
+        assert np.all(step <= spec.pixels_per_frame + 1e-9)  # at most the speed (less only when it reflects mid-step)
+        # overlaps combine by max: every frame's brightest pixel is some digit's brightest pixel
+        assert all(clips[i, f].max() <= max(digits[p].max() for p in picks) for f in range(6))
+        assert all(clips[i, f].max() > 0 for f in range(6))
+
+
+def test_video_sources_load_as_clips(tmp_path):
+    from PIL import Image
+
+    from edmkit.data.dataset import load_dataset
+
+    data = load_dataset("movingmnist:clips=3,digits=1", resolution=16, channels=1, frames=4)
+    assert tuple(data.images.shape) == (3, 1, 4, 16, 16) and data.frames == 4 and data.resolution == 16
+    videos = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "v.npz", videos=videos, labels=np.array([0, 1]))
+    data = load_dataset(tmp_path / "v.npz", frames=4)  # 8 frames -> two clips of 4 each
+    assert tuple(data.images.shape) == (4, 1, 4, 8, 8) and data.labels.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(data.images[1, 0].numpy(), videos[0, 4:])
+    (tmp_path / "gifs").mkdir()
+    for k in range(2):
+        frames = [Image.fromarray(videos[k, t]).convert("P") for t in range(8)]
+        frames[0].save(tmp_path / "gifs" / f"{k}.gif", save_all=True, append_images=frames[1:])
+    assert tuple(load_dataset(tmp_path / "gifs", frames=8).images.shape) == (2, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="shorter than the network's 9"):
+        load_dataset(tmp_path / "v.npz", frames=9)
+    with pytest.raises(ValueError, match="takes clips of 4 frames"):
+        load_dataset("mnist5k", frames=4)
+    with pytest.raises(ValueError, match="moving mnist option 'nope=1'"):
+        load_dataset("movingmnist:nope=1", frames=4)
