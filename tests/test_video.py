@@ -105,3 +105,67 @@ def test_video_sources_load_as_clips(tmp_path):
         load_dataset("mnist5k", frames=4)
     with pytest.raises(ValueError, match="moving mnist option 'nope=1'"):
         load_dataset("movingmnist:nope=1", frames=4)
+
+
+# --- the space-time network -----------------------------------------------------------------------------------------
+
+def tiny_video_net(**network):
+    from edmkit.checkpoint import build_denoiser
+    from edmkit.presets import get_preset
+
+    cfg = get_preset("movingmnist-tiny")
+    torch.manual_seed(0)
+    net = build_denoiser(cfg.override("network", **network) if network else cfg).eval()
+    with torch.no_grad():  # open the zero-initialised gains so every path matters
+        for name, p in net.named_parameters():
+            if not p.any():
+                p.copy_(0.5 + 0.1 * torch.randn(p.shape))
+    return net
+
+
+def test_video_net_takes_any_clip_length_and_checks_its_inputs():
+    net = tiny_video_net()
+    for T in (1, 4, 7):
+        assert net(torch.randn(2, 1, T, 16, 16), torch.ones(2)).shape == (2, 1, T, 16, 16)
+    with pytest.raises(ValueError, match=r"takes clips \[N, C, T, H, W\]"):
+        net.net(torch.randn(2, 1, 16, 16), torch.ones(2))
+    with pytest.raises(ValueError, match="segment ids of shape"):
+        net.net(torch.randn(2, 1, 4, 16, 16), torch.ones(2), segments=torch.zeros(2, 3, dtype=torch.long))
+    from edmkit.config import NetworkConfig
+
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        NetworkConfig(arch="video-unet", resolution=28)
+    with pytest.raises(ValueError, match="takes images, not clips"):
+        NetworkConfig(frames=4)
+
+
+def test_appended_images_are_independent_of_everything_else():
+    # Joint training: a clip of 4 frames (segment 0) plus 2 appended images (segments 1, 2). Changing image 5 must
+    # leave every other frame's output bit-identical, and change its own.
+    net = tiny_video_net()
+    segments = torch.tensor([0, 0, 0, 0, 1, 2])
+    x = torch.randn(2, 1, 6, 16, 16, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        a = net(x, sigma, segments=segments)
+        x2 = x.clone()
+        x2[0, :, 5] = torch.randn(1, 16, 16)
+        b = net(x2, sigma, segments=segments)
+        assert torch.equal(a[:, :, :5], b[:, :, :5]) and torch.equal(a[1], b[1])
+        assert not torch.allclose(a[0, :, 5], b[0, :, 5])
+        # without the segments, the same change reaches the clip's frames through temporal attention
+        assert not torch.equal(net(x, sigma)[0, :, :4], net(x2, sigma)[0, :, :4])
+        # an appended image is denoised as a one-frame clip
+        torch.testing.assert_close(a[:, :, 4:5], net(x[:, :, 4:5], sigma), atol=1e-5, rtol=1e-5)
+
+
+def test_frame_permutation_equivariance_with_the_distance_bias_zeroed():
+    net = tiny_video_net()
+    x, sigma, perm = torch.randn(2, 1, 5, 16, 16), torch.tensor([0.3, 3.0]), torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        for block in net.net.temporal.values():
+            block.bias.zero_()
+        torch.testing.assert_close(net(x, sigma)[:, :, perm], net(x[:, :, perm], sigma), atol=1e-5, rtol=1e-5)
+        for block in net.net.temporal.values():  # a distance bias breaks it: the test can fail
+            block.bias.copy_(torch.arange(block.bias.numel(), dtype=torch.float32).reshape(block.bias.shape) / 10)
+        assert not torch.allclose(net(x, sigma)[:, :, perm], net(x[:, :, perm], sigma), atol=1e-4)

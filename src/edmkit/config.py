@@ -72,6 +72,7 @@ LADDER: dict[str, LadderSwitches] = {
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
 UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm", "video-unet")  # the backbones with levels (channel_mult) and attn_resolutions
 ARCHS = (*UNETS, "dit", "hdit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
+VIDEO_ARCHS = ("video-unet",)  # backbones of clips [N, C, T, H, W] (network.frames > 0); the others take images
 CONTEXT_ARCHS = ("edm2-unet", "dit", "hdit")  # backbones with cross-attention to a context token sequence (context_dim > 0)
 HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
@@ -117,7 +118,7 @@ class NetworkConfig:
         _check(self.channels >= 1, f"channels must be >= 1 (1 or 3 for images), got {self.channels}")
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
-        {"hdit": self._check_hdit, "dit": self._check_dit, "video-unet": self._check_video}.get(self.arch, self._check_unet)()
+        {"hdit": self._check_hdit, "dit": self._check_dit, **dict.fromkeys(VIDEO_ARCHS, self._check_video)}.get(self.arch, self._check_unet)()
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
         _check(self.arch == "edm2-unet" or self.ladder == "G",
                f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")
@@ -127,7 +128,7 @@ class NetworkConfig:
         _check(self.augment_dim >= 0, f"augment_dim must be >= 0 (0 = no augment conditioning), got {self.augment_dim}")
         _check(self.cond_channels >= 0, f"cond_channels must be >= 0 (0 = no conditioning image), got {self.cond_channels}")
         _check(self.context_dim >= 0, f"context_dim must be >= 0 (0 = no context), got {self.context_dim}")
-        _check(self.arch == "video-unet" or not self.frames, f"{self.arch} takes images, not clips: frames must be 0 (or --arch video-unet)")
+        _check(self.arch in VIDEO_ARCHS or not self.frames, f"{self.arch} takes images, not clips: frames must be 0 (or --arch video-unet)")
         _check(not self.context_dim or self.arch in CONTEXT_ARCHS,
                f"cross-attention context (context_dim > 0) is supported by {', '.join(CONTEXT_ARCHS)} only, not {self.arch}")
 

@@ -262,11 +262,13 @@ class Denoiser(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None, *, return_logvar: bool = False,
         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Args: x [N, C, H, W] (or clips [N, C, T, H, W]: every shape below gains T), sigma [N] or scalar, labels [N, L] or None, augment_labels [N, A] or None (= zeros,
         no augmentation: sampling; EDM App. C), cond [N, C_cond, H, W] conditioning image in [-1, 1] pixel units or
         None (cascade SR, ``edmkit.sampling.cascade``; fed to F scaled by 1 / sigma_data), context [N, L, D_ctx] tokens
-        for cross-attention or None (zeros: the null context). Returns D [N, C, H, W] (float32)."""
+        for cross-attention or None (zeros: the null context), segments [N, T] int ids of a clip's frames (video-unet's joint
+        image-video batches; None: one clip). Returns D [N, C, H, W] (float32)."""
         x = x.to(torch.float32)
         sigma = per_example(sigma, x)  # [N, 1, ..., 1]
         c_skip, c_out, c_in, c_noise = self.precond(sigma, sigma_data=self.sigma_data)
@@ -275,6 +277,8 @@ class Denoiser(torch.nn.Module):
             aug["cond"] = cond.to(torch.float32) / self.sigma_data  # ~unit variance, like c_in x
         if context is not None:
             aug["context"] = context  # backbones without cross-attention keep their signature
+        if segments is not None:
+            aug["segments"] = segments  # video-unet only
         F_x = self.net(c_in * x, c_noise.flatten(), labels, **aug)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
