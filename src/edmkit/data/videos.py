@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from edmkit.data.images import float_to_images, image_grid
+from edmkit.data.images import float_to_images, image_grid, save_image_grid
 from edmkit.data.movingmnist import is_moving_mnist, moving_mnist, parse_source
 from edmkit.data.raw import check_labels
 from edmkit.files import atomic_write
@@ -84,6 +84,21 @@ def clip_windows(clips: np.ndarray, frames: int, *, where: str) -> np.ndarray:
     return clips[:, :k * frames].reshape(n * k, frames, *clips.shape[2:])
 
 
+def joint_segments(frames: int, image_frames: int) -> torch.Tensor:
+    """Segment ids [T + K] of a clip of T frames with K appended images (Ho et al. 2022, joint training): 0 for the clip's
+    frames, 1..K for the images, so temporal attention keeps each image to itself (``nn.video.segment_mask``)."""
+    return torch.cat([torch.zeros(frames, dtype=torch.int64), torch.arange(1, image_frames + 1)])
+
+
+def random_frames(data_clips: torch.Tensor, count: int, *, generator: torch.Generator) -> torch.Tensor:
+    """``count`` independent images: frame t of clip i, (i, t) uniform, of ``data_clips`` uint8 [N, C, T, H, W].
+    Returns uint8 [count, C, H, W]."""
+    N, _, T = data_clips.shape[:3]
+    clip = torch.randint(N, (count,), generator=generator)
+    frame = torch.randint(T, (count,), generator=generator)
+    return data_clips[clip, :, frame]  # [count, C, H, W]
+
+
 def clips_uint8(x: torch.Tensor) -> torch.Tensor:
     """float clips [N, C, T, H, W] in [-1, 1] (or uint8) -> uint8 [N, C, T, H, W] on the CPU."""
     if x.ndim != 5 or x.shape[1] not in (1, 3):
@@ -101,12 +116,19 @@ def save_clip_grid_gif(x: torch.Tensor, path: str | Path, *, nrow: int | None = 
     atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0))
 
 
-def save_clip_npz(x: torch.Tensor, path: str | Path) -> None:
-    """Save clips [N, C, T, H, W] as an npz with ``videos`` uint8 [N, T, H, W] (one channel) or [N, T, H, W, 3]."""
+def save_clip_strip(x: torch.Tensor, path: str | Path) -> None:
+    """Save clips [N, C, T, H, W] as one PNG: a row of frames per clip (frames left to right)."""
+    clips = clips_uint8(x)
+    N, C, T, H, W = clips.shape
+    save_image_grid(clips.transpose(1, 2).reshape(N * T, C, H, W), path, nrow=T)
+
+
+def save_clip_npz(x: torch.Tensor, path: str | Path, **arrays: np.ndarray) -> None:
+    """Save clips [N, C, T, H, W] as an npz with ``videos`` uint8 [N, T, H, W] (one channel) or [N, T, H, W, 3] (and ``arrays``)."""
     clips = clips_uint8(x).permute(0, 2, 3, 4, 1).numpy()  # [N, T, H, W, C]
     videos = clips[..., 0] if clips.shape[-1] == 1 else clips
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, videos=videos)
+    np.savez_compressed(buffer, videos=videos, **arrays)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -27,6 +27,7 @@ from edmkit import dist
 from edmkit.config import ExperimentConfig, snapshot_disk_estimate
 from edmkit.data.dataset import ImageDataset
 from edmkit.data.images import save_image_grid
+from edmkit.data.videos import save_clip_grid_gif, save_clip_strip
 from edmkit.diffusion.loss import EDMLoss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.files import atomic_write
@@ -317,15 +318,20 @@ def sampling_net(state: TrainState, cfg: ExperimentConfig) -> Denoiser:
 
 
 def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``."""
+    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``; clips: a row of frames per clip there and
+    the clips playing in ``grid-<nimg>.gif``."""
     net = sampling_net(state, cfg)
     was_training = net.training
     net.eval()
     n = cfg.network
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
-                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device)
+                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, frames=n.frames)
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
+    if n.frames:
+        save_clip_strip(x, path)
+        save_clip_grid_gif(x, path.with_suffix(".gif"))
+        return path
     save_image_grid(decoder_of(cfg.train.encoder)(x), path)
     return path
 
