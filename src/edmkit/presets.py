@@ -213,6 +213,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "batch_per_device": ("train", "batch_per_device"), "precision": ("train", "precision"), "compile": ("train", "compile"),
     "keep_states": ("train", "keep_states"), "max_bad_steps": ("train", "max_bad_steps"), "stop_when_flat": ("train", "stop_when_flat"),
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
+    "frames": ("network", "frames"), "image_frames": ("train", "image_frames"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")
 DERIVED = ("ladder", "formulation", "cond", "context", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")
