@@ -62,7 +62,13 @@ def test_bounce_is_reflection_off_both_walls():
 
 
 def test_moving_mnist_is_seeded_per_clip_and_in_bounds():
-    from edmkit.data.movingmnist import MovingMNIST, embedded_digits, moving_mnist, render_clip, trajectories
+    from edmkit.data.movingmnist import (
+        MovingMNIST,
+        embedded_digits,
+        moving_mnist,
+        render_clip,
+        trajectories,
+    )
 
     spec = MovingMNIST(size=32, frames=6, clips=5, seed=3)
     clips = moving_mnist(spec)
@@ -238,3 +244,18 @@ def test_clips_sample_with_heun_and_cfg_and_generate_writes_them(tmp_path):
     result = CliRunner().invoke(main, ["generate", "--checkpoint", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "folder"),
                                        "--n", "2", "--steps", "2", "--device", "cpu"])
     assert result.exit_code != 0 and "clips" in result.output
+
+
+def test_autoguidance_of_clips_needs_a_clip_guide():
+    from edmkit.config import NetworkConfig
+    from edmkit.presets import get_preset
+    from edmkit.sampling.generate import check_guide, generate_images
+
+    video = get_preset("movingmnist-tiny").network
+    check_guide(video, NetworkConfig(**{**video.__dict__, "frames": 8}))  # another training length is fine
+    with pytest.raises(ValueError, match="denoises images but the model clips"):
+        check_guide(video, get_preset("tiny").override("network", resolution=16, attn_resolutions=(8,)).network)
+    main, guide = tiny_video_net(), tiny_video_net(model_channels=4)
+    x = generate_images(main, seeds=[0], resolution=16, channels=1, frames=3, steps=2, guide=guide, guidance=2.0)
+    plain = generate_images(main, seeds=[0], resolution=16, channels=1, frames=3, steps=2)
+    assert x.shape == (1, 1, 3, 16, 16) and not torch.allclose(x, plain)

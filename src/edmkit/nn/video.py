@@ -105,8 +105,8 @@ class VideoUNet(torch.nn.Module):
         emb = self.spatial._embedding(c_noise, labels, batch=N, device=x.device).repeat_interleave(T, dim=0)  # per clip -> [N T, E]
 
         def temporal(name: str, h: torch.Tensor) -> torch.Tensor:
-            block = self.temporal[name.replace(".", "_", 1)] if name.replace(".", "_", 1) in self.temporal else None
-            return h if block is None else block(h, mask=mask)
+            key = name.replace(".", "_", 1)  # "enc.8x8_block0" -> "enc_8x8_block0"
+            return self.temporal[key](h, mask=mask) if key in self.temporal else h
 
         y = self.spatial.trunk(x.transpose(1, 2).reshape(N * T, C, H, W), emb, after_block=temporal)  # frames folded: [N T, C, H, W]
         return y.reshape(N, T, C, H, W).transpose(1, 2)

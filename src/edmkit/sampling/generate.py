@@ -83,7 +83,9 @@ def _describe(c: NetworkConfig) -> str:
 
 
 def check_guide(main: NetworkConfig, guide: NetworkConfig, *, name: str = "guide") -> None:
-    """Refuse a guide network that does not denoise the same images: resolution, channels, classes."""
+    """Refuse a guide network that does not denoise the same images (or clips): resolution, channels, classes."""
+    if bool(main.frames) != bool(guide.frames):  # a video model's guide denoises clips too (any training length)
+        raise ValueError(f"{name} denoises {'clips' if guide.frames else 'images'} but the model {'clips' if main.frames else 'images'}")
     if (main.resolution, main.channels, main.label_dim) != (guide.resolution, guide.channels, guide.label_dim):
         raise ValueError(f"{name} is {_describe(guide)} but the model is {_describe(main)}: "
                          "a guide must match the model's resolution, channels and classes")
