@@ -207,6 +207,10 @@ def test_joint_training_lowers_the_loss_and_the_network_round_trips(tmp_path):
     after = fixed_clip_loss(state.net, clips)
     assert after < 0.8 * before, (before, after)
     assert sorted(p.name for p in (tmp_path / "run").glob("grid-*")) == ["grid-000000000096.gif", "grid-000000000096.png"]
+    from edmkit.report import write_report
+
+    page = write_report(tmp_path / "run", tmp_path / "report").read_text()
+    assert "a video network; its reverse process is not drawn" in page and "grid-000000000096.png" in page
     ckpt.save_network(tmp_path / "net.safetensors", state.net.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=0)
     net, meta = ckpt.load_network(tmp_path / "net.safetensors")
     assert meta["config"] == cfg
