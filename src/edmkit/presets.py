@@ -106,8 +106,9 @@ PRESETS["movingmnist-tiny"] = _preset(
                  channels_per_head=8, logvar_channels=16),
     optim=dict(lr_ref_nimg=2000, warmup_nimg=16), ema=dict(snapshot_nimg=64),
     train=dict(data="movingmnist:clips=64,digits=1", batch=4, total_nimg=64, status_nimg=16, grid_nimg=64, state_nimg=32, grid_n=4, sample_steps=4))
-# CPU, ~15 minutes on 2 loaded cores (1.4 clips/s measured): 32x32 frames, 8 per clip, 2 digits of 14 px (the
-# standard's proportions at half size), 1,200 clips in 150 steps of 8; what it learns: README "Video"
+# CPU, ~15 minutes on 2 cores at 1.4 clips/s (25 min at the 0.8 clips/s of a loaded machine): 32x32 frames, 8 per
+# clip, 2 digits of 14 px (the standard's proportions at half size), 1,200 clips in 150 steps of 8; what it learns
+# (little: README "Video")
 PRESETS["movingmnist"] = _preset(
     network=dict(arch="video-unet", resolution=32, frames=8, model_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(8,),
                  channels_per_head=16),
