@@ -70,8 +70,9 @@ LADDER: dict[str, LadderSwitches] = {
     "G": LadderSwitches(False, True,  False, True,  True,   False, True,  True,  True,  True,   True,   True,   None),  # MP fixed-function layers
 }
 FORMULATIONS = ("edm", "ddpm", "flow", "vp", "ve", "iddpm")  # names registered in precond.FORMULATIONS (kept here so configs validate without torch)
-UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm")  # the backbones with levels (channel_mult) and attn_resolutions
+UNETS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm", "video-unet")  # the backbones with levels (channel_mult) and attn_resolutions
 ARCHS = (*UNETS, "dit", "hdit")  # backbones of nn.build.NETWORKS (kept here so configs validate without torch)
+VIDEO_ARCHS = ("video-unet",)  # backbones of clips [N, C, T, H, W] (network.frames > 0); the others take images
 CONTEXT_ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm", "dit", "hdit")  # backbones with cross-attention to a context token sequence (context_dim > 0)
 HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
@@ -110,13 +111,14 @@ class NetworkConfig:
     window_size: int = 7                        # hdit: window side (window) or kernel size (neighborhood), in tokens
     mapping_channels: int = 256                 # hdit: width of the mapping network (noise level, labels, augment labels)
     context_dim: int = 0                        # cross-attention context token width (tokens [N, L, context_dim] per image); 0 = none; CONTEXT_ARCHS
+    frames: int = 0                             # video-unet: frames per clip T (inputs [N, C, T, H, W]; any T works at sampling); 0 = images
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
         _check(self.channels >= 1, f"channels must be >= 1 (1 or 3 for images), got {self.channels}")
         _check(levels >= 1 and self.model_channels >= 1 and self.num_blocks >= 1, "network needs >= 1 level, channel and block")
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
-        {"hdit": self._check_hdit, "dit": self._check_dit}.get(self.arch, self._check_unet)()
+        {"hdit": self._check_hdit, "dit": self._check_dit, **dict.fromkeys(VIDEO_ARCHS, self._check_video)}.get(self.arch, self._check_unet)()
         ladder_switches(self.ladder)  # unknown rung -> ValueError listing A..G
         _check(self.arch == "edm2-unet" or self.ladder == "G",
                f"the EDM2 config ladder (--config {self.ladder}) applies to the edm2-unet backbone only, not to {self.arch}")
@@ -126,6 +128,7 @@ class NetworkConfig:
         _check(self.augment_dim >= 0, f"augment_dim must be >= 0 (0 = no augment conditioning), got {self.augment_dim}")
         _check(self.cond_channels >= 0, f"cond_channels must be >= 0 (0 = no conditioning image), got {self.cond_channels}")
         _check(self.context_dim >= 0, f"context_dim must be >= 0 (0 = no context), got {self.context_dim}")
+        _check(self.arch in VIDEO_ARCHS or not self.frames, f"{self.arch} takes images, not clips: frames must be 0 (or --arch video-unet)")
         _check(not self.context_dim or self.arch in CONTEXT_ARCHS,
                f"cross-attention context (context_dim > 0) is supported by {', '.join(CONTEXT_ARCHS)} only, not {self.arch}")
 
@@ -144,6 +147,13 @@ class NetworkConfig:
             _check(self.arch == "ncsnpp" or self.arch == "ddpmpp" or width % self.channels_per_head == 0,
                    f"attention at {r}x{r} has {width} channels, not a multiple of channels_per_head {self.channels_per_head}: "
                    f"change model_channels or channels_per_head")
+
+    def _check_video(self) -> None:
+        """The space-time U-Net: the U-Net's geometry on every frame, a clip length, and no per-image conditioning inputs."""
+        self._check_unet()
+        _check(self.frames >= 1, f"video-unet takes clips: frames must be >= 1 (--frames), got {self.frames}")
+        _check(not self.cond_channels and not self.augment_dim,
+               "video-unet has no conditioning image or augment labels (cond_channels = augment_dim = 0)")
 
     def _check_dit(self) -> None:
         """DiT's geometry: p x p patches of the image; a width the heads and the 2-D positions divide."""
@@ -279,6 +289,7 @@ class TrainConfig:
     eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
     eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
+    image_frames: int = 0                       # joint image-video training (video-unet): K independent images (frames of other clips) appended to each clip; 0 = clips only
     stop_when_flat: int = 0                     # stop after this many evaluations without improvement of the first eval metric (else the validation loss); 0 = off
 
     def __post_init__(self) -> None:
@@ -302,6 +313,7 @@ class TrainConfig:
         _check(self.eval_n >= 2 and self.eval_steps >= 1, f"need eval_n >= 2 and eval_steps >= 1, got {self.eval_n}, {self.eval_steps}")
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
+        _check(self.image_frames >= 0, f"image_frames must be >= 0 (0 = clips only), got {self.image_frames}")
         _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
         _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
                "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")

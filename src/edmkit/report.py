@@ -223,6 +223,8 @@ def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, devic
     path = find_network(run_dir)
     if read_network_metadata(path)["encoder"] is not None:
         return f"{path.name}: a latent-space network; its reverse process is not drawn (edmkit generate decodes its samples)", False
+    if read_network_metadata(path)["config"].network.frames:
+        return f"{path.name}: a video network; its reverse process is not drawn (its grids are grid-*.gif, edmkit generate --out clips.gif)", False
     net, meta = load_network(path, device=device)
     c, steps = meta["config"].network, steps or meta["config"].train.sample_steps
     recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)

@@ -13,7 +13,8 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 
 @main.command()
 @click.option("--checkpoint", required=True, help="A network .safetensors file or a run folder (the network its end-of-training EMA choice kept, else its newest network with the run's sampling EMA).")
-@click.option("--out", required=True, type=click.Path(), help="grid.png (one grid), images.npz (uint8 array) or a folder (one PNG per seed).")
+@click.option("--out", required=True, type=click.Path(), help="grid.png (one grid), images.npz (uint8 array) or a folder (one PNG per seed). Video networks: clips.gif (a grid of playing clips), clips.npz ('videos' uint8 [N, T, H, W(, C)]) or strip.png (a row of frames per clip).")
+@click.option("--frames", type=int, default=None, help="Video networks: frames per clip (default: the length it was trained on; any length works).")
 @click.option("--n", "n", type=int, default=None, help="Number of images (seeds 0..n-1). Default 64.")
 @click.option("--seeds", default=None, help="Explicit seeds, e.g. 0-63 or 1,5,9 (instead of --n).")
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
@@ -46,7 +47,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @user_errors
 def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmin, S_tmax, S_noise, eta, class_idx, guidance,
              guide_checkpoint, guide_ema, interval, oscillate, oscillate_warmup, threshold, gif, gif_n, ema_std,
-             classifier_path, classifier_scale, reject_threshold, max_tries, batch, vae, device, context_path) -> None:
+             classifier_path, classifier_scale, reject_threshold, max_tries, batch, vae, device, context_path, frames) -> None:
     """Sample images; image k depends only on its seed, whatever the batch size.
 
     \b
@@ -57,6 +58,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
       edmkit generate --checkpoint runs/mnist --classifier clf.safetensors --class 7 --classifier-scale 2 --reject-threshold 0.9 --out grid.png
       edmkit generate --checkpoint img512-xs.safetensors --vae sd-vae-ft-mse/ --class 88 --out grid.png   # latent space
       edmkit generate --checkpoint runs/xattn --context tokens.npy --guidance 2 --out grid.png   # cross-attention context
+      edmkit generate --checkpoint runs/movingmnist --out clips.gif --n 16 --frames 12   # a video network: a GIF of clips
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.latent.encoder import encoder_from_spec
@@ -86,6 +88,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)
     space = "" if encoder.kind == "pixels" else f" latents ({encoder.kind}, {encoder.factor}x downsampling)"
     click.echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}, {c.resolution}x{c.resolution}x{c.channels}{space}")
+    frames = check_video_options(c, frames=frames, out=Path(out), gif=gif, classifier=classifier_path)
     if encoder.kind != "pixels" and (gif or classifier_path):
         raise ValueError("--gif and --classifier work on pixel-space networks only (this network samples latents)")
     guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev, encoder=meta["encoder"]) if guide_checkpoint else None
@@ -102,17 +105,44 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     recorder = ReverseProcessRecorder(num=min(gif_n, len(seed_list)), sigma_data=c.sigma_data) if gif else None
     sample = functools.partial(generate_images, net, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
                                class_idx=class_idx, sampler=sampler, steps=steps, schedule=schedule, guide=guide, batch=batch,
-                               device=dev, context=context, **guidance_kw, **sampler_kw)
+                               device=dev, context=context, frames=frames, **guidance_kw, **sampler_kw)
     if reject_threshold is not None:
         seed_list, x = rejection_generate(sample, clf, seed_list=seed_list, class_idx=guidance_kw["classifier_class"],
                                           threshold=reject_threshold, batch=batch, max_tries=max_tries)
     else:
         x = sample(seeds=seed_list, progress=True, callback=recorder)
-    write_images(encoder.decode(x), Path(out), seeds=seed_list)
-    click.echo(f"wrote {len(seed_list)} images to {out}")
+    if frames:
+        write_clips(x, Path(out), seeds=seed_list)
+    else:
+        write_images(encoder.decode(x), Path(out), seeds=seed_list)
+    click.echo(f"wrote {len(seed_list)} {f'clips of {frames} frames' if frames else 'images'} to {out}")
     if recorder is not None:
         recorder.save(gif)
         click.echo(f"wrote the reverse process of {recorder.num} images ({len(recorder.steps)} steps) to {gif}")
+
+
+def check_video_options(network, *, frames, out: Path, gif, classifier) -> int:
+    """Frames per clip of a video network's samples (0: an image network), after checking the options that take images."""
+    if not network.frames:
+        if frames is not None:
+            raise ValueError("--frames is for video networks; this one makes images")
+        return 0
+    if frames is not None and frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    if out.suffix.lower() not in (".gif", ".npz", ".png"):
+        raise ValueError(f"a video network writes clips: --out clips.gif, clips.npz or strip.png, not {out.name!r}")
+    if gif or classifier:
+        raise ValueError("--gif and --classifier work on image networks only (this one makes clips)")
+    return frames or network.frames
+
+
+def write_clips(x: torch.Tensor, out: Path, *, seeds: list[int]) -> None:
+    """Clips [N, C, T, H, W]: a GIF grid, an npz of ``videos`` uint8 (and ``seeds``), or a PNG with a row of frames per clip."""
+    import numpy as np
+
+    from edmkit.data.videos import save_clip_grid_gif, save_clip_npz, save_clip_strip
+
+    {".gif": save_clip_grid_gif, ".png": save_clip_strip}.get(out.suffix.lower(), functools.partial(save_clip_npz, seeds=np.asarray(seeds)))(x, out)
 
 
 def load_generate_classifier(path, model, *, class_idx, scale, reject_threshold, gif, device):

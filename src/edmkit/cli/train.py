@@ -21,7 +21,9 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--config", "ladder", default=None, help=f"EDM2 config-ladder rung ({', '.join(LADDER)}; default: the preset's, G). Also sets its loss weighting and lr schedule (A: no uncertainty; A-D: constant lr; A-C: lr 1e-3); --lr still wins.")
 @click.option("--formulation", default=None, help=f"Diffusion formulation: {', '.join(FORMULATIONS)} (default: the preset's, edm). flow also sets logit-normal(0, 1) t.")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<preset>[-<config>][-<formulation>]). Re-running the same command resumes from its newest state. Under torchrun spell it --run-dir (torchrun's parser takes --run for its --run-path).")
-@click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball).')
+@click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball). Video networks: "movingmnist" (synthesised; options e.g. movingmnist:digits=1,clips=5000), an npz with \'videos\' [N, T, H, W(, C)] or a folder of GIFs.')
+@click.option("--frames", type=int, default=None, help="Video networks (--arch video-unet): frames per training clip, e.g. 8 (default: the preset's).")
+@click.option("--image-frames", type=int, default=None, help="Joint image-video training: append this many independent images (frames of random clips) to each clip; masked temporal attention keeps each to itself, e.g. --preset movingmnist --image-frames 4.")
 @click.option("--classes", default=None, help="Train on these classes only, e.g. 1 or 3,5 (relabelled 0..k-1 in this order).")
 @click.option("--center-crop", is_flag=True, default=None, help="Crop non-square images to a centred square before resizing.")
 @click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")
@@ -82,7 +84,8 @@ def train(preset, config_file, run_dir, device, force, dry_run, quiet, loggers, 
 
         click.echo(cfg.to_json())
         params, gflops = network_cost(cfg.network)
-        click.echo(f"{cfg.network.arch}: {params / 1e6:.2f}M parameters, {gflops:.3g} GFLOPs per image per forward pass", err=True)
+        unit = f"clip of {cfg.network.frames} frames" if cfg.network.frames else "image"
+        click.echo(f"{cfg.network.arch}: {params / 1e6:.2f}M parameters, {gflops:.3g} GFLOPs per {unit} per forward pass", err=True)
         return
     from edmkit.training.loop import train as run_training  # heavy imports only when training
 

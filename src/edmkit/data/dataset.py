@@ -20,6 +20,10 @@ Sources accepted by ``load_dataset``:
                                   (CIFAR-10: the published names when batches.meta is missing)
     *.npz                         ``images`` uint8 [N, H, W], [N, H, W, C] or [N, C, H, W]; optional
                                   integer ``labels`` [N]
+Video sources (``data/videos.py``) load as clips, uint8 [N, C, T, H, W] with T the ``frames`` asked for:
+    "movingmnist[-SIZE][:opts]"   Moving MNIST synthesised from the embedded digits (``data/movingmnist.py``)
+    *.npz with ``videos``         uint8 [N, T, H, W(, C)]; longer clips are cut into windows of T frames
+    folder/ of *.gif              one clip per GIF (sorted paths), cut the same way
 One module per source format reads it (npz, idx, cifar, folder); augmentation and ``edmkit dataset convert`` sit beside
 them in this package.
 """
@@ -46,6 +50,7 @@ from edmkit.data.images import images_to_float
 from edmkit.data.latents import LatentDataset, is_latent_file, read_latents
 from edmkit.data.npz import read_npz
 from edmkit.data.raw import Raw, index_names
+from edmkit.data.videos import clip_windows, is_video_source, read_clips
 
 if TYPE_CHECKING:
     from edmkit.config import ExperimentConfig
@@ -56,10 +61,10 @@ EMBEDDED = "mnist5k"
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
 class ImageDataset:
-    """An in-memory image dataset.
+    """An in-memory image (or clip) dataset.
 
     Attributes:
-        images: uint8 [N, C, H, W], contiguous, H == W, C = 1 or 3.
+        images: uint8 [N, C, H, W], contiguous, H == W, C = 1 or 3; clips: uint8 [N, C, T, H, W].
         labels: int64 [N] class indices in [0, num_classes), or None when unlabelled.
         num_classes: Number of classes; 0 when unlabelled.
         name: Human-readable source.
@@ -79,8 +84,8 @@ class ImageDataset:
         x, y = self.images, self.labels
         if self.context is not None and (self.context.dtype != torch.float32 or self.context.ndim != 3 or len(self.context) != len(x)):
             raise ValueError(f"{self.name}: context must be float32 [{len(x)}, L, D], got {self.context.dtype} {tuple(self.context.shape)}")
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3]:
-            raise ValueError(f"{self.name}: images must be uint8 [N, 1|3, H, H], got {x.dtype} {tuple(x.shape)}")
+        if x.dtype != torch.uint8 or x.ndim not in (4, 5) or x.shape[1] not in (1, 3) or x.shape[-2] != x.shape[-1]:
+            raise ValueError(f"{self.name}: images must be uint8 [N, 1|3, H, H] (clips [N, 1|3, T, H, H]), got {x.dtype} {tuple(x.shape)}")
         if not x.is_contiguous():
             raise ValueError(f"{self.name}: images must be contiguous")
         if y is None:
@@ -102,6 +107,11 @@ class ImageDataset:
     def resolution(self) -> int:
         """Image height = width in pixels."""
         return self.images.shape[-1]
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip; 0 for images."""
+        return self.images.shape[2] if self.images.ndim == 5 else 0
 
     @property
     def channels(self) -> int:
@@ -127,6 +137,7 @@ def load_dataset(
     classes: Sequence[int] | None = None,
     center_crop: bool = False,
     skip_bad: bool = False,
+    frames: int = 0,
 ) -> ImageDataset:
     """Load a dataset fully into memory (formats: see the module docstring).
 
@@ -141,6 +152,7 @@ def load_dataset(
             classes=[7, 3] gives label 0 for class 7 and 1 for class 3.
         center_crop: Crop non-square images to their central square first (else they are an error).
         skip_bad: Skip unreadable files in folders/zips with a warning instead of raising.
+        frames: Frames per clip of a video source (0: Moving MNIST's 20, a file's own length); images refuse it.
 
     Returns:
         The dataset: images uint8 [N, C, R, R], labels int64 [N] or None, context float32 [N, L, D] or None.
@@ -152,6 +164,11 @@ def load_dataset(
         raise ValueError(f"resolution must be positive, got {resolution}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if is_video_source(source):
+        return _load_clips(source, resolution=resolution, channels=channels, classes=classes, center_crop=center_crop, frames=frames)
+    if frames:
+        raise ValueError(f"{source}: images, but the network takes clips of {frames} frames: give a video source "
+                         "(movingmnist, an npz with 'videos', a folder of GIFs)")
     raw, name = _read_source(source, skip_bad=skip_bad)
     if classes is not None:
         raw = _filter_classes(raw, classes, name=name)
@@ -163,6 +180,27 @@ def load_dataset(
     num_classes = 0 if labels is None else raw.num_classes
     context = None if raw.context is None else torch.from_numpy(raw.context)
     return ImageDataset(images, labels, num_classes, name, raw.class_names if labels is not None else (), context)
+
+
+def _load_clips(source: str | Path, *, resolution: int | None, channels: int | None, classes: Sequence[int] | None,
+                center_crop: bool, frames: int) -> ImageDataset:
+    """A video source as clips uint8 [N, C, T, H, W]: frames fitted like images, clips cut into windows of ``frames``."""
+    clips, labels, name = read_clips(source, size=resolution, frames=frames or None)
+    if frames:
+        labels = None if labels is None else np.repeat(labels, clips.shape[1] // frames)
+        clips = clip_windows(clips, frames, where=name)
+    n, t = clips.shape[:2]
+    labels, num_classes = (None, 0) if labels is None else (labels, int(labels.max()) + 1)
+    raw = Raw(clips.reshape(n * t, *clips.shape[2:]), None if labels is None else np.repeat(labels, t), num_classes, (), None)
+    if classes is not None:
+        raw = _filter_classes(raw, classes, name=name)
+        n, num_classes = len(raw.images) // t, len(classes)
+    if n == 0:
+        raise ValueError(f"{name}: no clips")
+    flat = _uniform_images(raw, resolution=resolution, channels=channels, center_crop=center_crop, name=name)  # [n T, R, R, C]
+    images = torch.from_numpy(np.array(flat.reshape(n, t, *flat.shape[1:]).transpose(0, 4, 1, 2, 3), order="C"))  # [N, C, T, R, R]
+    labels = None if raw.labels is None else torch.from_numpy(raw.labels[::t].astype(np.int64))
+    return ImageDataset(images, labels, num_classes, name)
 
 
 def _read_source(source: str | Path, *, skip_bad: bool) -> tuple[Raw, str]:
@@ -312,4 +350,5 @@ def dataset_of(cfg: ExperimentConfig, source: str | None = None) -> ImageDataset
     if t.encoder:
         raise ValueError(f"{source or t.data}: pixel images, but this config trains on latents of a {json.loads(t.encoder).get('kind')}: "
                          "give the latent dataset (edmkit dataset convert SRC OUT.npz --vae DIR)")
-    return load_dataset(source or t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop)
+    return load_dataset(source or t.data, resolution=n.resolution, channels=n.channels, classes=t.classes or None, center_crop=t.center_crop,
+                        frames=n.frames)

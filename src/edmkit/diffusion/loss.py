@@ -39,6 +39,7 @@ from edmkit.diffusion.precond import (
     VP_EPS_T,
     ddpm_sigmas,
     flow_sigma_to_t,
+    per_example,
     flow_t_to_sigma,
     iddpm_sigmas,
     vp_t_to_sigma,
@@ -123,9 +124,9 @@ class EDMLoss:
         return edm_loss_weight(sigma, sigma_data=self.sigma_data)
 
     def __call__(self, denoiser, y: torch.Tensor, labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma4 = sigma.reshape(-1, 1, 1, 1)
-        weight = self.weight(sigma4)
-        x = y + noise * sigma4
+        sigma_b = per_example(sigma, y)  # [N, 1, ..., 1]: images and clips alike
+        weight = self.weight(sigma_b)
+        x = y + noise * sigma_b
         if self.uncertainty:
             D_x, logvar = denoiser(x, sigma, labels, return_logvar=True)
             weighted = weight * (D_x - y) ** 2
@@ -133,7 +134,7 @@ class EDMLoss:
         else:
             weighted = weight * (denoiser(x, sigma, labels) - y) ** 2
             loss = weighted
-        return loss.mean(dim=(1, 2, 3)), weighted.detach().mean(dim=(1, 2, 3))
+        return loss.flatten(1).mean(dim=1), weighted.detach().flatten(1).mean(dim=1)
 
 
 def sample_t_discrete(n: int, *, num_steps: int, stratified: bool, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:

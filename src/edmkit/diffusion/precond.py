@@ -36,6 +36,16 @@ from edmkit.nn.mp import MPConv, MPFourier
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def per_example(values: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """One value per example (sigma [N] or a scalar) shaped [N, 1, ..., 1] to broadcast over x [N, ...] of any rank.
+
+    Images [N, C, H, W] and clips [N, C, T, H, W] alike: a fixed [N, 1, 1, 1] would broadcast against a 5-D tensor
+    with one channel as [N, N, T, H, W] without an error.
+    """
+    v = torch.as_tensor(values, dtype=torch.float32, device=x.device).reshape(-1, *(1,) * (x.ndim - 1))
+    return v.expand(x.shape[0], *v.shape[1:])
+
+
 def edm_precond(sigma: torch.Tensor, *, sigma_data: float) -> Coefficients:
     """EDM preconditioning (EDM Table 1): unit-variance network input and training target."""
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
@@ -252,24 +262,28 @@ class Denoiser(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None, *, return_logvar: bool = False,
         augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Args: x [N, C, H, W], sigma [N] or scalar, labels [N, L] or None, augment_labels [N, A] or None (= zeros,
+        """Args: x [N, C, H, W] (or clips [N, C, T, H, W]: every shape below gains T), sigma [N] or scalar, labels [N, L] or None, augment_labels [N, A] or None (= zeros,
         no augmentation: sampling; EDM App. C), cond [N, C_cond, H, W] conditioning image in [-1, 1] pixel units or
         None (cascade SR, ``edmkit.sampling.cascade``; fed to F scaled by 1 / sigma_data), context [N, L, D_ctx] tokens
-        for cross-attention or None (zeros: the null context). Returns D [N, C, H, W] (float32)."""
+        for cross-attention or None (zeros: the null context), segments [N, T] int ids of a clip's frames (video-unet's joint
+        image-video batches; None: one clip). Returns D [N, C, H, W] (float32)."""
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        sigma = per_example(sigma, x)  # [N, 1, ..., 1]
         c_skip, c_out, c_in, c_noise = self.precond(sigma, sigma_data=self.sigma_data)
         aug = {} if augment_labels is None else {"augment_labels": augment_labels}  # backbones without augment conditioning keep their signature
         if cond is not None:
             aug["cond"] = cond.to(torch.float32) / self.sigma_data  # ~unit variance, like c_in x
         if context is not None:
             aug["context"] = context  # backbones without cross-attention keep their signature
+        if segments is not None:
+            aug["segments"] = segments  # video-unet only
         F_x = self.net(c_in * x, c_noise.flatten(), labels, **aug)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)  # u(sigma) [N, 1, 1, 1]
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(sigma.shape)  # u(sigma) [N, 1, ..., 1]
         return D_x, logvar
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ x [N, C, H, W] the preconditioned input, c_noise [N] the formulation's noise lab
 (None or zeros: the trainer's null label, for classifier-free guidance), augment_labels [N, augment_dim] (None or
 zeros: not augmented), cond [N, cond_channels, H, W] a conditioning image (None: zeros), context [N, L, context_dim]
 a token sequence for cross-attention (None or zeros: the null context; only ``config.CONTEXT_ARCHS`` take one, and only
-when context_dim > 0, so the others keep their signature). The denoiser around a backbone is ``checkpoint.build_denoiser``.
+when context_dim > 0, so the others keep their signature). ``video-unet`` takes clips x [N, C, T, H, W] instead and
+``segments`` [N, T] (joint image-video batches) in place of augment_labels / cond / context. The denoiser around a backbone is ``checkpoint.build_denoiser``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def _hdit(n: NetworkConfig) -> torch.nn.Module:
                 head_channels=n.channels_per_head, window_size=n.window_size, mapping_channels=n.mapping_channels, dropout=n.dropout, context_dim=n.context_dim)
 
 
+def _video_unet(n: NetworkConfig) -> torch.nn.Module:
+    """The factorized space-time U-Net (Ho et al. 2022 on EDM2's layers): clips [N, C, T, H, W]; n.frames is the training length."""
+    from edmkit.nn.video import VideoUNet
+
+    return VideoUNet(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, model_channels=n.model_channels,
+                     channel_mult=n.channel_mult, num_blocks=n.num_blocks, attn_resolutions=n.attn_resolutions,
+                     channels_per_head=n.channels_per_head, dropout=n.dropout)
+
+
 # name -> builder; the names are config.ARCHS (``--arch``)
 NETWORKS: dict[str, Callable[[NetworkConfig], torch.nn.Module]] = {
     "edm2-unet": _edm2_unet,
@@ -83,6 +93,7 @@ NETWORKS: dict[str, Callable[[NetworkConfig], torch.nn.Module]] = {
     "adm": _adm,
     "dit": _dit,
     "hdit": _hdit,
+    "video-unet": _video_unet,
 }
 
 
@@ -94,7 +105,7 @@ def build_network(n: NetworkConfig) -> torch.nn.Module:
 
 
 def network_cost(n: NetworkConfig) -> tuple[int, float]:
-    """(parameters, GFLOPs per image of one forward pass) of the backbone, measured on the ``meta`` device.
+    """(parameters, GFLOPs per image (video-unet: per clip of n.frames) of one forward pass) of the backbone, measured on the ``meta`` device.
 
     FLOPs are torch's flop counter (``torch.utils.flop_counter``): 2 per multiply-add of matmuls and convolutions,
     so half of this is the "Gflops" (multiply-adds) that DiT reports. Nothing is allocated.
@@ -103,7 +114,7 @@ def network_cost(n: NetworkConfig) -> tuple[int, float]:
 
     with torch.device("meta"):
         net = build_network(n)
-        x = torch.zeros(1, n.channels, n.resolution, n.resolution)
+        x = torch.zeros(1, n.channels, *((n.frames,) if n.frames else ()), n.resolution, n.resolution)
         labels = torch.zeros(1, n.label_dim) if n.label_dim else None
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():

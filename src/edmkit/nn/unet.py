@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -381,23 +382,33 @@ class UNet(torch.nn.Module):
         """Args: x [N, C, H, W] (unit variance), c_noise [N], labels [N, label_dim] one-hot or None,
         augment_labels [N, augment_dim] or None (zeros), cond [N, cond_channels, H, W] conditioning image or None
         (zeros), context [N, L, context_dim] tokens or None (zeros). Returns [N, C, H, W]."""
-        s, mp = self.switches, self.switches.mp_fixed
         ctx = context_tokens(context, context_dim=self.context_dim, batch=x.shape[0])
         emb = self._embedding(c_noise, labels, batch=x.shape[0], device=x.device, augment_labels=augment_labels)
 
         x = concat_cond(x, cond, cond_channels=self.cond_channels)  # [N, C + C_cond, H, W]
+        return self.trunk(x, emb, ctx)
 
+    def trunk(self, x: torch.Tensor, emb: torch.Tensor, ctx: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+              after_block: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Encoder, decoder and output conv of x [N, C (+ C_cond), H, W] given the embedding emb [N, E].
+
+        ``after_block(name, x)``, if given, runs after every block (``"enc.<key>"`` / ``"dec.<key>"``) and returns the
+        tensor that goes on: the video U-Net (``nn/video.py``) puts its temporal attention there.
+        """
+        s, mp = self.switches, self.switches.mp_fixed
         if not s.biases:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, C+1, H, W]
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
         skips = []
         for name, block in self.enc.items():
             x = block(x) if name.endswith("_conv") else block(x, emb, ctx)
+            x = x if after_block is None else after_block(f"enc.{name}", x)
             skips.append(x)
         for name, block in self.dec.items():
             if "_block" in name:
                 x = cat(x, skips.pop(), mp=mp, t=self.concat_balance)
             x = block(x, emb, ctx)
+            x = x if after_block is None else after_block(f"dec.{name}", x)
         if not s.pixel_norm:
             x = act(norm(x, self.out_norm, switches=s), mp=mp)
         return self.out_conv(x, gain=self.out_gain) if mp else self.out_conv(x)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from edmkit.diffusion.operators import check_scale, downsample, upsample
+from edmkit.diffusion.precond import per_example
 from edmkit.presets import SR_AUGMENT_DIM
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def noise_augment(z: Tensor, *, sigma_aug: Tensor, noise: Tensor) -> Tensor:
         sigma_aug: [N] noise levels.
         noise: [N, C, H, W] unit Gaussian ε.
     """
-    return z + sigma_aug.reshape(-1, 1, 1, 1).to(z.dtype) * noise
+    return z + per_example(sigma_aug, z).to(z.dtype) * noise
 
 
 def sample_aug_level(n: int, *, sigma_max: float, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:

@@ -83,7 +83,9 @@ def _describe(c: NetworkConfig) -> str:
 
 
 def check_guide(main: NetworkConfig, guide: NetworkConfig, *, name: str = "guide") -> None:
-    """Refuse a guide network that does not denoise the same images: resolution, channels, classes."""
+    """Refuse a guide network that does not denoise the same images (or clips): resolution, channels, classes."""
+    if bool(main.frames) != bool(guide.frames):  # a video model's guide denoises clips too (any training length)
+        raise ValueError(f"{name} denoises {'clips' if guide.frames else 'images'} but the model {'clips' if main.frames else 'images'}")
     if (main.resolution, main.channels, main.label_dim) != (guide.resolution, guide.channels, guide.label_dim):
         raise ValueError(f"{name} is {_describe(guide)} but the model is {_describe(main)}: "
                          "a guide must match the model's resolution, channels and classes")
@@ -262,9 +264,12 @@ def generate_images(
     progress: bool = False,
     callback: Callable | None = None,
     context: torch.Tensor | None = None,
+    frames: int = 0,
     **options,
 ) -> torch.Tensor:
     """Sample one image per seed; returns float32 [len(seeds), C, H, W] in roughly [-1, 1] on the CPU.
+
+    Video networks: ``frames`` > 0 samples one clip per seed, [len(seeds), C, frames, H, W] (any length the network takes).
 
     Labels: with ``label_dim > 0`` and ``class_idx=None`` each image draws its class from its own seed.
     Context (cross-attention models): [L, D] tokens for every image or [len(seeds), L, D] one sequence per seed.
@@ -292,7 +297,7 @@ def generate_images(
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         batch_seeds = list(seeds[start:start + batch])
         rnd = SeededRandn(batch_seeds, device=device)
-        noise = rnd.randn([channels, resolution, resolution])
+        noise = rnd.randn([channels, *((frames,) if frames else ()), resolution, resolution])
         labels = class_labels(batch_seeds, label_dim=label_dim, class_idx=class_idx, device=device) if label_dim else None
         if context is not None:  # the batch's tokens bound into the denoiser (CFG: the null context in its other branch)
             tokens = context.expand(len(batch_seeds), *context.shape) if context.ndim == 2 else context[start:start + batch]

@@ -34,6 +34,8 @@ from edmkit import dist
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
 from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
+from edmkit.data.images import images_to_float
+from edmkit.data.videos import joint_segments, random_frames
 from edmkit.data.latents import LatentDataset
 from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory, make_loss
 from edmkit.diffusion.precond import Denoiser
@@ -65,12 +67,14 @@ from edmkit.training.validation import split_dataset
 # ``edmkit.training.<name>`` (as tests do) changes what train() and training_loop() use.
 
 POSTERIOR_CHUNK = 1 << 20  # step_seed chunk of the latent posterior samples: a stream of its own, apart from the step's noise
+IMAGE_FRAMES_CHUNK = POSTERIOR_CHUNK + 1  # step_seed chunk of the appended images of joint image-video training
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> backbone autocast dtype (fp32: none)
 
 
 def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: int, device: torch.device | str,
                *, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Images [B, C, H, W] in [-1, 1] (or latents: a posterior sample each, drawn for the whole global batch from a
+    """Images [B, C, H, W] in [-1, 1] (clips [B, C, T, H, W], plus ``train.image_frames`` independent images appended as frames
+    T..T+K-1 (``data.videos.joint_segments``); or latents: a posterior sample each, drawn for the whole global batch from a
     generator seeded by (seed, nimg)), one-hot labels [B, L] (or None) and context tokens [B, L_ctx, D_ctx] (or None:
     a network without cross-attention) for stream position ``nimg`` (only the global-batch ``rows`` given, in their
     order: one process's shard)."""
@@ -81,6 +85,11 @@ def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: 
     else:
         y = data.float_batch(idx if rows is None else idx[rows])
     idx = idx if rows is None else idx[rows]
+    if cfg.train.image_frames:  # joint image-video training: K frames of random clips appended to each clip
+        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, nimg, chunk=IMAGE_FRAMES_CHUNK))
+        K = cfg.train.image_frames
+        images = random_frames(data.images, cfg.train.batch * K, generator=g).unflatten(0, (cfg.train.batch, K)).transpose(1, 2)
+        y = torch.cat([y, images_to_float(images if rows is None else images[rows])], dim=2)  # [B, C, T + K, H, W]
     y = y.to(device)
     labels = None
     if cfg.network.label_dim:
@@ -105,8 +114,9 @@ def train_step(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentConfig, y: to
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     losses = None if state.sigma_history is None else torch.zeros(shard.batch, device=y.device)  # importance: the history's new losses
+    segments = joint_segments(cfg.network.frames, cfg.train.image_frames).to(y.device) if cfg.train.image_frames else None
     sums = accumulate_gradients(state, loss_fn, cfg, shard, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels, cond=cond,
-                                context=context, weight=draw.weight, losses=losses)  # [2]: loss, mse summed over the batch
+                                context=context, weight=draw.weight, losses=losses, segments=segments)  # [2]: loss, mse summed over the batch
     if state.sigma_history is not None:
         state.sigma_history.update(draw.bins, losses)
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before the norm, clipping and the finiteness check
@@ -124,14 +134,14 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
                          labels: torch.Tensor | None, *, sigma: torch.Tensor, noise: torch.Tensor,
                          augment_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                          context: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                         losses: torch.Tensor | None = None) -> torch.Tensor:
+                         losses: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, leaving in ``.grad`` the gradient of the global batch's mean loss.
 
     Each micro-batch's loss is summed and scaled by world / batch: DDP averages over the world, so the gradients add up
     to exactly the one-process mean. DDP's all-reduce runs only with the last micro-batch (``dist.ddp_sync``).
     Binned sigma (importance / adaptive): each sample's loss (and logged MSE) is multiplied by its ``weight`` [n]; with
     ``losses`` [batch] (importance) the unweighted per-sample losses of the whole global batch are written there
-    (all-reduced: the same on every rank, for the loss history).
+    (all-reduced: the same on every rank, for the loss history). ``segments`` [T + K]: joint image-video training's ids.
 
     Returns:
         [2] float32: (loss, weighted MSE) summed over the whole global batch (all ranks).
@@ -144,6 +154,8 @@ def accumulate_gradients(state: TrainState, loss_fn: EDMLoss, cfg: ExperimentCon
         torch.manual_seed(step_seed(cfg.train.seed, state.step, r * shard.world + shard.rank))  # dropout: per micro-batch
         with dist.ddp_sync(model, sync=r == shard.rounds - 1):
             extra = {k: v[part] for k, v in (("augment_labels", augment_labels), ("cond", cond), ("context", context)) if v is not None}
+            if segments is not None:
+                extra["segments"] = segments  # [T + K], the same for every clip (joint image-video training)
             net = functools.partial(model, **extra) if extra else model
             loss, mse = loss_fn(net, y[part], None if labels is None else labels[part], sigma=sigma[part], noise=noise[part])
             if weight is not None:
@@ -204,6 +216,13 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
         raise RunError(f"network attends to width-{n.context_dim} context tokens, but the data has {have} context (an npz 'context' [N, L, D] or dataset.json \"context\" entries)")
     if cfg.train.augment_p > 0 and cfg.train.task != "sr" and n.augment_dim != AUGMENT_DIM:  # sr: check_sr_config
         raise RunError(f"augment_p = {cfg.train.augment_p} needs augment conditioning: network.augment_dim = {AUGMENT_DIM} (got {n.augment_dim})")
+    if n.frames != getattr(data, "frames", 0):
+        have = f"clips of {data.frames} frames" if getattr(data, "frames", 0) else "images"
+        raise RunError(f"the network takes {f'clips of {n.frames} frames' if n.frames else 'images'}, the data are {have}")
+    if cfg.train.image_frames and not n.frames:
+        raise RunError("--image-frames appends images to clips: it needs a video network (--arch video-unet, a movingmnist preset)")
+    if n.frames and cfg.train.eval_nimg:
+        raise RunError("in-training FID / KID scores images; video networks take clips (turn off --eval-every)")
     try:
         check_sr_config(cfg)
     except ValueError as e:
@@ -248,7 +267,7 @@ def run_in_folder(cfg: ExperimentConfig, run_dir: Path, *, device: torch.device,
     monitor = make_monitor(cfg, run_dir, state, data, val_data, loss_fn, loggers=loggers, device=device, log=log) if dist.is_main() else Monitor()
     monitor.evaluator = evaluator  # on every rank: each samples its slice of the evaluation seeds
     n_params = sum(p.numel() for p in net.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters, {len(data)} images {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
+    log(f"{n_params / 1e6:.2f}M parameters, {len(data)} {f'clips of {data.frames} frames' if getattr(data, 'frames', 0) else 'images'} {data.resolution}x{data.resolution}x{data.channels} from {data.name}, run folder {run_dir}")
     if shard.world > 1 or shard.rounds > 1 or cfg.train.precision != "fp32":
         log(f"{shard.world} process(es) on {device.type}, {shard.rounds} micro-batch(es) of {shard.size} per process per step of "
             f"{shard.batch} images, backbone in {cfg.train.precision}")

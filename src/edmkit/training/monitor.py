@@ -27,6 +27,7 @@ from edmkit import dist
 from edmkit.config import ExperimentConfig, snapshot_disk_estimate
 from edmkit.data.dataset import ImageDataset
 from edmkit.data.images import save_image_grid
+from edmkit.data.videos import save_clip_grid_gif, save_clip_strip
 from edmkit.diffusion.loss import EDMLoss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.files import atomic_write
@@ -317,7 +318,8 @@ def sampling_net(state: TrainState, cfg: ExperimentConfig) -> Denoiser:
 
 
 def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, context: torch.Tensor | None = None) -> Path:
-    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``.
+    """Sample ``grid_n`` images with fixed seeds and write ``grid-<nimg>.png``; clips: a row of frames per clip there and
+    the clips playing in ``grid-<nimg>.gif``.
 
     A context run passes the dataset's context [N, L, D]: image i of the grid is conditioned on its row i (the first
     ``grid_n`` rows, repeated when N is smaller), so the grid shows conditioned samples, the same at every image count.
@@ -329,9 +331,14 @@ def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, contex
     if context is not None:
         context = context[torch.arange(cfg.train.grid_n) % len(context)]  # [grid_n, L, D]
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
-                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, context=context)
+                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, context=context,
+                        frames=n.frames)
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
+    if n.frames:
+        save_clip_strip(x, path)
+        save_clip_grid_gif(x, path.with_suffix(".gif"))
+        return path
     save_image_grid(decoder_of(cfg.train.encoder)(x), path)
     return path
 
