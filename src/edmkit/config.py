@@ -232,8 +232,8 @@ class EMAConfig:
     snapshot_dtype: str = "float32"             # storage dtype of snapshot files: "float32" or "float16" (half the disk)
     snapshot_budget_mb: float = 0.0             # refuse to start when the expected snapshot disk use exceeds this (0 = no limit)
     choose: str = "off"                         # at the end of training, pick the sampling EMA length by a post-hoc sweep (EMA_CHOICES)
-    choose_stds: tuple[float, ...] = (0.02, 0.03, 0.05, 0.07, 0.10, 0.14, 0.20)  # the sigma_rel grid of that sweep
-    choose_n: int = 500                         # with an FID score: images per sigma_rel, seeds 0..n-1 (the same noise for each)
+    choose_stds: tuple[float, ...] = (0.02, 0.03, 0.05, 0.07, 0.10)  # the sigma_rel grid of that sweep
+    choose_n: int = 256                         # with an FID score: images per sigma_rel, seeds 0..n-1 (the same noise for each)
 
     def __post_init__(self) -> None:
         _check(all(0 < s < 0.28 for s in self.stds), f"EMA stds must be in (0, 0.28), got {self.stds}")
