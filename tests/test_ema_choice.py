@@ -68,6 +68,7 @@ def test_the_score_is_fid_where_a_reference_fits_else_the_loss(tmp_path):
     assert ema_choice.score_kind(tiny("off")) == "off"
     assert ema_choice.score_kind(tiny("loss")) == "loss"
     assert ema_choice.score_kind(tiny("auto", task="sr")) == "off"
+    assert ema_choice.score_kind(get_preset("movingmnist").override("ema", choose="loss")) == "off"
     with pytest.raises(RunError, match="--eval-ref"):
         ema_choice.score_kind(tiny("fid", data=str(tmp_path / "x.npz")))
 

@@ -10,6 +10,8 @@ scores each and writes the table, the plot, the best network and a grid of it to
   its FIDs are not comparable with Inception's);
 - ``loss``: the denoising loss on fixed images, sigmas and noise (``phema_sweep.denoising_score``);
 - ``auto``: ``fid`` where one of those two references fits the data, else ``loss``; ``off``: keep ``ema.sample_std``.
+
+A super-resolution stage and a video network keep ``ema.sample_std`` (their scores are not built yet).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ DIGITS = "mnist5k"  # the data the built-in digit detector fits
 def score_kind(cfg: ExperimentConfig) -> str:
     """``"fid"``, ``"loss"`` or ``"off"``: what the run's EMA choice scores by; RunError (one line) when ``fid`` has no reference."""
     choose, t = cfg.ema.choose, cfg.train
-    if choose == "off" or t.task != "generate":  # a super-resolution stage is not sampled from noise alone
+    if choose == "off" or t.task != "generate" or cfg.network.frames:  # an SR stage is not sampled from noise alone; clips: no score yet
         return "off"
     fits = bool(t.eval_ref) or (t.data == DIGITS and not t.encoder)
     if choose == "fid" and not fits:
