@@ -231,7 +231,8 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
             n = cfg.network
             result = metrics_eval.evaluate_generator(net, ref=e.ref, detector=e.detector, seeds=list(range(e.n)), metrics=e.metrics, batch=e.batch,
                                                      device=device, generate_kw=dict(resolution=n.resolution, channels=n.channels,
-                                                                                     label_dim=n.label_dim, steps=e.steps))
+                                                                                     label_dim=n.label_dim, steps=e.steps,
+                                                                                     **cfg.train.sampler_options()))
         finally:
             net.train(was_training)
     scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
@@ -323,7 +324,8 @@ def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path) -> Path:
     net.eval()
     n = cfg.network
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
-                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device)
+                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device,
+                        **cfg.train.sampler_options())
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
     save_image_grid(decoder_of(cfg.train.encoder)(x), path)
