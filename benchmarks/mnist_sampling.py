@@ -28,6 +28,7 @@ from edmkit.sampling.generate import generate_images
 SETTINGS: dict[str, dict] = {
     "heun18": dict(sampler="heun", steps=18),  # edmkit generate's default: 35 evaluations
     "heun18-churn10": dict(sampler="heun", steps=18, S_churn=10, S_tmin=0.05, S_tmax=10, S_noise=1.003),
+    "heun18-churn5": dict(sampler="heun", steps=18, S_churn=5, S_tmin=0.05, S_tmax=10, S_noise=1.003),
     "heun18-churn20": dict(sampler="heun", steps=18, S_churn=20, S_tmin=0.05, S_tmax=10, S_noise=1.003),
     "heun18-churn30": dict(sampler="heun", steps=18, S_churn=30, S_tmin=0.05, S_tmax=10, S_noise=1.003),
     "heun18-churn10-tmax50": dict(sampler="heun", steps=18, S_churn=10, S_tmin=0.05, S_tmax=50, S_noise=1.003),
