@@ -28,11 +28,15 @@ from edmkit.sampling.generate import generate_images
 SETTINGS: dict[str, dict] = {
     "heun18": dict(sampler="heun", steps=18),  # edmkit generate's default: 35 evaluations
     "heun18-churn10": dict(sampler="heun", steps=18, S_churn=10, S_tmin=0.05, S_tmax=10, S_noise=1.003),
+    "heun18-churn5": dict(sampler="heun", steps=18, S_churn=5, S_tmin=0.05, S_tmax=10, S_noise=1.003),
+    "heun18-churn20": dict(sampler="heun", steps=18, S_churn=20, S_tmin=0.05, S_tmax=10, S_noise=1.003),
     "heun18-churn30": dict(sampler="heun", steps=18, S_churn=30, S_tmin=0.05, S_tmax=10, S_noise=1.003),
+    "heun18-churn10-tmax50": dict(sampler="heun", steps=18, S_churn=10, S_tmin=0.05, S_tmax=50, S_noise=1.003),
     "heun12": dict(sampler="heun", steps=12),
     "heun8": dict(sampler="heun", steps=8),
     "heun6": dict(sampler="heun", steps=6),
     "dpmpp2m-12": dict(sampler="dpmpp-2m", steps=12),
+    "dpmpp2m-11": dict(sampler="dpmpp-2m", steps=11),
     "dpmpp2m-10": dict(sampler="dpmpp-2m", steps=10),
     "dpmpp2m-8": dict(sampler="dpmpp-2m", steps=8),
     "euler12": dict(sampler="euler", steps=12),

@@ -440,3 +440,16 @@ def test_cli_p_uncond(tmp_path):
 def test_misspelled_option_is_a_value_error_naming_the_guidance_and_sampler_options():
     with pytest.raises(ValueError, match="does not take guidence.*guidance options: .*classifier_scale"):
         generate_images(lambda x, sigma, labels=None: x, seeds=[0], resolution=4, channels=1, guidence=2.0)
+
+
+def test_a_run_with_churn_samples_with_it_unless_told_otherwise(tmp_path, sampler_calls):
+    """The run's sampling setting (train.sample_churn, its sigma range and S_noise) is generate's default for Heun; any churn
+    option on the command line replaces it, and other samplers never get it."""
+    model = save_model(tmp_path / "churn.safetensors", CFG.override("train", sample_churn=7.0, sample_churn_sigmas=(0.1, 20.0), sample_s_noise=1.01), 5)
+    out = run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--out", tmp_path / "a.npz").output
+    assert "run's churn" in out
+    assert {k: sampler_calls[-1][k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")} == dict(S_churn=7.0, S_tmin=0.1, S_tmax=20.0, S_noise=1.01)
+    run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--churn", "0", "--out", tmp_path / "b.npz")
+    assert sampler_calls[-1]["S_churn"] == 0 and "S_tmin" not in sampler_calls[-1]
+    run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--sampler", "euler", "--out", tmp_path / "c.npz")
+    assert "S_churn" not in sampler_calls[-1]

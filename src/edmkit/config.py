@@ -269,6 +269,9 @@ class TrainConfig:
     state_nimg: int = 8_000                     # resumable training state every this many images
     grid_n: int = 64                            # images in each sample grid
     sample_steps: int = 18                      # Heun steps for grids (2 * steps - 1 evaluations)
+    sample_churn: float = 0.0                   # Heun S_churn (EDM Alg. 2) of the run's samples: grids, evaluations, the EMA choice, `generate`'s default; 0 = deterministic
+    sample_churn_sigmas: tuple[float, float] = (0.05, 10.0)  # [S_tmin, S_tmax]: churn only at these noise levels
+    sample_s_noise: float = 1.003               # S_noise: scale of the churn noise
     val_fraction: float = 0.0                   # held-out fraction of the data for the validation loss (0 = none, all images train)
     val_nimg: int = 16_000                      # validation loss every this many images (with val_fraction > 0)
     val_sigmas: int = 8                         # fixed noise levels of the validation loss (quantiles of the training density)
@@ -293,6 +296,9 @@ class TrainConfig:
     stop_when_flat: int = 0                     # stop after this many evaluations without improvement of the first eval metric (else the validation loss); 0 = off
 
     def __post_init__(self) -> None:
+        _check(self.sample_churn >= 0 and self.sample_s_noise > 0 and 0 <= self.sample_churn_sigmas[0] <= self.sample_churn_sigmas[1],
+               f"sample churn needs S_churn >= 0, S_noise > 0 and 0 <= S_tmin <= S_tmax, got {self.sample_churn}, {self.sample_s_noise}, "
+               f"{self.sample_churn_sigmas}")
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
         _check(self.total_nimg >= self.batch, "total_nimg must be at least one batch")
         for name in ("status_nimg", "grid_nimg", "state_nimg", "val_nimg", "val_sigmas", "val_patience"):
@@ -317,6 +323,12 @@ class TrainConfig:
         _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
         _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
                "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")
+
+    def sampler_options(self) -> dict[str, float]:
+        """Keywords of the Heun sampler for the run's samples (``sample_churn`` and its range and noise; {} = deterministic)."""
+        if not self.sample_churn:
+            return {}
+        return dict(S_churn=self.sample_churn, S_tmin=self.sample_churn_sigmas[0], S_tmax=self.sample_churn_sigmas[1], S_noise=self.sample_s_noise)
 
 
 @dataclass(frozen=True)

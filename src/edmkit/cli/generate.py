@@ -63,7 +63,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     from edmkit.checkpoint import find_network, load_network
     from edmkit.latent.encoder import encoder_from_spec
     from edmkit.report import ReverseProcessRecorder
-    from edmkit.sampling.generate import generate_images, load_context, load_guide, parse_pair, parse_seeds
+    from edmkit.sampling.generate import generate_images, load_context, load_guide, parse_pair, parse_seeds, run_sampler_options
 
     if n is not None and seeds is not None:
         raise ValueError("give --n or --seeds, not both")
@@ -89,6 +89,10 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     space = "" if encoder.kind == "pixels" else f" latents ({encoder.kind}, {encoder.factor}x downsampling)"
     click.echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}, {c.resolution}x{c.resolution}x{c.channels}{space}")
     frames = check_video_options(c, frames=frames, out=Path(out), gif=gif, classifier=classifier_path)
+    if (run_kw := run_sampler_options(cfg, sampler, sampler_kw)) != sampler_kw:
+        sampler_kw = run_kw
+        click.echo(f"Heun with the run's churn: S_churn {run_kw['S_churn']:g} for sigma in [{run_kw['S_tmin']:g}, {run_kw['S_tmax']:g}], "
+                   f"S_noise {run_kw['S_noise']:g} (--churn 0: deterministic)")
     if encoder.kind != "pixels" and (gif or classifier_path):
         raise ValueError("--gif and --classifier work on pixel-space networks only (this network samples latents)")
     guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev, encoder=meta["encoder"]) if guide_checkpoint else None

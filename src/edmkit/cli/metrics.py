@@ -113,6 +113,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
 @click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
+@click.option("--churn", "S_churn", type=float, default=None, help="Heun: stochasticity S_churn (default: the run's sampling setting; 0: deterministic).")
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image (default: drawn per seed for conditional models); the class kept with --reject-threshold.")
 @click.option("--classifier", "classifier_path", default=None, type=click.Path(dir_okay=False), help="Noise-aware classifier file (from edmkit train-classifier) for --classifier-scale / --reject-threshold.")
@@ -123,7 +124,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @score_options
 @metrics_options
 @user_errors
-def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
+def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
                 max_tries, vae, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of generated images (none written to disk) against a reference.
 
@@ -139,7 +140,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     from edmkit.latent.encoder import encoder_from_spec
     from edmkit.metrics import evaluate as ev
     from edmkit.metrics import reference as rf
-    from edmkit.sampling.generate import parse_seeds
+    from edmkit.sampling.generate import parse_seeds, run_sampler_options
 
     names = parse_metrics(metric_names)
     seed_list = parse_seeds(seeds) if seeds else list(range(ev.PUBLISHED_N if n is None else max(n, 0)))
@@ -161,14 +162,16 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, guidanc
     encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)  # scores are of decoded images
     if encoder.kind != "pixels" and (classifier_path or reject_threshold is not None):
         raise ValueError("--classifier and --reject-threshold work on pixel-space networks only (this network samples latents)")
+    sampler_kw = run_sampler_options(meta["config"], sampler, {} if S_churn is None else {"S_churn": S_churn})
     echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps"
+         + (f", churn {sampler_kw['S_churn']:g}" if sampler_kw.get("S_churn") else "")
          + ("" if encoder.kind == "pixels" else f", decoded by its {encoder.kind}"))
     for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution * encoder.factor,
                                       channels=encoder.image_channels):
         echo(line)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
                                    gif=None, device=dev)
-    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance,
+    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance, **sampler_kw,
                   **classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
     rejection = None
     if reject_threshold is not None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from edmkit.checkpoint import find_network, load_network, read_network_metadata
-from edmkit.config import NetworkConfig
+from edmkit.config import ExperimentConfig, NetworkConfig
 from edmkit.diffusion.guidance import (
     classifier_free,
     classifier_guided,
@@ -242,6 +242,17 @@ def _check_sampler_options(sample: Callable, name: str, options: dict) -> None:
         valid = ", ".join(sorted(params - {"randn"})) or "no options"
         raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)} (it takes: {valid}; guidance options: "
                          f"{', '.join(sorted(GUIDANCE_OPTIONS))})")
+
+
+HEUN_CHURN = ("S_churn", "S_tmin", "S_tmax", "S_noise")
+
+
+def run_sampler_options(cfg: ExperimentConfig, sampler: str, given: dict[str, float]) -> dict[str, float]:
+    """The sampler options of a sampling command: those ``given``, else (Heun, no churn option given) the run's own
+    (``TrainConfig.sampler_options``: the churn its preset measured best, or none)."""
+    if sampler != "heun" or any(k in given for k in HEUN_CHURN):
+        return given
+    return {**cfg.train.sampler_options(), **given}
 
 
 @torch.no_grad()

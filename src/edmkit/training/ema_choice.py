@@ -64,7 +64,12 @@ def make_score(cfg: ExperimentConfig, *, device: torch.device | str, log: Callab
         detector = load_detector("mnist", device=device)
         ref = compute_reference(dataset_of(cfg).images, detector=detector, source=DIGITS)
     return phema_sweep.fid_score(ref, detector, resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, n=cfg.ema.choose_n,
-                                 steps=t.sample_steps, batch=max(t.batch, 64), device=device)
+                                 steps=t.sample_steps, batch=max(t.batch, 64), device=device, options=t.sampler_options())
+
+
+def churn_text(cfg: ExperimentConfig) -> str:
+    """``", churn 10"`` for a run that samples with Heun's churn, else ``""``."""
+    return f", churn {cfg.train.sample_churn:g}" if cfg.train.sample_churn else ""
 
 
 def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | str = "cpu", log: Callable[[str], None] = print,
@@ -79,7 +84,7 @@ def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.devi
         return None
     start = time.perf_counter()
     log(f"choosing the sampling EMA length: sigma_rel {', '.join(f'{s:g}' for s in cfg.ema.choose_stds)} scored by "
-        + (f"FID of {cfg.ema.choose_n} images (Heun {cfg.train.sample_steps} steps)" if kind == "fid" else "the denoising loss"))
+        + (f"FID of {cfg.ema.choose_n} images (Heun {cfg.train.sample_steps} steps{churn_text(cfg)})" if kind == "fid" else "the denoising loss"))
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", PosthocEMAWarning)  # logged below, once per sigma_rel
         result = phema_sweep.sweep(run_dir, out_dir=out_dir, sigma_rels=cfg.ema.choose_stds, score_fn=make_score(cfg, device=device, log=log),
@@ -96,7 +101,7 @@ def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.devi
         net, meta = ckpt.load_network(result["network"], device=device)
         n = cfg.network
         images = generate_images(net, seeds=list(range(cfg.train.grid_n)), resolution=n.resolution, channels=n.channels,
-                                 label_dim=n.label_dim, steps=cfg.train.sample_steps, device=device)
+                                 label_dim=n.label_dim, steps=cfg.train.sample_steps, device=device, **cfg.train.sampler_options())
         result["grid"] = out_dir / "grid.png"
         save_image_grid(images, result["grid"])
     result["sec"] = round(time.perf_counter() - start, 1)

@@ -232,7 +232,8 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
             n = cfg.network
             result = metrics_eval.evaluate_generator(net, ref=e.ref, detector=e.detector, seeds=list(range(e.n)), metrics=e.metrics, batch=e.batch,
                                                      device=device, generate_kw=dict(resolution=n.resolution, channels=n.channels,
-                                                                                     label_dim=n.label_dim, steps=e.steps))
+                                                                                     label_dim=n.label_dim, steps=e.steps,
+                                                                                     **cfg.train.sampler_options()))
         finally:
             net.train(was_training)
     scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
@@ -332,7 +333,7 @@ def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, contex
         context = context[torch.arange(cfg.train.grid_n) % len(context)]  # [grid_n, L, D]
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
                         label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, context=context,
-                        frames=n.frames)
+                        frames=n.frames, **cfg.train.sampler_options())
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
     if n.frames:

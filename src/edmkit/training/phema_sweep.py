@@ -70,7 +70,8 @@ def denoising_score(cfg: ExperimentConfig, *, n_images: int = 128, n_sigmas: int
 
 def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: int, label_dim: int = 0, n: int = 1000,
               seeds: Sequence[int] | None = None, steps: int = 18, sampler: str = "heun", batch: int = 64,
-              device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> Callable[[Denoiser], float]:
+              device: torch.device | str = "cpu", log: Callable[[str], None] | None = None,
+              options: dict[str, float] | None = None) -> Callable[[Denoiser], float]:
     """Score = FID of ``n`` generated images against reference statistics (EDM2 Sec. 3.2, Fig. 5); lower is better.
 
     EDM2 chooses the EMA length by FID. Every network is sampled from the same fixed seeds (default
@@ -86,6 +87,7 @@ def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: 
         n: Images per network.
         seeds: The n seeds (default 0..n-1).
         steps, sampler: Sampler settings (Heun with 18 steps: 35 network evaluations per image).
+        options: The sampler's options (e.g. Heun's S_churn: ``TrainConfig.sampler_options()``).
         batch: Images per sampling / detector batch (does not change the images).
         device: Where sampling runs.
         log: Receives notices (small n, image shape, detector input conversion) once, here.
@@ -106,7 +108,7 @@ def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: 
     check_detector(ref, detector)
     for line in ev.evaluation_notices(ref, detector, n=n, resolution=resolution, channels=channels) if log is not None else ():
         log(line)
-    generate_kw = dict(resolution=resolution, channels=channels, label_dim=label_dim, sampler=sampler, steps=steps)
+    generate_kw = dict(resolution=resolution, channels=channels, label_dim=label_dim, sampler=sampler, steps=steps, **(options or {}))
 
     def score(net: Denoiser) -> float:
         result = ev.evaluate_generator(net, ref=ref, detector=detector, seeds=seeds, metrics=("fid",), batch=batch, device=device,
