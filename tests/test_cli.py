@@ -16,7 +16,7 @@ def run(*args):
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["generate"], ["phema"], ["restore"], ["report"], ["dataset", "convert"], ["dataset", "info"],
                                  ["metrics", "ref"], ["metrics", "gen"], ["metrics", "folder"], ["metrics", "memorization"], ["metrics", "probe"],
-                                 ["metrics", "video"]])
+                                 ["metrics", "video"], ["video"]])
 def test_help(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output

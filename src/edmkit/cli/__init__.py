@@ -1,4 +1,4 @@
-"""The ``edmkit`` command line: train, generate, restore, phema, metrics, dataset, report, train-classifier, import.
+"""The ``edmkit`` command line: train, generate, restore, phema, metrics, dataset, report, train-classifier, import, video.
 
 Library code raises ValueError / OSError; this package alone turns them into one-line errors with a
 non-zero exit code (``user_errors``) and sets ``torch.backends`` flags (``pick_device``).
@@ -11,4 +11,4 @@ so ``edmkit --help`` is fast.
 from edmkit.cli._common import main  # the console-script entry point (pyproject: edmkit.cli:main)
 
 __all__ = ["main"]
-from edmkit.cli import dataset, generate, interop, metrics, posthoc, train  # noqa: F401, E402  (registers the commands on main)
+from edmkit.cli import dataset, generate, interop, metrics, posthoc, train, video  # noqa: F401, E402  (registers the commands on main)

@@ -1,0 +1,77 @@
+"""``edmkit video``: extension keeps the known frames, interpolation and long clips have the asked-for length, one-line errors."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edmkit import checkpoint as ckpt
+from edmkit.cli import main
+from edmkit.presets import get_preset
+from test_video import tiny_video_net  # movingmnist-tiny (16x16x1, 4 frames) with its zero gains opened
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["video", *map(str, args), "--steps", "2", "--device", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def video_net(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "net.safetensors"
+    ckpt.save_network(path, tiny_video_net().state_dict(), cfg=get_preset("movingmnist-tiny"), nimg=0, ema_std=0)
+    return path
+
+
+def write_clips(path, n=3, frames=5, size=16):
+    videos = np.random.default_rng(0).integers(0, 256, (n, frames, size, size), dtype=np.uint8)
+    np.savez(path, videos=videos)
+    return videos
+
+
+@pytest.mark.parametrize("w_r", ["0", "4"])
+def test_extension_keeps_the_known_frames_exactly(video_net, tmp_path, w_r):
+    videos = write_clips(tmp_path / "in.npz")
+    res = invoke("--checkpoint", video_net, "--extend", tmp_path / "in.npz", "--known", 3, "--frames", 6, "--w-r", w_r,
+                 "--batch", 2, "--out", tmp_path / "out.npz")
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "out.npz") as npz:
+        out, seeds = npz["videos"], npz["seeds"]
+    assert out.shape == (3, 6, 16, 16) and list(seeds) == [0, 1, 2]
+    np.testing.assert_array_equal(out[:, :3], videos[:, :3])  # bit-exact through uint8 -> float -> sampler -> uint8
+    assert (out[:, 3:] != videos[:, 3:4]).any()  # new frames were sampled, not copied
+
+
+def test_interpolation_and_long_clips_have_the_asked_for_frames(video_net, tmp_path):
+    videos = write_clips(tmp_path / "in.npz", n=1, frames=3)
+    res = invoke("--checkpoint", video_net, "--interpolate", tmp_path / "in.npz", "--every", 2, "--w-r", 0, "--out", tmp_path / "i.npz")
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "i.npz") as npz:
+        out = npz["videos"]
+    assert out.shape == (1, 5, 16, 16)
+    np.testing.assert_array_equal(out[:, ::2], videos)
+    res = invoke("--checkpoint", video_net, "--long", 7, "--overlap", 2, "--n", 2, "--w-r", 0, "--out", tmp_path / "long.gif")
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "long.gif") as gif:
+        assert gif.n_frames == 7
+
+
+def error_of(*args):
+    res = invoke(*args)
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    return res.output
+
+
+def test_user_mistakes_are_one_line_errors(video_net, tmp_path):
+    write_clips(tmp_path / "in.npz")
+    write_clips(tmp_path / "big.npz", size=32)
+    net, inp, out = ["--checkpoint", video_net], ["--extend", tmp_path / "in.npz"], ["--out", tmp_path / "o.gif"]
+    image_net = tmp_path / "image.safetensors"
+    image_cfg = get_preset("tiny")
+    ckpt.save_network(image_net, ckpt.build_denoiser(image_cfg).state_dict(), cfg=image_cfg, nimg=0, ema_std=0)
+    assert "image network" in error_of("--checkpoint", image_net, *inp, *out)
+    assert "the network takes 16x16x1" in error_of(*net, "--extend", tmp_path / "big.npz", *out)
+    assert "must be below --frames" in error_of(*net, *inp, "--known", 4, "--frames", 4, *out)
+    assert "overlap must be in [1, window - 1]" in error_of(*net, "--long", 8, "--overlap", 4, *out)
+    assert "no such clips file" in error_of(*net, "--extend", tmp_path / "missing.npz", *out)
+    assert "exactly one of" in error_of(*net, *inp, "--long", 8, *out)
