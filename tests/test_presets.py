@@ -86,3 +86,19 @@ def test_edm2_imagenet_presets_have_the_papers_sizes(preset, params):
     n, _ = network_cost(cfg.network)
     assert abs(n / params - 1) < 0.01, n
     assert cfg.network.channels == (4 if "512" in preset else 3) and cfg.network.label_dim == 1000
+
+
+def test_a_conditional_preset_on_other_data_is_conditional_on_its_labels_if_any(tmp_path):
+    """The default preset is class-conditional on the embedded digits; given other data (or a class subset) without
+    --cond/--uncond it takes that data's class count, or trains unconditionally on unlabelled data instead of failing."""
+    import numpy as np
+
+    np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 28, 28), np.uint8))
+    np.savez(tmp_path / "three.npz", images=np.zeros((6, 28, 28), np.uint8), labels=np.array([0, 1, 2, 0, 1, 2]))
+    assert resolve_config("mnist").network.label_dim == 10
+    assert resolve_config("mnist", data=str(tmp_path / "unlabelled.npz")).network.label_dim == 0
+    assert resolve_config("mnist", data=str(tmp_path / "three.npz")).network.label_dim == 3
+    assert resolve_config("mnist", classes=(3, 5)).network.label_dim == 2
+    assert resolve_config("mnist", cond=False).network.label_dim == 0
+    with pytest.raises(ValueError, match="needs labels"):
+        resolve_config("mnist", data=str(tmp_path / "unlabelled.npz"), cond=True)

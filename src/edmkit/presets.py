@@ -44,7 +44,8 @@ PRESETS: dict[str, ExperimentConfig] = {
     # the default: recognisable MNIST digits in about 15 minutes on 2 CPU cores (trials: benchmarks/mnist_recipe.py)
     # sampling (docs/trials/README.md, digit-detector FID at n = 2,000): Heun with churn at the sqrt(2) - 1 cap between
     # sigma 0.05 and 10, and the EMA length chosen at the end of training (short ones win), 6.63 vs 8.62 before
-    "mnist": _preset(network=dict(model_channels=16, channel_mult=(1, 2, 4), channels_per_head=32), loss=dict(P_mean=-0.8, P_std=1.6),
+    # class-conditional (classes drawn per seed when sampling): digit FID 1.41 vs 6.6 unconditional, same training time
+    "mnist": _preset(network=dict(model_channels=16, channel_mult=(1, 2, 4), channels_per_head=32, label_dim=10), loss=dict(P_mean=-0.8, P_std=1.6),
                      optim=dict(lr_ref_nimg=20_000), ema=dict(sample_std=0.05, snapshot_nimg=20_000),
                      train=dict(total_nimg=108_000, grid_nimg=20_000, state_nimg=10_000, sample_churn=10.0)),
     # CIFAR-10 32x32 sized for one GPU (EDM2 XS-like width)
@@ -93,7 +94,7 @@ PRESETS["tiny-dit"] = PRESETS["tiny"].override("network", arch="dit", model_chan
 # parameters): its widths, depths, patch sizes, global attention, 64-channel heads, 256-wide mapping network, dropout
 # 0.05, augmentation 0.12 and constant lr 5e-4 with betas (0.9, 0.95) (AdamW there; Adam, no weight decay, here)
 _HDIT = dict(arch="hdit", channels_per_head=64, mapping_channels=256, dropout=0.05, augment_dim=7, attn_resolutions=())  # data.augment.AUGMENT_DIM
-PRESETS["hdit-mnist"] = PRESETS["mnist"].override("network", **_HDIT, model_channels=256, channel_mult=(1,), depths=(8,), patch_size=4,
+PRESETS["hdit-mnist"] = PRESETS["mnist"].override("network", **_HDIT, label_dim=0, model_channels=256, channel_mult=(1,), depths=(8,), patch_size=4,
                                                    sigma_data=0.6162).override("optim", lr=5e-4, beta2=0.95, lr_ref_nimg=0).override("train", augment_p=0.12, sample_churn=0.0)
 PRESETS["hdit-cifar10"] = PRESETS["cifar10"].override("network", **_HDIT, model_channels=256, channel_mult=(1, 2), depths=(2, 4),
                                                        patch_size=2).override("optim", lr=5e-4, beta2=0.95, lr_ref_nimg=0).override("train", augment_p=0.12)
@@ -270,6 +271,8 @@ def resolve_config(base: str | ExperimentConfig = DEFAULT_PRESET, **overrides: A
     cfg = _resolve_latent(cfg)
     if "cond" in o:
         cfg = cfg.override("network", label_dim=_class_count(cfg) if o["cond"] else 0)
+    elif cfg.network.label_dim and {"data", "classes"} & set(o):  # a conditional preset on other data: conditional on its labels, if any
+        cfg = cfg.override("network", label_dim=_class_count(cfg, required=False))
     if "context" in o:
         cfg = cfg.override("network", context_dim=_context_width(cfg) if o["context"] else 0)
     if "p_uncond" in o:
@@ -304,12 +307,13 @@ def _resolve_latent(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.override("train", encoder=json.dumps(spec, sort_keys=True))
 
 
-def _class_count(cfg: ExperimentConfig) -> int:
-    """``cond``: the class count of the config's dataset (loaded only for this), which must have labels."""
+def _class_count(cfg: ExperimentConfig, *, required: bool = True) -> int:
+    """``cond``: the class count of the config's dataset (loaded only for this), which must have labels (else, not
+    ``required``: 0, unconditional)."""
     from edmkit.data.dataset import dataset_of  # torch and the data only when conditioning asks for them
 
     label_dim = dataset_of(cfg).num_classes
-    if not label_dim:
+    if not label_dim and required:
         raise ValueError(f"--cond needs labels, but {cfg.train.data} has none")
     return label_dim
 
