@@ -14,7 +14,7 @@ Steps (one process, one torch thread, runs one after the other, so the two arms 
    spatial U-Net on the same frames folded into the batch, with no temporal block (``UNet.trunk`` without the hook),
    at T frames and at T + K frames (a joint-training example).
 
-Writes ``<out>/bench.json`` and prints a markdown table.
+Writes ``<out>/bench.json``, each arm's samples as ``<out>/samples-k<K>.gif``, and prints a markdown table.
 
     python benchmarks/video.py --minutes 3 --image-frames 4 --out docs/video
 """
@@ -31,6 +31,7 @@ import torch
 from edmkit import checkpoint as ckpt
 from edmkit.data.dataset import dataset_of
 from edmkit.data.images import float_to_images
+from edmkit.data.videos import save_clip_grid_gif
 from edmkit.diffusion.loss import make_loss
 from edmkit.metrics.detectors import load_detector
 from edmkit.metrics.video import flicker_failures, motion_checks
@@ -121,6 +122,7 @@ def main() -> None:
         x = generate_images(net, seeds=range(args.samples), resolution=n.resolution, channels=n.channels, frames=n.frames,
                             steps=args.steps, batch=args.samples)
         rec["sample_sec"] = time.perf_counter() - t
+        save_clip_grid_gif(x, args.out / f"samples-k{K}.gif")
         rec["motion"] = motion_checks(float_to_images(x), classifier=classifier)
         rec["flicker"] = flicker_failures(rec["motion"])
         result["arms"][name] = rec
