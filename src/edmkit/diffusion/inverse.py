@@ -35,7 +35,6 @@ the replacement, so the measured part stays exact and the correction moves only 
 
 from __future__ import annotations
 
-import inspect
 import math
 from functools import partial
 from typing import Callable
@@ -44,7 +43,7 @@ import torch
 from torch import Tensor
 
 from edmkit.diffusion.operators import Operator, check_mask, check_scale, downsample, low_pass, mask_operator, upsample
-from edmkit.diffusion.samplers import Callback, Denoiser, Randn
+from edmkit.diffusion.samplers import Callback, Denoiser, Randn, with_randn
 
 
 def projected(denoiser: Denoiser, *, y_full: Tensor, project: Operator) -> Denoiser:
@@ -142,8 +141,7 @@ def sample_resampled(
     if not isinstance(resample, int) or resample < 1:
         raise ValueError(f"resample must be an integer >= 1, got {resample!r}")
     noise_fn = torch.randn_like if randn is None else randn
-    if randn is not None and "randn" in inspect.signature(sample).parameters:
-        sampler_kw = dict(sampler_kw, randn=randn)
+    sampler_kw = with_randn(sample, sampler_kw, randn)
     s = sigmas.detach().double().cpu().tolist()
     x = noise.to(torch.float32) * s[0]
     for i in range(len(s) - 1):
@@ -308,6 +306,4 @@ def restore(
 def _plain(sample: Callable[..., Tensor], denoiser: Denoiser, noise: Tensor, sigmas: Tensor,
            labels: Tensor | None, randn: Randn | None, sampler_kw: dict) -> Tensor:
     """Call the sampler, passing `randn` only to samplers that take it."""
-    if randn is not None and "randn" in inspect.signature(sample).parameters:
-        sampler_kw = dict(sampler_kw, randn=randn)
-    return sample(denoiser, noise, sigmas, labels=labels, **sampler_kw)
+    return sample(denoiser, noise, sigmas, labels=labels, **with_randn(sample, sampler_kw, randn))

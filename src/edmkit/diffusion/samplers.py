@@ -20,6 +20,7 @@ No sampler keeps state on an object; SeededRandn holds only the per-sample rando
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
@@ -299,6 +300,13 @@ SAMPLERS: Mapping[str, Callable[..., Tensor]] = MappingProxyType(
         "dpmpp-2m": sample_dpmpp_2m,
     }
 )
+
+
+def with_randn(sample: Callable[..., Tensor], sampler_kw: dict, randn: Randn | None) -> dict:
+    """``sampler_kw`` plus ``randn`` for samplers that take a noise source (the stochastic ones); the others get it unchanged."""
+    if randn is not None and "randn" in inspect.signature(sample).parameters:
+        return dict(sampler_kw, randn=randn)
+    return sampler_kw
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

@@ -27,7 +27,6 @@ temporal extension whose first k frames are the previous window's last k.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from edmkit.diffusion.inverse import manifold_constrained, measurement_noise, projected
 from edmkit.diffusion.operators import Operator, check_scale, downsample, mask_operator, upsample
-from edmkit.diffusion.samplers import Callback, Denoiser, Randn
+from edmkit.diffusion.samplers import Callback, Denoiser, Randn, with_randn
 
 
 def check_clip(x: Tensor, *, name: str = "clip") -> Tensor:
@@ -184,8 +183,7 @@ def sample_conditioned(
     if measurement.y_full.shape[1:] != noise.shape[1:] or measurement.y_full.shape[0] not in (1, noise.shape[0]):
         raise ValueError(f"the measurement describes clips {tuple(measurement.y_full.shape)}, the noise is {tuple(noise.shape)} "
                          "(N, C, T, H, W must agree)")
-    if randn is not None and "randn" in inspect.signature(sample).parameters:
-        sampler_kw = dict(sampler_kw, randn=randn)
+    sampler_kw = with_randn(sample, sampler_kw, randn)
     conditioned = frames_guided(denoiser, measurement, w_r=w_r)
     start = measurement_noise(noise, y_full=measurement.y_full, sigma_start=float(sigmas[0]))
     with torch.no_grad():  # the guidance turns grad on inside its denoiser
@@ -249,9 +247,8 @@ def sample_long(
     for s in window_starts(total, window=t, overlap=overlap):
         noise = noise_fn(template)
         if done == 0:
-            kw = dict(sampler_kw, randn=randn) if randn is not None and "randn" in inspect.signature(sample).parameters else sampler_kw
             with torch.no_grad():
-                clip = sample(denoiser, noise, sigmas, labels=labels, **kw)
+                clip = sample(denoiser, noise, sigmas, labels=labels, **with_randn(sample, sampler_kw, randn))
         else:
             clip = sample_conditioned(sample, denoiser, extension(out[:, :, s:done], frames=t), noise=noise, sigmas=sigmas, w_r=w_r,
                                       labels=labels, randn=randn, **sampler_kw)

@@ -20,7 +20,6 @@ How the network sees them (``Denoiser.forward(..., cond=z, augment_labels=...)``
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from edmkit.diffusion.operators import check_scale, downsample, upsample
 from edmkit.diffusion.precond import per_example
+from edmkit.diffusion.samplers import with_randn
 from edmkit.presets import SR_AUGMENT_DIM
 
 if TYPE_CHECKING:
@@ -151,7 +151,5 @@ def super_resolve(denoiser: Callable[..., Tensor], low_res: Tensor, *, cfg: Expe
         aug_noise = randn(noise) if randn is not None else torch.randn_like(noise)  # Randn contract: noise shaped like its argument
     net = cascade_denoiser(denoiser, low_res.to(noise.device), scale=s, sigma_aug=sigma_aug, sigma_max=t.sr_aug_max,
                            augment_dim=n.augment_dim, noise=aug_noise)
-    if randn is not None and "randn" in inspect.signature(sample).parameters:
-        sampler_kw = dict(sampler_kw, randn=randn)
     with torch.no_grad():
-        return sample(net, noise, sigmas, labels=labels, **sampler_kw)
+        return sample(net, noise, sigmas, labels=labels, **with_randn(sample, sampler_kw, randn))
