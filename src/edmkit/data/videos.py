@@ -45,14 +45,18 @@ def read_clips(source: str | Path, *, size: int | None = None, frames: int | Non
         spec = parse_source(str(source), size=size, frames=frames)
         return moving_mnist(spec), None, f"{source} (synthesised Moving MNIST, {spec.clips} clips of {spec.frames} frames)"
     path = Path(source).expanduser()
-    if path.is_dir():
-        return read_gif_folder(path), None, str(path)
+    if not path.exists():
+        raise OSError(f"{path} does not exist")
+    if path.is_dir() or path.suffix.lower() == ".gif":
+        return read_gifs(path), None, str(path)
     return (*read_video_npz(path), str(path))
 
 
 def read_video_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``videos`` uint8 [N, T, H, W] or [N, T, H, W, C] (C = 1 or 3) and optional integer ``labels`` [N]."""
     with np.load(path, allow_pickle=False) as npz:
+        if "videos" not in npz.files:
+            raise ValueError(f"{path} has no 'videos' array (has: {', '.join(npz.files) or 'nothing'})")
         videos, labels = npz["videos"], npz["labels"] if "labels" in npz.files else None
     if videos.dtype != np.uint8 or videos.ndim not in (4, 5) or (videos.ndim == 5 and videos.shape[-1] not in (1, 3)):
         raise ValueError(f"{path}: videos must be uint8 [N, T, H, W] or [N, T, H, W, C] with C = 1 or 3, got {videos.dtype} {videos.shape}")
@@ -60,10 +64,14 @@ def read_video_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return (videos[..., None] if videos.ndim == 4 else videos), labels
 
 
-def read_gif_folder(path: Path) -> np.ndarray:
-    """Every ``*.gif`` below ``path`` (sorted) as one clip; all must share size and frame count (RGB if any is colour)."""
+def read_gifs(path: Path) -> np.ndarray:
+    """A .gif file, or every ``*.gif`` below a folder (sorted), one clip each; all must share size and frame count (RGB
+    if any is colour)."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.gif"))
+    if not files:
+        raise ValueError(f"{path}: no .gif files (clips are an .npz with 'videos', a .gif or a folder of .gif files)")
     clips = []
-    for file in sorted(path.rglob("*.gif")):
+    for file in files:
         with Image.open(file) as gif:
             frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
         clips.append(np.stack(frames))

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageSequence
 from scipy import ndimage
 
+from edmkit.data.videos import read_clips
 from edmkit.metrics.detectors import Detector
 from edmkit.metrics.evaluate import accumulate_features, image_batches
 from edmkit.metrics.stats import frechet_distance, kid
@@ -55,39 +55,14 @@ def check_clips(clips: torch.Tensor, *, name: str = "clips") -> torch.Tensor:
 
 
 def read_videos(path: str | Path) -> torch.Tensor:
-    """Clips uint8 [N, C, T, H, W] from an .npz with ``videos`` [N, T, H, W(, C)], a .gif (one clip) or a folder of .gif files.
+    """Clips uint8 [N, C, T, H, W] from an .npz with ``videos`` [N, T, H, W(, C)], a .gif (one clip) or a folder of .gif files
+    (``data.videos.read_clips``, which training reads them with).
 
     Raises:
         OSError: missing path. ValueError: no ``videos`` array, wrong rank, no GIFs, or GIFs of different shapes.
     """
-    p = Path(path)
-    if not p.exists():
-        raise OSError(f"{p} does not exist")
-    if p.suffix == ".npz":
-        with np.load(p) as f:
-            if "videos" not in f:
-                raise ValueError(f"{p} has no 'videos' array (has: {', '.join(f.files) or 'nothing'})")
-            v = torch.from_numpy(np.ascontiguousarray(f["videos"]))
-        if v.ndim == 4:
-            v = v.unsqueeze(-1)
-        if v.ndim != 5 or v.dtype != torch.uint8:
-            raise ValueError(f"{p}: 'videos' must be uint8 [N, T, H, W(, C)], got {v.dtype} {tuple(v.shape)}")
-        return v.permute(0, 4, 1, 2, 3).contiguous()  # [N, C, T, H, W]
-    files = [p] if p.suffix == ".gif" else sorted(p.glob("*.gif"))
-    if not files:
-        raise ValueError(f"{p}: expected an .npz with 'videos', a .gif or a folder of .gif files")
-    clips = [_read_gif(f) for f in files]
-    if len({c.shape for c in clips}) > 1:
-        raise ValueError(f"{p}: GIFs of different shapes {sorted({tuple(c.shape) for c in clips})}")
-    return torch.stack(clips)
-
-
-def _read_gif(path: Path) -> torch.Tensor:
-    """One GIF -> uint8 [C, T, H, W] (C = 1 when every frame is gray, else 3)."""
-    with Image.open(path) as im:
-        frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]  # T × [H, W, 3]
-    v = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)  # [3, T, H, W]
-    return v[:1].clone() if bool((v[0] == v[1]).all() and (v[1] == v[2]).all()) else v
+    clips, _, _ = read_clips(path)  # [N, T, H, W, C]
+    return torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
