@@ -47,7 +47,7 @@ def score_kind(cfg: ExperimentConfig) -> str:
     return "fid" if choose == "fid" or (choose == "auto" and fits) else "loss"
 
 
-def make_score(cfg: ExperimentConfig, *, device: torch.device | str, log: Callable[[str], None]) -> Callable[[Denoiser], float]:
+def make_score(cfg: ExperimentConfig, *, device: torch.device | str) -> Callable[[Denoiser], float]:
     """The score function of the run's EMA choice (lower is better), as ``phema_sweep.sweep`` takes it."""
     if score_kind(cfg) == "loss":
         return phema_sweep.denoising_score(cfg, device=device)
@@ -67,11 +67,6 @@ def make_score(cfg: ExperimentConfig, *, device: torch.device | str, log: Callab
                                  steps=t.sample_steps, batch=max(t.batch, 64), device=device, options=t.sampler_options())
 
 
-def churn_text(cfg: ExperimentConfig) -> str:
-    """``", churn 10"`` for a run that samples with Heun's churn, else ``""``."""
-    return f", churn {cfg.train.sample_churn:g}" if cfg.train.sample_churn else ""
-
-
 def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | str = "cpu", log: Callable[[str], None] = print,
                progress: bool = False) -> dict[str, Any] | None:
     """Sweep ``cfg.ema.choose_stds`` at the run's last snapshot, keep the best in ``<run>/ema-choice/`` and return the sweep's
@@ -83,11 +78,12 @@ def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.devi
     if kind == "off" or ckpt.chosen_network(run_dir) is not None:
         return None
     start = time.perf_counter()
+    churn = f", churn {cfg.train.sample_churn:g}" if cfg.train.sample_churn else ""
     log(f"choosing the sampling EMA length: sigma_rel {', '.join(f'{s:g}' for s in cfg.ema.choose_stds)} scored by "
-        + (f"FID of {cfg.ema.choose_n} images (Heun {cfg.train.sample_steps} steps{churn_text(cfg)})" if kind == "fid" else "the denoising loss"))
+        + (f"FID of {cfg.ema.choose_n} images (Heun {cfg.train.sample_steps} steps{churn})" if kind == "fid" else "the denoising loss"))
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", PosthocEMAWarning)  # logged below, once per sigma_rel
-        result = phema_sweep.sweep(run_dir, out_dir=out_dir, sigma_rels=cfg.ema.choose_stds, score_fn=make_score(cfg, device=device, log=log),
+        result = phema_sweep.sweep(run_dir, out_dir=out_dir, sigma_rels=cfg.ema.choose_stds, score_fn=make_score(cfg, device=device),
                                    device=device, progress=progress)
         for row in result["rows"]:
             if row["warnings"]:
