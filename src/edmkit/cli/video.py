@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 import torch
+from tqdm.auto import tqdm
 
 from edmkit.cli._common import check_output_target, main, pick_device, user_errors
 from edmkit.cli.generate import check_video_options, write_clips
@@ -122,7 +123,7 @@ def conditioned_clips(net, sample, clips: torch.Tensor, *, seeds: list[int], tas
 
     make = extension if "frames" in task else interpolation
     out = []
-    for start in range(0, len(clips), batch):
+    for start in tqdm(range(0, len(clips), batch), desc="video", unit="batch"):
         part, part_seeds = clips[start:start + batch].to(device), seeds[start:start + batch]
         m = make(part, **task)
         rnd = SeededRandn(part_seeds, device=device)
@@ -140,7 +141,7 @@ def long_clips(net, sample, *, seeds: list[int], shape: tuple[int, int, int, int
     from edmkit.sampling.generate import class_labels
 
     out = []
-    for start in range(0, len(seeds), batch):
+    for start in tqdm(range(0, len(seeds), batch), desc="video", unit="batch"):
         part_seeds = seeds[start:start + batch]
         labels = class_labels(part_seeds, label_dim=label_dim, class_idx=class_idx, device=device) if label_dim else None
         x = sample_long(sample, net, shape=(len(part_seeds), *shape), total=total, overlap=overlap, w_r=w_r, labels=labels,
