@@ -122,6 +122,7 @@ def conditioned_clips(net, sample, clips: torch.Tensor, *, seeds: list[int], tas
     from edmkit.sampling.generate import class_labels
 
     make = extension if "frames" in task else interpolation
+    make(clips[:1], **task)  # a bad --every / --frames is a one-line error before any sampling (and its progress bar)
     out = []
     for start in tqdm(range(0, len(clips), batch), desc="video", unit="batch"):
         part, part_seeds = clips[start:start + batch].to(device), seeds[start:start + batch]
@@ -137,9 +138,10 @@ def long_clips(net, sample, *, seeds: list[int], shape: tuple[int, int, int, int
                device, label_dim: int, class_idx: int | None, **sampler_kw) -> torch.Tensor:
     """Autoregressive clips of `total` frames from noise, windows of `shape` = (C, T, H, W); clip i depends on ``seeds[i]`` only."""
     from edmkit.diffusion.samplers import SeededRandn
-    from edmkit.diffusion.video import sample_long
+    from edmkit.diffusion.video import sample_long, window_starts
     from edmkit.sampling.generate import class_labels
 
+    window_starts(total, window=shape[1], overlap=overlap)  # a bad --long / --overlap is a one-line error before any sampling
     out = []
     for start in tqdm(range(0, len(seeds), batch), desc="video", unit="batch"):
         part_seeds = seeds[start:start + batch]
