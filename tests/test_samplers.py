@@ -17,6 +17,7 @@ from edmkit.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_euler,
     sample_heun,
 )
@@ -93,7 +94,7 @@ def test_schedule_and_sampler_names_and_steps_are_validated():
         vp_sigmas(1001)
     with pytest.raises(ValueError):
         vp_sigmas(10, spacing="middle")
-    assert get_sampler("heun") is sample_heun and set(SAMPLERS) == {"euler", "heun", "ddim", "ddpm", "dpmpp-2m"}
+    assert get_sampler("heun") is sample_heun and set(SAMPLERS) == {"euler", "heun", "ddim", "ddpm", "dpmpp-2m", "dpmpp-3m"}
     with pytest.raises(ValueError, match="dpmpp-2m"):
         get_sampler("lms")
     with pytest.raises(ValueError):
@@ -117,6 +118,28 @@ def test_euler_and_ddim_are_first_order(sampler, noise):
 def test_dpmpp_2m_is_second_order(noise):
     ratio = terminal_error(sample_dpmpp_2m, 32, noise) / terminal_error(sample_dpmpp_2m, 128, noise)
     assert ratio >= 8, ratio
+
+
+def test_dpmpp_3m_is_third_order(noise):
+    ratio = terminal_error(sample_dpmpp_3m, 32, noise) / terminal_error(sample_dpmpp_3m, 128, noise)
+    assert ratio >= 30, ratio  # 4³ = 64 asymptotically; 2nd order (the 3M of k-diffusion and DPM-Solver) gives ~12
+
+
+def test_dpmpp_eta_0_draws_no_noise_and_eta_1_one_draw_per_step(noise):
+    """η = 0 is the ODE solver (no noise); η > 0 takes another path (the SDE's drift, even with S_noise = 0) and draws
+    fresh noise on every step but the last; that it still samples the data is the moments test's."""
+    sigmas = karras_sigmas(12)
+    calls = []
+    randn = lambda x: calls.append(1) or torch.zeros_like(x)  # noqa: E731
+    for sample in (sample_dpmpp_2m, sample_dpmpp_3m):
+        a = sample(gaussian_denoiser, noise, sigmas, randn=randn)
+        assert not calls
+        b = sample(gaussian_denoiser, noise, sigmas, eta=1.0, S_noise=0.0, randn=randn)
+        assert not torch.allclose(a, b)
+        calls.clear()
+        sample(gaussian_denoiser, noise, sigmas, eta=1.0, randn=randn)
+        assert len(calls) == len(sigmas) - 2  # every step but the last (to σ = 0)
+        calls.clear()
 
 
 def test_dpmpp_2m_second_step_follows_lu_et_al_algorithm_2(noise):
@@ -175,6 +198,8 @@ def test_ddim_matches_song_et_al_eq12_in_vp_variable(eta, noise):
         ("heun-churn", lambda d, n: sample_heun(d, n, karras_sigmas(128), S_churn=40, S_tmin=0.05, S_tmax=50)),
         ("ddpm", lambda d, n: sample_ddpm(d, n, vp_sigmas(1000))),
         ("ddim-eta1", lambda d, n: sample_ddim(d, n, karras_sigmas(512), eta=1.0)),
+        ("dpmpp-2m-sde", lambda d, n: sample_dpmpp_2m(d, n, karras_sigmas(64), eta=1.0)),
+        ("dpmpp-3m-sde", lambda d, n: sample_dpmpp_3m(d, n, karras_sigmas(64), eta=1.0)),
     ],
 )
 def test_stochastic_samplers_match_gaussian_moments(name, run):

@@ -2,11 +2,15 @@
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from edmkit import checkpoint as ckpt
 from edmkit.cli import main
+from edmkit.cli.video import conditioned_clips, read_input_clips
+from edmkit.diffusion.samplers import get_sampler
+from edmkit.diffusion.schedules import karras_sigmas
 from edmkit.presets import get_preset
 from test_video import tiny_video_net  # movingmnist-tiny (16x16x1, 4 frames) with its zero gains opened
 
@@ -55,6 +59,24 @@ def test_interpolation_and_long_clips_have_the_asked_for_frames(video_net, tmp_p
         assert gif.n_frames == 7
 
 
+@pytest.mark.parametrize("w_r", [0.0, 2.0])
+def test_super_resolution_frames_average_to_their_inputs(video_net, tmp_path, w_r):
+    """Per-frame SR: each 2x2 block of an output frame averages to its input pixel (exact in float: the projection);
+    the command writes clips at the network's size."""
+    videos = write_clips(tmp_path / "small.npz", n=2, frames=3, size=8)
+    res = invoke("--checkpoint", video_net, "--sr", tmp_path / "small.npz", "--w-r", w_r, "--out", tmp_path / "sr.npz")
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "sr.npz") as npz:
+        assert npz["videos"].shape == (2, 3, 16, 16)
+    net, _ = ckpt.load_network(video_net)
+    small = read_input_clips(str(tmp_path / "small.npz"), resolution=8, channels=1)  # [2, 1, 3, 8, 8] float
+    x = conditioned_clips(net, get_sampler("euler"), small, seeds=[0, 1], task=dict(scale=2), w_r=w_r, batch=2, device="cpu",
+                          label_dim=0, class_idx=None, sigmas=karras_sigmas(3))
+    assert x.shape == (2, 1, 3, 16, 16)
+    torch.testing.assert_close(x.unflatten(-1, (8, 2)).unflatten(-3, (8, 2)).mean(dim=(-1, -3)), small, atol=1e-5, rtol=0)
+    assert x.unflatten(-1, (8, 2)).unflatten(-3, (8, 2)).std(dim=(-1, -3)).mean() > 0.01  # detail sampled, not pixel copies
+
+
 def error_of(*args):
     res = invoke(*args)
     assert res.exit_code != 0 and "Traceback" not in res.output
@@ -75,3 +97,6 @@ def test_user_mistakes_are_one_line_errors(video_net, tmp_path):
     assert "overlap must be in [1, window - 1]" in error_of(*net, "--long", 8, "--overlap", 4, *out)
     assert "no such clips file" in error_of(*net, "--extend", tmp_path / "missing.npz", *out)
     assert "exactly one of" in error_of(*net, *inp, "--long", 8, *out)
+    assert "--scale must be >= 2 and divide" in error_of(*net, "--sr", tmp_path / "in.npz", "--scale", 3, *out)
+    assert "the network takes 8x8x1" in error_of(*net, "--sr", tmp_path / "in.npz", *out)
+    assert "--scale does not apply" in error_of(*net, *inp, "--scale", 2, *out)

@@ -109,14 +109,13 @@ PRESETS["movingmnist-tiny"] = _preset(
                  channels_per_head=8, logvar_channels=16),
     optim=dict(lr_ref_nimg=2000, warmup_nimg=16), ema=dict(snapshot_nimg=64),
     train=dict(data="movingmnist:clips=64,digits=1", batch=4, total_nimg=64, status_nimg=16, grid_nimg=64, state_nimg=32, grid_n=4, sample_steps=4))
-# CPU, ~15 minutes on 2 cores at 1.4 clips/s (25 min at the 0.8 clips/s of a loaded machine): 32x32 frames, 8 per
-# clip, 2 digits of 14 px (the standard's proportions at half size), 1,200 clips in 150 steps of 8; what it learns
-# (little: README "Video")
+# CPU, ~15 minutes on 2 cores at the ~17 clips/s measured alone (docs/video/preset.json): 32x32 frames, 8 per clip,
+# 2 digits of 14 px (the standard's proportions at half size), 14,000 clips in 1,750 steps of 8; what it learns: README "Video"
 PRESETS["movingmnist"] = _preset(
     network=dict(arch="video-unet", resolution=32, frames=8, model_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(8,),
                  channels_per_head=16),
-    loss=dict(P_mean=-0.8, P_std=1.6), optim=dict(lr_ref_nimg=800, warmup_nimg=80), ema=dict(sample_std=0.10, snapshot_nimg=400),
-    train=dict(data="movingmnist:clips=10000", batch=8, total_nimg=1_200, status_nimg=80, grid_nimg=400, state_nimg=400, grid_n=16))
+    loss=dict(P_mean=-0.8, P_std=1.6), optim=dict(lr_ref_nimg=4_000, warmup_nimg=400), ema=dict(sample_std=0.10, snapshot_nimg=2_000),
+    train=dict(data="movingmnist:clips=10000", batch=8, total_nimg=14_000, status_nimg=400, grid_nimg=2_000, state_nimg=2_000, grid_n=16))
 # one GPU: the standard 64x64, 20 frames, 2 digits of 28 px; joint training with 4 images per clip
 PRESETS["movingmnist-gpu"] = _preset(
     network=dict(arch="video-unet", resolution=64, frames=20, model_channels=64, channel_mult=(1, 2, 2, 2), num_blocks=2,

@@ -112,7 +112,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--seeds", default=None, help="Seeds of the first repeat, e.g. 0-49999 (instead of --n); repeat r shifts them by r times their span.")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
-@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
+@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m.")
 @click.option("--churn", "S_churn", type=float, default=None, help="Heun: stochasticity S_churn (default: the run's sampling setting; 0: deterministic).")
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image (default: drawn per seed for conditional models); the class kept with --reject-threshold.")

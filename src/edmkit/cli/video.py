@@ -1,4 +1,4 @@
-"""``edmkit video``: temporal extension, frame interpolation and long clips with a trained video network.
+"""``edmkit video``: temporal extension, frame interpolation, per-frame super-resolution and long clips with a video network.
 
 The math is :mod:`edmkit.diffusion.video` (replacement plus VDM Eq. 7 reconstruction guidance, autoregressive windows);
 this module reads the clips (:mod:`edmkit.data.videos`), draws seeded noise per clip (``SeededRandn``) and writes the
@@ -23,6 +23,8 @@ from edmkit.cli.generate import check_video_options, write_clips
 @click.option("--known", type=int, default=None, help="--extend: frames K taken from the start of each input clip (default: all its frames).")
 @click.option("--interpolate", "interpolate_source", type=click.Path(), default=None, help="Frame interpolation: clips whose frames become frames 0, k, 2k, ... of the output (k = --every).")
 @click.option("--every", type=int, default=2, show_default=True, help="--interpolate: spacing k of the known frames ((K - 1) * k + 1 frames out).")
+@click.option("--sr", "sr_source", type=click.Path(), default=None, help="Per-frame super-resolution: clips at 1/--scale of the network's size; every output frame box-averages to its input frame.")
+@click.option("--scale", type=int, default=None, help="--sr: upscaling factor s, input frames of resolution/s pixels (default 2).")
 @click.option("--long", "long_frames", type=int, default=None, help="Autoregressive long clips from noise: total frames T (windows of --frames overlapping by --overlap).")
 @click.option("--overlap", type=int, default=None, help="--long: frames k each window shares with the previous one (default: half a window).")
 @click.option("--frames", type=int, default=None, help="--extend: total frames T per output clip; --long: the window (default: the network's training length).")
@@ -31,34 +33,35 @@ from edmkit.cli.generate import check_video_options, write_clips
 @click.option("--w-r", "w_r", type=float, default=4.0, show_default=True, help="Reconstruction-guidance weight w_r of the new frames (VDM Eq. 7); 0 = replacement only (no gradients, faster).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="clips.gif (a grid of playing clips), clips.npz ('videos' uint8 [N, T, H, W(, C)]) or strip.png.")
 @click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps.")
-@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m.")
+@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m.")
 @click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras, loglinear, vp.")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn per seed).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Clips per batch (does not change the clips).")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @user_errors
-def video(checkpoint, extend_source, known, interpolate_source, every, long_frames, overlap, frames, n, seed, w_r, out, steps, sampler,
+def video(checkpoint, extend_source, known, interpolate_source, every, sr_source, scale, long_frames, overlap, frames, n, seed, w_r, out, steps, sampler,
           schedule, class_idx, batch, ema_std, device) -> None:
-    """Extend, interpolate or lengthen clips with a video network; known frames are kept exactly.
+    """Extend, interpolate, super-resolve or lengthen clips with a video network; what is known is kept exactly.
 
     \b
     Examples:
       edmkit video --checkpoint runs/movingmnist --extend clips.npz --known 4 --frames 12 --out extended.gif
       edmkit video --checkpoint runs/movingmnist --extend gifs/ --known 4 --frames 12 --w-r 0 --sampler euler --steps 32 --out ext.npz
       edmkit video --checkpoint runs/movingmnist --interpolate clips.npz --every 2 --out smooth.gif
+      edmkit video --checkpoint runs/movingmnist --sr small.npz --scale 2 --out sharp.gif
       edmkit video --checkpoint runs/movingmnist --long 40 --overlap 4 --n 4 --out long.gif
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.diffusion.samplers import get_sampler
     from edmkit.sampling.generate import run_sampler_options, sampling_sigmas
 
-    if sum(x is not None for x in (extend_source, interpolate_source, long_frames)) != 1:
-        raise ValueError("give exactly one of --extend CLIPS, --interpolate CLIPS or --long T")
+    if sum(x is not None for x in (extend_source, interpolate_source, sr_source, long_frames)) != 1:
+        raise ValueError("give exactly one of --extend CLIPS, --interpolate CLIPS, --sr CLIPS or --long T")
     if batch < 1 or n < 1:
         raise ValueError("--batch and --n must be >= 1")
     for option, value, mode in (("--known", known, extend_source), ("--frames", frames, extend_source or long_frames),
-                                ("--overlap", overlap, long_frames)):
+                                ("--overlap", overlap, long_frames), ("--scale", scale, sr_source)):
         if value is not None and mode is None:
             raise ValueError(f"{option} does not apply to this mode (see edmkit video --help)")
     out = Path(out)
@@ -82,8 +85,11 @@ def video(checkpoint, extend_source, known, interpolate_source, every, long_fram
                        w_r=w_r, batch=batch, device=dev, **label_kw, **sampler_kw)
         what = f"{n} clips of {long_frames} frames ({window}-frame windows overlapping by {k})"
     else:
-        source = extend_source or interpolate_source
-        clips = read_input_clips(source, resolution=c.resolution, channels=c.channels)
+        source = extend_source or interpolate_source or sr_source
+        scale = 2 if scale is None else scale
+        if sr_source and (scale < 2 or c.resolution % scale):
+            raise ValueError(f"--scale must be >= 2 and divide the network's resolution {c.resolution}, got {scale}")
+        clips = read_input_clips(source, resolution=c.resolution // scale if sr_source else c.resolution, channels=c.channels)
         if extend_source:
             known = clips.shape[2] if known is None else known
             if not 1 <= known <= clips.shape[2]:
@@ -91,10 +97,11 @@ def video(checkpoint, extend_source, known, interpolate_source, every, long_fram
             if known >= window:
                 raise ValueError(f"--known ({known}) must be below --frames ({window}): nothing to sample")
             clips = clips[:, :, :known]
-        task = dict(frames=window) if extend_source else dict(every=every)
+        task = dict(frames=window) if extend_source else dict(every=every) if interpolate_source else dict(scale=scale)
         seeds = list(range(seed, seed + len(clips)))
         x = conditioned_clips(net, sample, clips, seeds=seeds, task=task, w_r=w_r, batch=batch, device=dev, **label_kw, **sampler_kw)
-        what = f"{len(clips)} clips of {x.shape[2]} frames ({clips.shape[2]} known, from {source})"
+        known_what = f"{clips.shape[-1]}x{clips.shape[-1]} frames" if sr_source else f"{clips.shape[2]} known"
+        what = f"{len(clips)} clips of {x.shape[2]} frames ({known_what}, from {source})"
     write_clips(x, out, seeds=seeds)
     click.echo(f"wrote {what} to {out}")
 
@@ -115,14 +122,15 @@ def read_input_clips(source: str, *, resolution: int, channels: int) -> torch.Te
 
 def conditioned_clips(net, sample, clips: torch.Tensor, *, seeds: list[int], task: dict, w_r: float, batch: int, device,
                       label_dim: int, class_idx: int | None, **sampler_kw) -> torch.Tensor:
-    """Extension (``task`` = {frames: T}) or interpolation ({every: k}) of `clips` [N, C, K, H, W], batch by batch;
-    clip i's noise comes from ``seeds[i]`` only. Returns float32 [N, C, T, H, W] on the CPU."""
+    """Extension (``task`` = {frames: T}), interpolation ({every: k}) or per-frame super-resolution ({scale: s}) of
+    `clips` [N, C, K, H, W], batch by batch; clip i's noise comes from ``seeds[i]`` only. Returns float32 [N, C, T, H, W]
+    on the CPU."""
     from edmkit.diffusion.samplers import SeededRandn
-    from edmkit.diffusion.video import extension, interpolation, sample_conditioned
+    from edmkit.diffusion.video import extension, frame_super_resolution, interpolation, sample_conditioned
     from edmkit.sampling.generate import class_labels
 
-    make = extension if "frames" in task else interpolation
-    make(clips[:1], **task)  # a bad --every / --frames is a one-line error before any sampling (and its progress bar)
+    make = {"frames": extension, "every": interpolation, "scale": frame_super_resolution}[next(iter(task))]
+    make(clips[:1], **task)  # a bad --every / --frames / --scale is a one-line error before any sampling (and its progress bar)
     out = []
     for start in tqdm(range(0, len(clips), batch), desc="video", unit="batch"):
         part, part_seeds = clips[start:start + batch].to(device), seeds[start:start + batch]
