@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from test_video import tiny_video_net  # movingmnist-tiny (16x16x1, 4 frames) with its zero gains opened
 
 from edmkit import checkpoint as ckpt
 from edmkit.cli import main
@@ -12,7 +13,6 @@ from edmkit.cli.video import conditioned_clips, read_input_clips
 from edmkit.diffusion.samplers import get_sampler
 from edmkit.diffusion.schedules import karras_sigmas
 from edmkit.presets import get_preset
-from test_video import tiny_video_net  # movingmnist-tiny (16x16x1, 4 frames) with its zero gains opened
 
 
 def invoke(*args):
