@@ -218,6 +218,36 @@ def test_joint_training_lowers_the_loss_and_the_network_round_trips(tmp_path):
         assert torch.equal(net(clips[:2], torch.tensor([0.5, 5.0])), state.net.eval()(clips[:2], torch.tensor([0.5, 5.0])))
 
 
+def test_joint_images_come_from_an_image_dataset_when_given(tmp_path):
+    """--image-data: every appended frame is one of that dataset's images (here, constant images no clip frame equals);
+    a clip source or a missing --image-frames is a one-line error."""
+    import numpy as np
+
+    from edmkit.data.dataset import dataset_of
+    from edmkit.data.images import images_to_float
+    from edmkit.presets import get_preset
+    from edmkit.training.loop import load_training_data, make_batch
+    from edmkit.training.run_state import RunError
+
+    levels = np.array([3, 77, 151, 229], dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", images=np.broadcast_to(levels[:, None, None], (4, 16, 16)).copy())
+    cfg = get_preset("movingmnist-tiny").override("train", image_frames=3, image_data=str(tmp_path / "imgs.npz"))
+    data = load_training_data(cfg)
+    y, _, _ = make_batch(data, cfg, 0, "cpu")
+    assert tuple(y.shape) == (4, 1, 7, 16, 16)
+    appended = y[:, :, 4:]  # [4, 1, 3, 16, 16]
+    assert (appended == appended[..., :1, :1]).all()  # each appended frame is one constant image of the pool
+    allowed = images_to_float(torch.from_numpy(levels).reshape(4, 1, 1, 1))[:, 0, 0, 0]
+    assert torch.isin(appended[..., 0, 0].flatten(), allowed).all() and appended[..., 0, 0].unique().numel() > 1
+    torch.testing.assert_close(make_batch(data, cfg, 0, "cpu")[0], y)  # seeded by (seed, nimg): resume draws the same
+    assert data.subset([0, 1]).joint_images is data.joint_images  # the validation split keeps the pool
+    assert dataset_of(cfg).joint_images is None  # without load_training_data: frames of other clips
+    with pytest.raises(RunError, match="not clips"):
+        load_training_data(cfg.override("train", image_data="movingmnist:clips=8"))
+    with pytest.raises(ValueError, match="give --image-frames K too"):
+        cfg.override("train", image_frames=0)
+
+
 def test_clips_sample_with_heun_and_cfg_and_generate_writes_them(tmp_path):
     from click.testing import CliRunner
 

@@ -293,6 +293,7 @@ class TrainConfig:
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
     eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
     image_frames: int = 0                       # joint image-video training (video-unet): K independent images (frames of other clips) appended to each clip; 0 = clips only
+    image_data: str = ""                        # joint training: draw the appended images from this image dataset (a --data source) instead of other clips' frames
     stop_when_flat: int = 0                     # stop after this many evaluations without improvement of the first eval metric (else the validation loss); 0 = off
 
     def __post_init__(self) -> None:
@@ -320,6 +321,7 @@ class TrainConfig:
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
         _check(self.image_frames >= 0, f"image_frames must be >= 0 (0 = clips only), got {self.image_frames}")
+        _check(not self.image_data or self.image_frames, "--image-data is where joint training's appended images come from: give --image-frames K too")
         _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
         _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
                "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")

@@ -219,6 +219,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "snapshot_nimg": ("ema", "snapshot_nimg"), "snapshot_dtype": ("ema", "snapshot_dtype"), "snapshot_budget_mb": ("ema", "snapshot_budget_mb"),
     "ema_choice": ("ema", "choose"),
     "frames": ("network", "frames"), "image_frames": ("train", "image_frames"),
+    "image_data": ("train", "image_data"),
 }
 EVAL_FIELDS = ("eval_nimg", "eval_ref", "eval_n", "eval_steps", "eval_detector", "eval_metrics")
 DERIVED = ("ladder", "formulation", "cond", "context", "p_uncond", "augment_p", "task", "sr_scale", "sr_aug_max")

@@ -24,6 +24,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--data", default=None, help='Dataset: "mnist5k" (embedded, no download) or a path (folder, zip, npz, MNIST idx, CIFAR tarball). Video networks: "movingmnist" (synthesised; options e.g. movingmnist:digits=1,clips=5000), an npz with \'videos\' [N, T, H, W(, C)] or a folder of GIFs.')
 @click.option("--frames", type=int, default=None, help="Video networks (--arch video-unet): frames per training clip, e.g. 8 (default: the preset's).")
 @click.option("--image-frames", type=int, default=None, help="Joint image-video training: append this many independent images (frames of random clips) to each clip; masked temporal attention keeps each to itself, e.g. --preset movingmnist --image-frames 4.")
+@click.option("--image-data", default=None, help="Joint training: draw the appended images from this image dataset (any --data source of images at the clips' size, e.g. mnist5k) instead of frames of other clips.")
 @click.option("--classes", default=None, help="Train on these classes only, e.g. 1 or 3,5 (relabelled 0..k-1 in this order).")
 @click.option("--center-crop", is_flag=True, default=None, help="Crop non-square images to a centred square before resizing.")
 @click.option("--resolution", type=int, default=None, help="Train at this square image size (data are resized to it).")

@@ -71,6 +71,8 @@ class ImageDataset:
         class_names: One name per class (index order) when known (dataset.json, class folders, CIFAR,
             MNIST digits), else empty; ``classes=`` subsetting keeps them in the relabelled order.
         context: float32 [N, L, D] token sequence per image (cross-attention conditioning, an npz ``context``), or None.
+        joint_images: clips only: uint8 [M, C, H, W] images that joint image-video training appends to the clips
+            (``train.image_data``), or None (it appends frames of other clips).
     """
 
     images: torch.Tensor = field(repr=False)
@@ -79,6 +81,7 @@ class ImageDataset:
     name: str
     class_names: tuple[str, ...] = ()
     context: torch.Tensor | None = field(default=None, repr=False)
+    joint_images: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
@@ -122,11 +125,11 @@ class ImageDataset:
         return self.images.shape[0]
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageDataset:
-        """The images (and labels, context) at ``indices``, in that order; classes are unchanged."""
+        """The images (and labels, context) at ``indices``, in that order; classes and the joint images are unchanged."""
         index = torch.as_tensor(indices, dtype=torch.int64)
         labels = None if self.labels is None else self.labels[index]
         context = None if self.context is None else self.context[index]
-        return ImageDataset(self.images[index].contiguous(), labels, self.num_classes, self.name, self.class_names, context)
+        return dataclasses.replace(self, images=self.images[index].contiguous(), labels=labels, context=context)
 
 
 def load_dataset(

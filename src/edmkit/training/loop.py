@@ -17,6 +17,7 @@ validation, in-training evaluation, snapshots and grids).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import signal
@@ -33,7 +34,7 @@ from edmkit import checkpoint as ckpt
 from edmkit import dist
 from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
-from edmkit.data.dataset import ImageDataset, dataset_of, sample_order
+from edmkit.data.dataset import ImageDataset, dataset_of, load_dataset, sample_order
 from edmkit.data.images import images_to_float
 from edmkit.data.videos import joint_segments, random_frames
 from edmkit.data.latents import LatentDataset
@@ -85,10 +86,12 @@ def make_batch(data: ImageDataset | LatentDataset, cfg: ExperimentConfig, nimg: 
     else:
         y = data.float_batch(idx if rows is None else idx[rows])
     idx = idx if rows is None else idx[rows]
-    if cfg.train.image_frames:  # joint image-video training: K frames of random clips appended to each clip
+    if cfg.train.image_frames:  # joint image-video training: K random images (other clips' frames, or train.image_data) per clip
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, nimg, chunk=IMAGE_FRAMES_CHUNK))
-        K = cfg.train.image_frames
-        images = random_frames(data.images, cfg.train.batch * K, generator=g).unflatten(0, (cfg.train.batch, K)).transpose(1, 2)
+        K, count = cfg.train.image_frames, cfg.train.batch * cfg.train.image_frames
+        pool = data.joint_images
+        images = random_frames(data.images, count, generator=g) if pool is None else pool[torch.randint(len(pool), (count,), generator=g)]
+        images = images.unflatten(0, (cfg.train.batch, K)).transpose(1, 2)  # [B, C, K, H, W]
         y = torch.cat([y, images_to_float(images if rows is None else images[rows])], dim=2)  # [B, C, T + K, H, W]
     y = y.to(device)
     labels = None
@@ -221,6 +224,11 @@ def load_training_data(cfg: ExperimentConfig) -> ImageDataset:
         raise RunError(f"the network takes {f'clips of {n.frames} frames' if n.frames else 'images'}, the data are {have}")
     if cfg.train.image_frames and not n.frames:
         raise RunError("--image-frames appends images to clips: it needs a video network (--arch video-unet, a movingmnist preset)")
+    if cfg.train.image_data:
+        pool = load_dataset(cfg.train.image_data, resolution=n.resolution, channels=n.channels)
+        if pool.images.ndim != 4:
+            raise RunError(f"--image-data {cfg.train.image_data}: give images (a folder, zip, npz or mnist5k), not clips")
+        data = dataclasses.replace(data, joint_images=pool.images)
     if n.frames and cfg.train.eval_nimg:
         raise RunError("in-training FID / KID scores images; video networks take clips (turn off --eval-every)")
     try:
