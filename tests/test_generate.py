@@ -447,9 +447,27 @@ def test_a_run_with_churn_samples_with_it_unless_told_otherwise(tmp_path, sample
     option on the command line replaces it, and other samplers never get it."""
     model = save_model(tmp_path / "churn.safetensors", CFG.override("train", sample_churn=7.0, sample_churn_sigmas=(0.1, 20.0), sample_s_noise=1.01), 5)
     out = run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--out", tmp_path / "a.npz").output
-    assert "run's churn" in out
+    assert "S_churn 7 in [0.1, 20], S_noise 1.01 (the run's setting" in out
     assert {k: sampler_calls[-1][k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")} == dict(S_churn=7.0, S_tmin=0.1, S_tmax=20.0, S_noise=1.01)
     run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--churn", "0", "--out", tmp_path / "b.npz")
     assert sampler_calls[-1]["S_churn"] == 0 and "S_tmin" not in sampler_calls[-1]
     run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--sampler", "euler", "--out", tmp_path / "c.npz")
     assert "S_churn" not in sampler_calls[-1]
+
+
+def test_a_runs_own_sampler_and_steps_are_the_default_and_each_option_replaces_its_part(tmp_path, sampler_calls):
+    """train.sample_sampler / sample_steps / sample_eta (the mnist preset: DPM-Solver++(2M) SDE, 11 steps) are what
+    generate and metrics gen sample with when no --sampler/--steps/--eta is given; another sampler gets 18 steps and none
+    of the run's options."""
+    cfg = CFG.override("train", sample_sampler="dpmpp-2m", sample_steps=4, sample_eta=1.0)
+    model = save_model(tmp_path / "sde.safetensors", cfg, 5)
+    out = run("generate", "--checkpoint", model, "--n", "2", "--out", tmp_path / "a.npz").output
+    assert "sampling: dpmpp-2m, 4 steps, eta 1 (the run's setting" in out
+    call = sampler_calls[-1]
+    assert call["name"] == "dpmpp-2m" and call["eta"] == 1.0 and len(call["sigmas"]) == 5 and "randn" in call
+    run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--eta", "0", "--out", tmp_path / "b.npz")
+    assert sampler_calls[-1]["name"] == "dpmpp-2m" and sampler_calls[-1]["eta"] == 0 and len(sampler_calls[-1]["sigmas"]) == 4
+    run("generate", "--checkpoint", model, "--n", "2", "--sampler", "heun", "--out", tmp_path / "c.npz")
+    assert sampler_calls[-1]["name"] == "heun" and "eta" not in sampler_calls[-1] and len(sampler_calls[-1]["sigmas"]) == 19
+    with pytest.raises(ValueError, match="sample_eta is an option of ddim, dpmpp-2m, dpmpp-3m, not of heun"):
+        CFG.override("train", sample_eta=1.0)

@@ -77,6 +77,8 @@ CONTEXT_ARCHS = ("edm2-unet", "ddpmpp", "ncsnpp", "adm", "dit", "hdit")  # backb
 HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds per level (nn.hdit.ATTENTION)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
+SAMPLER_NAMES = ("euler", "heun", "ddim", "ddpm", "dpmpp-2m", "dpmpp-3m")  # diffusion.samplers.SAMPLERS (kept here so configs validate without torch)
+ETA_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")  # samplers with a stochasticity eta (TrainConfig.sample_eta)
 EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
@@ -268,10 +270,12 @@ class TrainConfig:
     grid_nimg: int = 16_000                     # sample grid every this many images
     state_nimg: int = 8_000                     # resumable training state every this many images
     grid_n: int = 64                            # images in each sample grid
-    sample_steps: int = 18                      # Heun steps for grids (2 * steps - 1 evaluations)
-    sample_churn: float = 0.0                   # Heun S_churn (EDM Alg. 2) of the run's samples: grids, evaluations, the EMA choice, `generate`'s default; 0 = deterministic
-    sample_churn_sigmas: tuple[float, float] = (0.05, 10.0)  # [S_tmin, S_tmax]: churn only at these noise levels
-    sample_s_noise: float = 1.003               # S_noise: scale of the churn noise
+    sample_sampler: str = "heun"                # the run's sampler (SAMPLER_NAMES): grids, evaluations, the EMA choice, `generate`'s and `metrics gen`'s default
+    sample_steps: int = 18                      # its steps (Heun: 2 * steps - 1 evaluations; the others: steps)
+    sample_churn: float = 0.0                   # Heun: S_churn (EDM Alg. 2) of the run's samples; 0 = deterministic
+    sample_churn_sigmas: tuple[float, float] = (0.05, 10.0)  # Heun: [S_tmin, S_tmax], churn only at these noise levels
+    sample_s_noise: float = 1.003               # Heun: S_noise, scale of the churn noise
+    sample_eta: float = 0.0                     # ddim, dpmpp-2m, dpmpp-3m: eta of the run's samples (dpmpp 1 = the SDE solver); 0 = deterministic
     val_fraction: float = 0.0                   # held-out fraction of the data for the validation loss (0 = none, all images train)
     val_nimg: int = 16_000                      # validation loss every this many images (with val_fraction > 0)
     val_sigmas: int = 8                         # fixed noise levels of the validation loss (quantiles of the training density)
@@ -289,7 +293,7 @@ class TrainConfig:
     eval_nimg: int = 0                          # in-training FID / KID of the sampling EMA every this many images and at the end; 0 = off
     eval_ref: str = ""                          # reference statistics file of the evaluation (edmkit metrics ref); needed with eval_nimg
     eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
-    eval_steps: int = 18                        # sampler steps of the evaluation images (Heun, Karras sigmas: edmkit generate's default)
+    eval_steps: int = 18                        # steps of the run's sampler (sample_sampler, its options) for the evaluation images, Karras sigmas
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
     eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
     image_frames: int = 0                       # joint image-video training (video-unet): K independent images (frames of other clips) appended to each clip; 0 = clips only
@@ -321,16 +325,26 @@ class TrainConfig:
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
         _check(self.image_frames >= 0, f"image_frames must be >= 0 (0 = clips only), got {self.image_frames}")
+        _check(self.sample_sampler in SAMPLER_NAMES, f"unknown sample_sampler {self.sample_sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
+        _check(self.sample_steps >= 1 and self.sample_eta >= 0, f"need sample_steps >= 1 and sample_eta >= 0, got {self.sample_steps}, {self.sample_eta}")
+        _check(not self.sample_eta or self.sample_sampler in ETA_SAMPLERS,
+               f"sample_eta is an option of {', '.join(ETA_SAMPLERS)}, not of {self.sample_sampler}")
         _check(not self.image_data or self.image_frames, "--image-data is where joint training's appended images come from: give --image-frames K too")
         _check(self.stop_when_flat >= 0, f"stop_when_flat must be >= 0 (0 = off), got {self.stop_when_flat}")
         _check(not self.stop_when_flat or self.eval_nimg or self.val_fraction,
                "--stop-when-flat watches the in-training metric (--eval-every with --eval-ref) or the validation loss (--val-fraction): give one")
 
     def sampler_options(self) -> dict[str, float]:
-        """Keywords of the Heun sampler for the run's samples (``sample_churn`` and its range and noise; {} = deterministic)."""
-        if not self.sample_churn:
-            return {}
-        return dict(S_churn=self.sample_churn, S_tmin=self.sample_churn_sigmas[0], S_tmax=self.sample_churn_sigmas[1], S_noise=self.sample_s_noise)
+        """Keywords of the run's sampler for its samples: Heun's churn with its range and noise, or eta; {} = deterministic."""
+        if self.sample_sampler == "heun" and self.sample_churn:
+            return dict(S_churn=self.sample_churn, S_tmin=self.sample_churn_sigmas[0], S_tmax=self.sample_churn_sigmas[1], S_noise=self.sample_s_noise)
+        if self.sample_sampler in ETA_SAMPLERS and self.sample_eta:
+            return dict(eta=self.sample_eta)
+        return {}
+
+    def sampling(self) -> dict:
+        """The run's sampling setting as ``generate_images`` keywords: sampler, steps and its options."""
+        return dict(sampler=self.sample_sampler, steps=self.sample_steps, **self.sampler_options())
 
 
 @dataclass(frozen=True)

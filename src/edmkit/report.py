@@ -218,7 +218,7 @@ def _labelled_series(rows: list[dict], key: str) -> dict[str, tuple[list, list]]
 def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> tuple[str, bool]:
     """Sample `num` images from the run's newest network, recording the reverse process; returns (a note, whether written)."""
     from edmkit.checkpoint import find_network, load_network, read_network_metadata
-    from edmkit.sampling.generate import generate_images
+    from edmkit.sampling.generate import describe_sampling, generate_images
 
     path = find_network(run_dir)
     if read_network_metadata(path)["encoder"] is not None:
@@ -226,12 +226,13 @@ def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, devic
     if read_network_metadata(path)["config"].network.frames:
         return f"{path.name}: a video network; its reverse process is not drawn (its grids are grid-*.gif, edmkit generate --out clips.gif)", False
     net, meta = load_network(path, device=device)
-    c, steps = meta["config"].network, steps or meta["config"].train.sample_steps
+    c, setting = meta["config"].network, meta["config"].train.sampling()
+    setting["steps"] = steps or setting["steps"]
     recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)
-    generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, steps=steps,
-                    device=device, callback=recorder)
+    generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, device=device,
+                    callback=recorder, **setting)
     recorder.save(out)
-    return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), Heun {steps} steps, seeds 0-{num - 1}", True
+    return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), {describe_sampling(setting)}, seeds 0-{num - 1}", True
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, gif_n: int = 4, gif_steps: int | None = None,

@@ -111,9 +111,10 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--n", "n", type=int, default=None, help="Images per repeat, seeds 0..n-1 (default 50000, as behind published FIDs).")
 @click.option("--seeds", default=None, help="Seeds of the first repeat, e.g. 0-49999 (instead of --n); repeat r shifts them by r times their span.")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
-@click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps (Heun: 2*steps-1 network evaluations).")
-@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m.")
+@click.option("--steps", type=int, default=None, help="Sampler steps (Heun: 2*steps-1 network evaluations; default: the run's, else 18).")
+@click.option("--sampler", default=None, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m (default: the run's sampler, train.sample_sampler; most presets: heun).")
 @click.option("--churn", "S_churn", type=float, default=None, help="Heun: stochasticity S_churn (default: the run's sampling setting; 0: deterministic).")
+@click.option("--eta", type=float, default=None, help="ddim, dpmpp-2m/3m: stochasticity eta (default: the run's; 0: deterministic).")
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image (default: drawn per seed for conditional models); the class kept with --reject-threshold.")
 @click.option("--classifier", "classifier_path", default=None, type=click.Path(dir_okay=False), help="Noise-aware classifier file (from edmkit train-classifier) for --classifier-scale / --reject-threshold.")
@@ -124,7 +125,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @score_options
 @metrics_options
 @user_errors
-def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
+def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn, eta, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
                 max_tries, vae, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of generated images (none written to disk) against a reference.
 
@@ -140,7 +141,7 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn
     from edmkit.latent.encoder import encoder_from_spec
     from edmkit.metrics import evaluate as ev
     from edmkit.metrics import reference as rf
-    from edmkit.sampling.generate import parse_seeds, run_sampler_options
+    from edmkit.sampling.generate import describe_sampling, parse_seeds, run_sampling
 
     names = parse_metrics(metric_names)
     seed_list = parse_seeds(seeds) if seeds else list(range(ev.PUBLISHED_N if n is None else max(n, 0)))
@@ -162,16 +163,15 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn
     encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)  # scores are of decoded images
     if encoder.kind != "pixels" and (classifier_path or reject_threshold is not None):
         raise ValueError("--classifier and --reject-threshold work on pixel-space networks only (this network samples latents)")
-    sampler_kw = run_sampler_options(meta["config"], sampler, {} if S_churn is None else {"S_churn": S_churn})
-    echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {sampler} {steps} steps"
-         + (f", churn {sampler_kw['S_churn']:g}" if sampler_kw.get("S_churn") else "")
+    setting = run_sampling(meta["config"], sampler, steps, {k: v for k, v in dict(S_churn=S_churn, eta=eta).items() if v is not None})
+    echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {describe_sampling(setting)}"
          + ("" if encoder.kind == "pixels" else f", decoded by its {encoder.kind}"))
     for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution * encoder.factor,
                                       channels=encoder.image_channels):
         echo(line)
     clf = load_generate_classifier(classifier_path, c, class_idx=class_idx, scale=classifier_scale, reject_threshold=reject_threshold,
                                    gif=None, device=dev)
-    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, sampler=sampler, steps=steps, guidance=guidance, **sampler_kw,
+    gen_kw = dict(resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, guidance=guidance, **setting,
                   **classifier_generate_kw(clf, c, class_idx=class_idx, scale=classifier_scale))
     rejection = None
     if reject_threshold is not None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @click.option("--data", default=None, help="With --score loss: dataset for the score (default: the run's).")
 @click.option("--ref", "ref_path", default=None, type=click.Path(dir_okay=False), help="With --score fid: reference statistics from `edmkit metrics ref` (required).")
 @click.option("--score-n", type=int, default=1000, show_default=True, help="With --score fid: images per sigma_rel, seeds 0..N-1 (the same noise for every sigma_rel).")
-@click.option("--score-steps", type=int, default=18, show_default=True, help="With --score fid: sampler steps (Heun: 2*steps-1 network evaluations).")
+@click.option("--score-steps", type=int, default=None, help="With --score fid: steps of the run's sampler (default: the run's sample_steps).")
 @click.option("--detector", default=None, help="With --score fid: feature network name or TorchScript path (default: the reference's).")
 @click.option("--batch", type=int, default=None, help="With --sweep: images per scoring batch (default 64 for fid, 256 for loss; does not change the results).")
 @click.option("--device", default="auto", show_default=True, help="With --sweep: where networks are scored (cpu, cuda, cuda:N or auto).")
@@ -90,17 +90,20 @@ def phema(run_dir, sigma_rel, at_nimg, out_dir, do_sweep, score_kind, score_imag
     click.echo(f"best: sigma_rel {result['best']['sigma_rel']:g} ({result['score_name']} {result['best']['score']:.5f}) -> {result['network']}")
 
 
-def fid_score_of(cfg: ExperimentConfig, ref_path: str, *, detector: str | None, n: int, steps: int, batch: int,
+def fid_score_of(cfg: ExperimentConfig, ref_path: str, *, detector: str | None, n: int, steps: int | None, batch: int,
                  device: torch.device) -> Callable[[Denoiser], float]:
-    """``phema_sweep.fid_score`` for a run's network against the reference file ``ref_path`` (notices echoed once)."""
+    """``phema_sweep.fid_score`` for a run's network against the reference file ``ref_path`` (notices echoed once), sampled
+    with the run's setting (``TrainConfig.sampling``; ``steps`` replaces its steps)."""
     from edmkit.metrics import reference as rf
+    from edmkit.sampling.generate import run_sampling
     from edmkit.training import phema_sweep as phs
 
     ref = rf.load_reference(ref_path)
     det = rf.reference_detector(ref, detector, device=device, ref_path=ref_path, log=click.echo)
     c = cfg.network
-    return phs.fid_score(ref, det, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, n=n, steps=steps, batch=batch,
-                         device=device, log=click.echo)
+    setting = run_sampling(cfg, None, steps)
+    return phs.fid_score(ref, det, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, n=n, sampler=setting.pop("sampler"),
+                         steps=setting.pop("steps"), options=setting, batch=batch, device=device, log=click.echo)
 
 
 def echo_reconstruction(info: dict) -> None:

@@ -62,7 +62,7 @@ from edmkit.presets import DEFAULT_PRESET, PRESETS, load_config_file, resolve_co
 @click.option("--eval-every", "eval_nimg", type=NIMG, default=None, help="In-training FID/KID of the sampling EMA every this many images and at the end, e.g. 50k (needs --eval-ref). Small n: labelled as such, not comparable with published 50k scores.")
 @click.option("--eval-ref", default=None, help="Reference statistics for --eval-every (from `edmkit metrics ref`); checked before training starts.")
 @click.option("--eval-n", type=int, default=None, help="Images per in-training evaluation, seeds 0..n-1 (default 1000).")
-@click.option("--eval-steps", type=int, default=None, help="Heun steps of the evaluation images (default 18).")
+@click.option("--eval-steps", type=int, default=None, help="Steps of the run's sampler for the evaluation images (default 18).")
 @click.option("--eval-detector", default=None, help="Detector of the evaluation: inception, dinov2, mnist (built in, digits) or a TorchScript file (default: the reference's).")
 @click.option("--eval-metrics", default=None, help="Scores of each evaluation, comma-separated: fid, kid, pr, is (default fid,kid).")
 @user_errors

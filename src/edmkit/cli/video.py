@@ -32,8 +32,8 @@ from edmkit.cli.generate import check_video_options, write_clips
 @click.option("--seed", type=int, default=0, show_default=True, help="Clip i uses noise seed --seed + i.")
 @click.option("--w-r", "w_r", type=float, default=4.0, show_default=True, help="Reconstruction-guidance weight w_r of the new frames (VDM Eq. 7); 0 = replacement only (no gradients, faster).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="clips.gif (a grid of playing clips), clips.npz ('videos' uint8 [N, T, H, W(, C)]) or strip.png.")
-@click.option("--steps", type=int, default=18, show_default=True, help="Sampler steps.")
-@click.option("--sampler", default="heun", show_default=True, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m.")
+@click.option("--steps", type=int, default=None, help="Sampler steps (default: the run's, else 18).")
+@click.option("--sampler", default=None, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m (default: the run's sampler; the movingmnist presets: heun).")
 @click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras, loglinear, vp.")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn per seed).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Clips per batch (does not change the clips).")
@@ -54,7 +54,7 @@ def video(checkpoint, extend_source, known, interpolate_source, every, sr_source
     """
     from edmkit.checkpoint import find_network, load_network
     from edmkit.diffusion.samplers import get_sampler
-    from edmkit.sampling.generate import run_sampler_options, sampling_sigmas
+    from edmkit.sampling.generate import run_sampling, sampling_sigmas
 
     if sum(x is not None for x in (extend_source, interpolate_source, sr_source, long_frames)) != 1:
         raise ValueError("give exactly one of --extend CLIPS, --interpolate CLIPS, --sr CLIPS or --long T")
@@ -66,7 +66,8 @@ def video(checkpoint, extend_source, known, interpolate_source, every, sr_source
             raise ValueError(f"{option} does not apply to this mode (see edmkit video --help)")
     out = Path(out)
     check_output_target(out)
-    sample = get_sampler(sampler)
+    if sampler is not None:
+        get_sampler(sampler)  # an unknown name is a one-line error before the network loads
     dev = pick_device(device)
     path = find_network(checkpoint, ema_std=ema_std)
     net, meta = load_network(path, device=dev)
@@ -76,7 +77,9 @@ def video(checkpoint, extend_source, known, interpolate_source, every, sr_source
     if class_idx is not None and not (c.label_dim and 0 <= class_idx < c.label_dim):
         raise ValueError(f"--class {class_idx}: the network has {c.label_dim} classes" if c.label_dim else "--class: the network is unconditional")
     window = check_video_options(c, frames=frames, out=out, gif=None, classifier=None)
-    sampler_kw = dict(run_sampler_options(cfg, sampler, {}), sigmas=sampling_sigmas(schedule, steps, device=dev))
+    sampler_kw = run_sampling(cfg, sampler, steps)
+    sample = get_sampler(sampler_kw.pop("sampler"))
+    sampler_kw["sigmas"] = sampling_sigmas(schedule, sampler_kw.pop("steps"), device=dev)
     label_kw = dict(label_dim=c.label_dim, class_idx=class_idx)
     if long_frames is not None:
         k = window // 2 if overlap is None else overlap

@@ -244,15 +244,29 @@ def _check_sampler_options(sample: Callable, name: str, options: dict) -> None:
                          f"{', '.join(sorted(GUIDANCE_OPTIONS))})")
 
 
-HEUN_CHURN = ("S_churn", "S_tmin", "S_tmax", "S_noise")
+STOCHASTICITY = ("S_churn", "S_tmin", "S_tmax", "S_noise", "eta")  # the options TrainConfig.sampler_options sets
 
 
-def run_sampler_options(cfg: ExperimentConfig, sampler: str, given: dict[str, float]) -> dict[str, float]:
-    """The sampler options of a sampling command: those ``given``, else (Heun, no churn option given) the run's own
-    (``TrainConfig.sampler_options``: the churn its preset measured best, or none)."""
-    if sampler != "heun" or any(k in given for k in HEUN_CHURN):
-        return given
-    return {**cfg.train.sampler_options(), **given}
+def run_sampling(cfg: ExperimentConfig, sampler: str | None = None, steps: int | None = None, given: dict[str, float] | None = None) -> dict:
+    """Sampler, steps and options of a sampling command (``generate_images`` keywords): the run's own setting
+    (``TrainConfig.sampling``: what its preset measured best) for what is not given. Another sampler than the run's
+    takes only the ``given`` options (and 18 steps unless given); any stochasticity option given replaces the run's."""
+    t, given = cfg.train, dict(given or {})
+    if sampler is not None and sampler != t.sample_sampler:
+        return dict(sampler=sampler, steps=18 if steps is None else steps, **given)
+    own = {} if any(k in given for k in STOCHASTICITY) else t.sampler_options()
+    return dict(sampler=t.sample_sampler, steps=t.sample_steps if steps is None else steps, **{**own, **given})
+
+
+def describe_sampling(setting: dict) -> str:
+    """One line for a sampling setting, e.g. 'dpmpp-2m, 11 steps, eta 1' or 'heun, 18 steps, S_churn 10 in [0.05, 10], S_noise 1.003'."""
+    parts = [setting["sampler"], f"{setting['steps']} steps"]
+    if setting.get("S_churn"):
+        parts.append(f"S_churn {setting['S_churn']:g} in [{setting.get('S_tmin', 0):g}, {setting.get('S_tmax', float('inf')):g}], "
+                     f"S_noise {setting.get('S_noise', 1):g}")
+    if setting.get("eta"):
+        parts.append(f"eta {setting['eta']:g}")
+    return ", ".join(parts)
 
 
 @torch.no_grad()

@@ -64,7 +64,8 @@ def make_score(cfg: ExperimentConfig, *, device: torch.device | str) -> Callable
         detector = load_detector("mnist", device=device)
         ref = compute_reference(dataset_of(cfg).images, detector=detector, source=DIGITS)
     return phema_sweep.fid_score(ref, detector, resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, n=cfg.ema.choose_n,
-                                 steps=t.sample_steps, batch=max(t.batch, 64), device=device, options=t.sampler_options())
+                                 sampler=t.sample_sampler, steps=t.sample_steps, batch=max(t.batch, 64), device=device,
+                                 options=t.sampler_options())
 
 
 def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | str = "cpu", log: Callable[[str], None] = print,
@@ -77,10 +78,11 @@ def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.devi
     out_dir = run_dir / ckpt.EMA_CHOICE_DIR
     if kind == "off" or ckpt.chosen_network(run_dir) is not None:
         return None
+    from edmkit.sampling.generate import describe_sampling
+
     start = time.perf_counter()
-    churn = f", churn {cfg.train.sample_churn:g}" if cfg.train.sample_churn else ""
     log(f"choosing the sampling EMA length: sigma_rel {', '.join(f'{s:g}' for s in cfg.ema.choose_stds)} scored by "
-        + (f"FID of {cfg.ema.choose_n} images (Heun {cfg.train.sample_steps} steps{churn})" if kind == "fid" else "the denoising loss"))
+        + (f"FID of {cfg.ema.choose_n} images ({describe_sampling(cfg.train.sampling())})" if kind == "fid" else "the denoising loss"))
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", PosthocEMAWarning)  # logged below, once per sigma_rel
         result = phema_sweep.sweep(run_dir, out_dir=out_dir, sigma_rels=cfg.ema.choose_stds, score_fn=make_score(cfg, device=device),
@@ -97,7 +99,7 @@ def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.devi
         net, meta = ckpt.load_network(result["network"], device=device)
         n = cfg.network
         images = generate_images(net, seeds=list(range(cfg.train.grid_n)), resolution=n.resolution, channels=n.channels,
-                                 label_dim=n.label_dim, steps=cfg.train.sample_steps, device=device, **cfg.train.sampler_options())
+                                 label_dim=n.label_dim, device=device, **cfg.train.sampling())
         result["grid"] = out_dir / "grid.png"
         save_image_grid(images, result["grid"])
     result["sec"] = round(time.perf_counter() - start, 1)

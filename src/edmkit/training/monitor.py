@@ -193,7 +193,7 @@ def make_evaluator(cfg: ExperimentConfig, *, device: torch.device | str, log: Ca
         metrics_eval.check_metrics(detector, t.eval_metrics, n=t.eval_n)
     except ValueError as e:
         raise RunError(f"in-training evaluation: {e}") from None
-    log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, Heun {t.eval_steps} steps, EMA "
+    log(f"evaluation: {', '.join(t.eval_metrics)} of {t.eval_n} images (seeds 0-{t.eval_n - 1}, {t.sample_sampler} {t.eval_steps} steps, EMA "
         f"{cfg.ema.sample_std:g}) against {t.eval_ref} every {t.eval_nimg} images")
     for line in metrics_eval.evaluation_notices(ref, detector, n=t.eval_n, resolution=c.resolution, channels=c.channels):
         log(line)
@@ -232,8 +232,8 @@ def write_evaluation(state: TrainState, cfg: ExperimentConfig, run_dir: Path, mo
             n = cfg.network
             result = metrics_eval.evaluate_generator(net, ref=e.ref, detector=e.detector, seeds=list(range(e.n)), metrics=e.metrics, batch=e.batch,
                                                      device=device, generate_kw=dict(resolution=n.resolution, channels=n.channels,
-                                                                                     label_dim=n.label_dim, steps=e.steps,
-                                                                                     **cfg.train.sampler_options()))
+                                                                                     label_dim=n.label_dim,
+                                                                                     **dict(cfg.train.sampling(), steps=e.steps)))
         finally:
             net.train(was_training)
     scores = {k: v for k, v in result["repeats"][0].items() if k not in ("seeds", "n")}
@@ -332,8 +332,8 @@ def save_grid(state: TrainState, cfg: ExperimentConfig, run_dir: Path, *, contex
     if context is not None:
         context = context[torch.arange(cfg.train.grid_n) % len(context)]  # [grid_n, L, D]
     x = generate_images(net, seeds=range(cfg.train.grid_n), resolution=n.resolution, channels=n.channels,
-                        label_dim=n.label_dim, steps=cfg.train.sample_steps, device=next(net.parameters()).device, context=context,
-                        frames=n.frames, **cfg.train.sampler_options())
+                        label_dim=n.label_dim, device=next(net.parameters()).device, context=context,
+                        frames=n.frames, **cfg.train.sampling())
     net.train(was_training)
     path = run_dir / f"grid-{state.nimg:012d}.png"
     if n.frames:
