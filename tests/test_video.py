@@ -210,7 +210,11 @@ def test_joint_training_lowers_the_loss_and_the_network_round_trips(tmp_path):
     from edmkit.report import write_report
 
     page = write_report(tmp_path / "run", tmp_path / "report").read_text()
-    assert "a video network; its reverse process is not drawn" in page and "grid-000000000096.png" in page
+    assert "grid-000000000096.png" in page and "reverse.gif" in page  # the reverse process of clips: strips of their frames
+    from PIL import Image
+
+    with Image.open(tmp_path / "report" / "reverse.gif") as gif:  # 4 clips of 4 frames, 16 px: strips 64 px wide per panel
+        assert gif.n_frames == cfg.train.sample_steps and gif.size[0] > 2 * 4 * 16
     ckpt.save_network(tmp_path / "net.safetensors", state.net.state_dict(), cfg=cfg, nimg=state.nimg, ema_std=0)
     net, meta = ckpt.load_network(tmp_path / "net.safetensors")
     assert meta["config"] == cfg
@@ -275,6 +279,11 @@ def test_clips_sample_with_heun_and_cfg_and_generate_writes_them(tmp_path):
 
     with Image.open(tmp_path / "clips.gif") as gif:
         assert gif.n_frames == 5
+    result = CliRunner().invoke(main, ["generate", "--checkpoint", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "c.npz"),
+                                       "--n", "2", "--steps", "3", "--gif", str(tmp_path / "rev.gif"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "rev.gif") as gif:  # one GIF frame per step; the 2 clips as strips of 4 frames, noisy | denoised
+        assert gif.n_frames == 3 and gif.size[0] > gif.size[1]
     result = CliRunner().invoke(main, ["generate", "--checkpoint", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "folder"),
                                        "--n", "2", "--steps", "2", "--device", "cpu"])
     assert result.exit_code != 0 and "clips" in result.output

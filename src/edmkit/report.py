@@ -80,6 +80,9 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, *, duration_ms: in
 class ReverseProcessRecorder:
     """Sampler callback that keeps x_i and D(x_i; σ_i) of the first `num` images at every step.
 
+    Clips [N, C, T, H, W] are kept as film strips [N, C, H, T·W] (frame t at columns t·W..), so each GIF frame shows
+    every frame of the clip at that step.
+
     Pass it as ``callback`` to a sampler or to :func:`edmkit.sampling.generate.generate_images` (which adds
     the batch's first index as ``start``, so images split over several batches are kept in order),
     then call :meth:`frames` or :meth:`save`.
@@ -98,8 +101,9 @@ class ReverseProcessRecorder:
         if take <= 0:
             return
         step = self.steps.setdefault(info["i"], dict(sigma=info["sigma"], sigma_next=info["sigma_next"], x=[], denoised=[]))
-        step["x"].append(info["x"][:take].detach().to("cpu", torch.float32, copy=True))
-        step["denoised"].append(info["denoised"][:take].detach().to("cpu", torch.float32, copy=True))
+        for key in ("x", "denoised"):
+            v = info[key][:take].detach().to("cpu", torch.float32, copy=True)
+            step[key].append(v.permute(0, 1, 3, 2, 4).flatten(3) if v.ndim == 5 else v)  # clips: film strips
 
     def frames(self, *, scale: int | None = None) -> list[Image.Image]:
         """One frame per recorded step: x after the step (at σ_{i+1}) beside D at σ_i."""
@@ -107,7 +111,7 @@ class ReverseProcessRecorder:
         for i in sorted(self.steps):
             step = self.steps[i]
             x, denoised = torch.cat(step["x"]), torch.cat(step["denoised"])
-            s = scale or max(1, 96 // x.shape[-1])  # small images upscaled to about 96 px
+            s = scale or max(1, 96 // x.shape[-2])  # small images (and strips of small frames) upscaled to about 96 px high
             title = f"step {i + 1}/{len(self.steps)} sigma {step['sigma']:.3g}"
             frames.append(reverse_process_frame(x, denoised, sigma=step["sigma_next"], title=title,
                                                 sigma_data=self.sigma_data, scale=s))
@@ -223,14 +227,12 @@ def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, devic
     path = find_network(run_dir)
     if read_network_metadata(path)["encoder"] is not None:
         return f"{path.name}: a latent-space network; its reverse process is not drawn (edmkit generate decodes its samples)", False
-    if read_network_metadata(path)["config"].network.frames:
-        return f"{path.name}: a video network; its reverse process is not drawn (its grids are grid-*.gif, edmkit generate --out clips.gif)", False
     net, meta = load_network(path, device=device)
     c, setting = meta["config"].network, meta["config"].train.sampling()
     setting["steps"] = steps or setting["steps"]
     recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)
     generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, device=device,
-                    callback=recorder, **setting)
+                    frames=c.frames, callback=recorder, **setting)
     recorder.save(out)
     return f"{path.name} (nimg {meta['nimg']}, EMA {meta['ema_std']:g}), {describe_sampling(setting)}, seeds 0-{num - 1}", True
 

@@ -34,7 +34,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @click.option("--oscillate", default=None, help="Oscillating guidance HIGH,LOW: alternate the two weights per step (instead of --guidance).")
 @click.option("--oscillate-warmup", type=int, default=0, show_default=True, help="Steps at the HIGH weight before oscillating.")
 @click.option("--threshold", type=float, default=None, help="Dynamic thresholding percentile of the denoised image, e.g. 0.995.")
-@click.option("--gif", type=click.Path(dir_okay=False), default=None, help="Also write the reverse process (noisy state | denoised) of the first seeds as an animated GIF.")
+@click.option("--gif", type=click.Path(dir_okay=False), default=None, help="Also write the reverse process (noisy state | denoised) of the first seeds as an animated GIF (clips: a strip of their frames).")
 @click.option("--gif-n", type=int, default=4, show_default=True, help="Number of seeds shown in the --gif.")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
 @click.option("--classifier", "classifier_path", default=None, type=click.Path(dir_okay=False), help="Noise-aware classifier file (from edmkit train-classifier) for --classifier-scale / --reject-threshold.")
@@ -134,8 +134,8 @@ def check_video_options(network, *, frames, out: Path, gif, classifier) -> int:
         raise ValueError(f"--frames must be >= 1, got {frames}")
     if out.suffix.lower() not in (".gif", ".npz", ".png"):
         raise ValueError(f"a video network writes clips: --out clips.gif, clips.npz or strip.png, not {out.name!r}")
-    if gif or classifier:
-        raise ValueError("--gif and --classifier work on image networks only (this one makes clips)")
+    if classifier:
+        raise ValueError("--classifier works on image networks only (this one makes clips)")
     return frames or network.frames
 
 
