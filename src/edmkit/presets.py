@@ -109,8 +109,9 @@ PRESETS["movingmnist-tiny"] = _preset(
                  channels_per_head=8, logvar_channels=16),
     optim=dict(lr_ref_nimg=2000, warmup_nimg=16), ema=dict(snapshot_nimg=64),
     train=dict(data="movingmnist:clips=64,digits=1", batch=4, total_nimg=64, status_nimg=16, grid_nimg=64, state_nimg=32, grid_n=4, sample_steps=4))
-# CPU, ~15 minutes on 2 cores at the ~17 clips/s measured alone (docs/video/preset.json): 32x32 frames, 8 per clip,
-# 2 digits of 14 px (the standard's proportions at half size), 14,000 clips in 1,750 steps of 8; what it learns: README "Video"
+# CPU, ~14 minutes on 2 cores at the ~17 clips/s of a probe run alone (the measured run, docs/video/preset.json, shared
+# the machine: 9.2 clips/s on one thread): 32x32 frames, 8 per clip, 2 digits of 14 px (the standard's proportions at
+# half size), 14,000 clips in 1,750 steps of 8; what it learns (the motion, not yet legible digits): README "Video"
 PRESETS["movingmnist"] = _preset(
     network=dict(arch="video-unet", resolution=32, frames=8, model_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(8,),
                  channels_per_head=16),
