@@ -22,7 +22,7 @@ from edmkit.data.dataset import load_dataset
 from edmkit.data.images import save_image_grid
 from edmkit.metrics.detectors import load_detector
 from edmkit.metrics.evaluate import compute_reference, evaluate_generator
-from edmkit.sampling.generate import generate_images
+from edmkit.sampling.generate import generate_images, load_guide
 
 # name: generate_images keywords (sampler, steps, schedule and the sampler's options)
 SETTINGS: dict[str, dict] = {
@@ -58,13 +58,28 @@ SETTINGS: dict[str, dict] = {
     "dpmpp3m-11-smax20": dict(sampler="dpmpp-3m", steps=11, sigma_max=20.0),
     "dpmpp3m-sde-11-smax20": dict(sampler="dpmpp-3m", steps=11, eta=1.0, sigma_max=20.0),
     "dpmpp2m-sde-11-smax20": dict(sampler="dpmpp-2m", steps=11, eta=1.0, sigma_max=20.0),
+    "dpmpp2m-sde-11-loglinear": dict(sampler="dpmpp-2m", steps=11, eta=1.0, schedule="loglinear"),
+    "dpmpp2m-sde-8-loglinear": dict(sampler="dpmpp-2m", steps=8, eta=1.0, schedule="loglinear"),
+    "dpmpp2m-sde-14-loglinear": dict(sampler="dpmpp-2m", steps=14, eta=1.0, schedule="loglinear"),
+    "dpmpp2m-sde-18-loglinear": dict(sampler="dpmpp-2m", steps=18, eta=1.0, schedule="loglinear"),
+    "dpmpp2m-11-loglinear": dict(sampler="dpmpp-2m", steps=11, schedule="loglinear"),
+    "heun18-churn10-loglinear": dict(sampler="heun", steps=18, S_churn=10, S_tmin=0.05, S_tmax=10, S_noise=1.003, schedule="loglinear"),
+    "dpmpp2m-sde-11-rho3": dict(sampler="dpmpp-2m", steps=11, eta=1.0, rho=3.0),
+    "dpmpp2m-sde-11-smax20": dict(sampler="dpmpp-2m", steps=11, eta=1.0, sigma_max=20.0),
     "dpmpp3m-sde-11-loglinear": dict(sampler="dpmpp-3m", steps=11, eta=1.0, schedule="loglinear"),
+    # autoguidance (EDM2 / Karras et al. 2024): the guide is --guide (e.g. an early snapshot of the same run); 2 x NFE
+    "dpmpp2m-sde-11-ag1.5": dict(sampler="dpmpp-2m", steps=11, eta=1.0, guidance=1.5),
+    "dpmpp2m-sde-11-ag2": dict(sampler="dpmpp-2m", steps=11, eta=1.0, guidance=2.0),
+    "dpmpp2m-sde-11-ag1.25": dict(sampler="dpmpp-2m", steps=11, eta=1.0, guidance=1.25),
+    "dpmpp2m-sde-11-loglinear-ag2": dict(sampler="dpmpp-2m", steps=11, eta=1.0, schedule="loglinear", guidance=2.0),
+    "dpmpp2m-sde-6-loglinear-ag2": dict(sampler="dpmpp-2m", steps=6, eta=1.0, schedule="loglinear", guidance=2.0),
 }
 
 
 def nfe(setting: dict) -> int:
-    """Network evaluations per image: Heun's last step is an Euler step."""
-    return 2 * setting["steps"] - 1 if setting["sampler"] == "heun" else setting["steps"]
+    """Network evaluations per image: Heun's last step is an Euler step; guidance evaluates the guide too."""
+    per_step = 2 if setting.get("guidance", 1) != 1 else 1
+    return per_step * (2 * setting["steps"] - 1 if setting["sampler"] == "heun" else setting["steps"])
 
 
 def main() -> None:
@@ -74,6 +89,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--settings", default="heun18", help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--guide", default=None, help="autoguidance settings (-ag*): the guide network file or run folder")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     names = [s for s in a.settings.split(",") if s]
@@ -83,18 +99,23 @@ def main() -> None:
     path = find_network(a.checkpoint, ema_std=a.ema)
     net, meta = load_network(path)
     n = meta["config"].network
+    guide = load_guide(a.guide, like=n) if a.guide else None
+    if guide is None and any("guidance" in SETTINGS[s] for s in names):
+        p.error("autoguidance settings need --guide")
     det = load_detector("mnist")
     ref = compute_reference(load_dataset("mnist5k").images, detector=det, source="mnist5k")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         kw = dict(resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, **SETTINGS[name])
+        if "guidance" in kw:
+            kw["guide"] = guide
         start = time.perf_counter()
         result = evaluate_generator(net, ref=ref, detector=det, seeds=list(range(a.n)), metrics=("fid", "kid"), batch=a.batch, generate_kw=kw)
         sec = time.perf_counter() - start
         r = result["repeats"][0]
         rows.append({"setting": name, **SETTINGS[name], "nfe": nfe(SETTINGS[name]), "n": a.n, "fid": round(float(r["fid"]), 3),
-                     "kid": round(float(r["kid"]), 5), "sec": round(sec, 1), "network": path.name, "nimg": meta["nimg"], "ema_std": meta["ema_std"]})
+                     "kid": round(float(r["kid"]), 5), "sec": round(sec, 1), "network": path.name, "guide": a.guide if "guidance" in kw else None, "nimg": meta["nimg"], "ema_std": meta["ema_std"]})
         print(json.dumps(rows[-1]), flush=True)
         with torch.no_grad():
             save_image_grid(generate_images(net, seeds=list(range(64)), **kw), a.out / f"{name}-ema{meta['ema_std']:.3f}.png")
