@@ -459,15 +459,18 @@ def test_a_runs_own_sampler_and_steps_are_the_default_and_each_option_replaces_i
     """train.sample_sampler / sample_steps / sample_eta (the mnist preset: DPM-Solver++(2M) SDE, 11 steps) are what
     generate and metrics gen sample with when no --sampler/--steps/--eta is given; another sampler gets 18 steps and none
     of the run's options."""
-    cfg = CFG.override("train", sample_sampler="dpmpp-2m", sample_steps=4, sample_eta=1.0)
+    cfg = CFG.override("train", sample_sampler="dpmpp-2m", sample_steps=4, sample_eta=1.0, sample_schedule="loglinear")
     model = save_model(tmp_path / "sde.safetensors", cfg, 5)
     out = run("generate", "--checkpoint", model, "--n", "2", "--out", tmp_path / "a.npz").output
-    assert "sampling: dpmpp-2m, 4 steps, eta 1 (the run's setting" in out
+    assert "sampling: dpmpp-2m, 4 steps, loglinear sigmas, eta 1 (the run's setting" in out
     call = sampler_calls[-1]
-    assert call["name"] == "dpmpp-2m" and call["eta"] == 1.0 and len(call["sigmas"]) == 5 and "randn" in call
-    run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--eta", "0", "--out", tmp_path / "b.npz")
-    assert sampler_calls[-1]["name"] == "dpmpp-2m" and sampler_calls[-1]["eta"] == 0 and len(sampler_calls[-1]["sigmas"]) == 4
+    assert call["name"] == "dpmpp-2m" and call["eta"] == 1.0 and "randn" in call
+    torch.testing.assert_close(call["sigmas"], loglinear_sigmas(4, sigma_min=0.002, sigma_max=80.0))
+    run("generate", "--checkpoint", model, "--n", "2", "--steps", STEPS, "--eta", "0", "--schedule", "karras", "--out", tmp_path / "b.npz")
+    assert sampler_calls[-1]["name"] == "dpmpp-2m" and sampler_calls[-1]["eta"] == 0
+    torch.testing.assert_close(sampler_calls[-1]["sigmas"], KARRAS3)
     run("generate", "--checkpoint", model, "--n", "2", "--sampler", "heun", "--out", tmp_path / "c.npz")
-    assert sampler_calls[-1]["name"] == "heun" and "eta" not in sampler_calls[-1] and len(sampler_calls[-1]["sigmas"]) == 19
+    assert sampler_calls[-1]["name"] == "heun" and "eta" not in sampler_calls[-1]
+    torch.testing.assert_close(sampler_calls[-1]["sigmas"], karras_sigmas(18))
     with pytest.raises(ValueError, match="sample_eta is an option of ddim, dpmpp-2m, dpmpp-3m, not of heun"):
         CFG.override("train", sample_eta=1.0)

@@ -78,7 +78,8 @@ HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds pe
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
 SAMPLER_NAMES = ("euler", "heun", "ddim", "ddpm", "dpmpp-2m", "dpmpp-3m")  # diffusion.samplers.SAMPLERS (kept here so configs validate without torch)
-ETA_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")  # samplers with a stochasticity eta (TrainConfig.sample_eta)
+ETA_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")
+SCHEDULE_NAMES = ("karras", "loglinear", "vp")  # diffusion.schedules.SIGMA_SCHEDULES (kept here so configs validate without torch)  # samplers with a stochasticity eta (TrainConfig.sample_eta)
 EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
@@ -272,6 +273,7 @@ class TrainConfig:
     grid_n: int = 64                            # images in each sample grid
     sample_sampler: str = "heun"                # the run's sampler (SAMPLER_NAMES): grids, evaluations, the EMA choice, `generate`'s and `metrics gen`'s default
     sample_steps: int = 18                      # its steps (Heun: 2 * steps - 1 evaluations; the others: steps)
+    sample_schedule: str = "karras"             # its noise levels (SCHEDULE_NAMES): karras (EDM rho = 7), loglinear (uniform in log sigma), vp
     sample_churn: float = 0.0                   # Heun: S_churn (EDM Alg. 2) of the run's samples; 0 = deterministic
     sample_churn_sigmas: tuple[float, float] = (0.05, 10.0)  # Heun: [S_tmin, S_tmax], churn only at these noise levels
     sample_s_noise: float = 1.003               # Heun: S_noise, scale of the churn noise
@@ -325,6 +327,7 @@ class TrainConfig:
         _check(bool(self.eval_metrics) and set(self.eval_metrics) <= set(EVAL_METRICS),
                f"unknown eval_metrics {self.eval_metrics}; valid: {', '.join(EVAL_METRICS)}")
         _check(self.image_frames >= 0, f"image_frames must be >= 0 (0 = clips only), got {self.image_frames}")
+        _check(self.sample_schedule in SCHEDULE_NAMES, f"unknown sample_schedule {self.sample_schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
         _check(self.sample_sampler in SAMPLER_NAMES, f"unknown sample_sampler {self.sample_sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
         _check(self.sample_steps >= 1 and self.sample_eta >= 0, f"need sample_steps >= 1 and sample_eta >= 0, got {self.sample_steps}, {self.sample_eta}")
         _check(not self.sample_eta or self.sample_sampler in ETA_SAMPLERS,
@@ -343,8 +346,8 @@ class TrainConfig:
         return {}
 
     def sampling(self) -> dict:
-        """The run's sampling setting as ``generate_images`` keywords: sampler, steps and its options."""
-        return dict(sampler=self.sample_sampler, steps=self.sample_steps, **self.sampler_options())
+        """The run's sampling setting as ``generate_images`` keywords: sampler, steps, schedule and the sampler's options."""
+        return dict(sampler=self.sample_sampler, steps=self.sample_steps, schedule=self.sample_schedule, **self.sampler_options())
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from edmkit.cli._common import check_output_target, main, pick_device, user_erro
 @click.option("--seeds", default=None, help="Explicit seeds, e.g. 0-63 or 1,5,9 (instead of --n).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (Heun: 2*steps-1 network evaluations; default: the run's, else 18).")
 @click.option("--sampler", default=None, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m (default: the run's sampler, train.sample_sampler; most presets: heun).")
-@click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras (EDM rho=7), loglinear, vp (DDPM timesteps).")
+@click.option("--schedule", default=None, help="Noise levels: karras (EDM rho=7), loglinear, vp (DDPM timesteps) (default: the run's; most presets: karras).")
 @click.option("--churn", "S_churn", type=float, default=None, help="Heun: stochasticity S_churn (EDM Alg. 2), e.g. 40.")
 @click.option("--s-tmin", "S_tmin", type=float, default=None, help="Heun: churn only for sigma >= S_tmin.")
 @click.option("--s-tmax", "S_tmax", type=float, default=None, help="Heun: churn only for sigma <= S_tmax.")
@@ -89,9 +89,9 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     space = "" if encoder.kind == "pixels" else f" latents ({encoder.kind}, {encoder.factor}x downsampling)"
     click.echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}, {c.resolution}x{c.resolution}x{c.channels}{space}")
     frames = check_video_options(c, frames=frames, out=Path(out), gif=gif, classifier=classifier_path)
-    setting = run_sampling(cfg, sampler, steps, sampler_kw)
-    if setting != dict(sampler="heun", steps=18, **sampler_kw):  # say where a setting nobody typed comes from
-        click.echo(f"sampling: {describe_sampling(setting)} (the run's setting where not given; --sampler/--steps/--churn/--eta change it)")
+    setting = run_sampling(cfg, sampler, steps, sampler_kw, schedule=schedule)
+    if setting != dict(sampler="heun", steps=18, schedule="karras", **sampler_kw):  # say where a setting nobody typed comes from
+        click.echo(f"sampling: {describe_sampling(setting)} (the run's setting where not given; --sampler/--steps/--schedule/--churn/--eta change it)")
     if encoder.kind != "pixels" and (gif or classifier_path):
         raise ValueError("--gif and --classifier work on pixel-space networks only (this network samples latents)")
     guide = load_guide(guide_checkpoint, like=c, ema_std=guide_ema, device=dev, encoder=meta["encoder"]) if guide_checkpoint else None
@@ -107,7 +107,7 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
         raise ValueError("--reject-threshold draws seeds beyond --n/--seeds: give one [L, D] --context for all images")
     recorder = ReverseProcessRecorder(num=min(gif_n, len(seed_list)), sigma_data=c.sigma_data) if gif else None
     sample = functools.partial(generate_images, net, resolution=c.resolution, channels=c.channels, label_dim=c.label_dim,
-                               class_idx=class_idx, schedule=schedule, guide=guide, batch=batch,
+                               class_idx=class_idx, guide=guide, batch=batch,
                                device=dev, context=context, frames=frames, **guidance_kw, **setting)
     if reject_threshold is not None:
         seed_list, x = rejection_generate(sample, clf, seed_list=seed_list, class_idx=guidance_kw["classifier_class"],

@@ -113,6 +113,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use (0 = raw weights).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (Heun: 2*steps-1 network evaluations; default: the run's, else 18).")
 @click.option("--sampler", default=None, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m (default: the run's sampler, train.sample_sampler; most presets: heun).")
+@click.option("--schedule", default=None, help="Noise levels: karras, loglinear, vp (default: the run's).")
 @click.option("--churn", "S_churn", type=float, default=None, help="Heun: stochasticity S_churn (default: the run's sampling setting; 0: deterministic).")
 @click.option("--eta", type=float, default=None, help="ddim, dpmpp-2m/3m: stochasticity eta (default: the run's; 0: deterministic).")
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance weight for class-conditional models (1 = none).")
@@ -125,7 +126,7 @@ def metrics_ref(data, out, max_features, detector, detector_sha256, batch, devic
 @score_options
 @metrics_options
 @user_errors
-def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn, eta, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
+def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, schedule, S_churn, eta, guidance, class_idx, classifier_path, classifier_scale, reject_threshold,
                 max_tries, vae, repeats, metric_names, out, detector, detector_sha256, batch, device, quiet) -> None:
     """FID, KID and precision/recall of generated images (none written to disk) against a reference.
 
@@ -163,7 +164,8 @@ def metrics_gen(checkpoint, ref_path, n, seeds, ema_std, steps, sampler, S_churn
     encoder = encoder_from_spec(meta["encoder"], vae=vae, channels=c.channels).to(dev)  # scores are of decoded images
     if encoder.kind != "pixels" and (classifier_path or reject_threshold is not None):
         raise ValueError("--classifier and --reject-threshold work on pixel-space networks only (this network samples latents)")
-    setting = run_sampling(meta["config"], sampler, steps, {k: v for k, v in dict(S_churn=S_churn, eta=eta).items() if v is not None})
+    setting = run_sampling(meta["config"], sampler, steps, {k: v for k, v in dict(S_churn=S_churn, eta=eta).items() if v is not None},
+                           schedule=schedule)
     echo(f"{path.name}: {meta['nimg']} images, EMA {meta['ema_std']:g}; {repeats} x {len(seed_list)} images, {describe_sampling(setting)}"
          + ("" if encoder.kind == "pixels" else f", decoded by its {encoder.kind}"))
     for line in ev.evaluation_notices(ref, det, n=len(seed_list), resolution=c.resolution * encoder.factor,

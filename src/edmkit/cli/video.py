@@ -34,7 +34,7 @@ from edmkit.cli.generate import check_video_options, write_clips
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="clips.gif (a grid of playing clips), clips.npz ('videos' uint8 [N, T, H, W(, C)]) or strip.png.")
 @click.option("--steps", type=int, default=None, help="Sampler steps (default: the run's, else 18).")
 @click.option("--sampler", default=None, help="heun, euler, ddim, ddpm, dpmpp-2m, dpmpp-3m (default: the run's sampler; the movingmnist presets: heun).")
-@click.option("--schedule", default="karras", show_default=True, help="Noise levels: karras, loglinear, vp.")
+@click.option("--schedule", default=None, help="Noise levels: karras, loglinear, vp (default: the run's).")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for conditional models (default: drawn per seed).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Clips per batch (does not change the clips).")
 @click.option("--ema", "ema_std", type=float, default=None, help="With a run folder: EMA sigma_rel of the network to use.")
@@ -77,9 +77,9 @@ def video(checkpoint, extend_source, known, interpolate_source, every, sr_source
     if class_idx is not None and not (c.label_dim and 0 <= class_idx < c.label_dim):
         raise ValueError(f"--class {class_idx}: the network has {c.label_dim} classes" if c.label_dim else "--class: the network is unconditional")
     window = check_video_options(c, frames=frames, out=out, gif=None, classifier=None)
-    sampler_kw = run_sampling(cfg, sampler, steps)
+    sampler_kw = run_sampling(cfg, sampler, steps, schedule=schedule)
     sample = get_sampler(sampler_kw.pop("sampler"))
-    sampler_kw["sigmas"] = sampling_sigmas(schedule, sampler_kw.pop("steps"), device=dev)
+    sampler_kw["sigmas"] = sampling_sigmas(sampler_kw.pop("schedule"), sampler_kw.pop("steps"), device=dev)
     label_kw = dict(label_dim=c.label_dim, class_idx=class_idx)
     if long_frames is not None:
         k = window // 2 if overlap is None else overlap

@@ -247,20 +247,25 @@ def _check_sampler_options(sample: Callable, name: str, options: dict) -> None:
 STOCHASTICITY = ("S_churn", "S_tmin", "S_tmax", "S_noise", "eta")  # the options TrainConfig.sampler_options sets
 
 
-def run_sampling(cfg: ExperimentConfig, sampler: str | None = None, steps: int | None = None, given: dict[str, float] | None = None) -> dict:
-    """Sampler, steps and options of a sampling command (``generate_images`` keywords): the run's own setting
+def run_sampling(cfg: ExperimentConfig, sampler: str | None = None, steps: int | None = None, given: dict[str, float] | None = None,
+                 schedule: str | None = None) -> dict:
+    """Sampler, steps, schedule and options of a sampling command (``generate_images`` keywords): the run's own setting
     (``TrainConfig.sampling``: what its preset measured best) for what is not given. Another sampler than the run's
-    takes only the ``given`` options (and 18 steps unless given); any stochasticity option given replaces the run's."""
+    takes only the ``given`` options (and 18 steps on the Karras grid unless given); any stochasticity option given
+    replaces the run's."""
     t, given = cfg.train, dict(given or {})
     if sampler is not None and sampler != t.sample_sampler:
-        return dict(sampler=sampler, steps=18 if steps is None else steps, **given)
+        return dict(sampler=sampler, steps=18 if steps is None else steps, schedule=schedule or "karras", **given)
     own = {} if any(k in given for k in STOCHASTICITY) else t.sampler_options()
-    return dict(sampler=t.sample_sampler, steps=t.sample_steps if steps is None else steps, **{**own, **given})
+    return dict(sampler=t.sample_sampler, steps=t.sample_steps if steps is None else steps, schedule=schedule or t.sample_schedule,
+                **{**own, **given})
 
 
 def describe_sampling(setting: dict) -> str:
     """One line for a sampling setting, e.g. 'dpmpp-2m, 11 steps, eta 1' or 'heun, 18 steps, S_churn 10 in [0.05, 10], S_noise 1.003'."""
     parts = [setting["sampler"], f"{setting['steps']} steps"]
+    if setting.get("schedule", "karras") != "karras":
+        parts.append(f"{setting['schedule']} sigmas")
     if setting.get("S_churn"):
         parts.append(f"S_churn {setting['S_churn']:g} in [{setting.get('S_tmin', 0):g}, {setting.get('S_tmax', float('inf')):g}], "
                      f"S_noise {setting.get('S_noise', 1):g}")

@@ -63,9 +63,10 @@ def make_score(cfg: ExperimentConfig, *, device: torch.device | str) -> Callable
     else:  # the training images through the built-in digit detector: a few seconds
         detector = load_detector("mnist", device=device)
         ref = compute_reference(dataset_of(cfg).images, detector=detector, source=DIGITS)
+    setting = t.sampling()
     return phema_sweep.fid_score(ref, detector, resolution=n.resolution, channels=n.channels, label_dim=n.label_dim, n=cfg.ema.choose_n,
-                                 sampler=t.sample_sampler, steps=t.sample_steps, batch=max(t.batch, 64), device=device,
-                                 options=t.sampler_options())
+                                 sampler=setting.pop("sampler"), steps=setting.pop("steps"), batch=max(t.batch, 64), device=device,
+                                 options=setting)
 
 
 def choose_ema(cfg: ExperimentConfig, run_dir: str | Path, *, device: torch.device | str = "cpu", log: Callable[[str], None] = print,

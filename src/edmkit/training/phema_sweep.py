@@ -87,7 +87,8 @@ def fid_score(ref: Reference, detector: Detector, *, resolution: int, channels: 
         n: Images per network.
         seeds: The n seeds (default 0..n-1).
         steps, sampler: Sampler settings (Heun with 18 steps: 35 network evaluations per image).
-        options: The sampler's options (e.g. Heun's S_churn: ``TrainConfig.sampler_options()``).
+        options: Further ``generate_images`` keywords: the sampler's options and the schedule (e.g. ``TrainConfig.sampling()``
+            less its sampler and steps).
         batch: Images per sampling / detector batch (does not change the images).
         device: Where sampling runs.
         log: Receives notices (small n, image shape, detector input conversion) once, here.

@@ -35,7 +35,7 @@ RESUMABLE_CHANGES |= {"train.batch_per_device", "train.compile", "train.max_bad_
 RESUMABLE_CHANGES |= {"train.stop_when_flat"}  # when to stop, not what a step computes
 RESUMABLE_CHANGES |= {"train.sr_aug_sample"}  # cascade SR: the conditioning noise at sampling only
 RESUMABLE_CHANGES |= {"ema.snapshot_nimg", "ema.snapshot_dtype", "ema.snapshot_budget_mb"}  # what is saved, not what is trained
-RESUMABLE_CHANGES |= {"train.sample_sampler", "train.sample_eta", "train.sample_churn", "train.sample_churn_sigmas", "train.sample_s_noise"}  # how samples are drawn
+RESUMABLE_CHANGES |= {"train.sample_sampler", "train.sample_schedule", "train.sample_eta", "train.sample_churn", "train.sample_churn_sigmas", "train.sample_s_noise"}  # how samples are drawn
 RESUMABLE_CHANGES |= {"ema.choose", "ema.choose_stds", "ema.choose_n"}  # which EMA generate samples, chosen after training
 RESUMABLE_CHANGES |= {f"train.eval_{k}" for k in ("nimg", "ref", "n", "steps", "detector", "metrics")}  # what is measured, not trained
 
