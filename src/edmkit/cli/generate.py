@@ -63,7 +63,15 @@ def generate(checkpoint, out, n, seeds, steps, sampler, schedule, S_churn, S_tmi
     from edmkit.checkpoint import find_network, load_network
     from edmkit.latent.encoder import encoder_from_spec
     from edmkit.report import ReverseProcessRecorder
-    from edmkit.sampling.generate import describe_sampling, generate_images, load_context, load_guide, parse_pair, parse_seeds, run_sampling
+    from edmkit.sampling.generate import (
+        describe_sampling,
+        generate_images,
+        load_context,
+        load_guide,
+        parse_pair,
+        parse_seeds,
+        run_sampling,
+    )
 
     if n is not None and seeds is not None:
         raise ValueError("give --n or --seeds, not both")

@@ -36,8 +36,8 @@ from edmkit.config import ExperimentConfig
 from edmkit.data.augment import AUGMENT_DIM
 from edmkit.data.dataset import ImageDataset, dataset_of, load_dataset, sample_order
 from edmkit.data.images import images_to_float
-from edmkit.data.videos import joint_segments, random_frames
 from edmkit.data.latents import LatentDataset
+from edmkit.data.videos import joint_segments, random_frames
 from edmkit.diffusion.loss import EDMLoss, SigmaLossHistory, make_loss
 from edmkit.diffusion.precond import Denoiser
 from edmkit.diffusion.schedules import learning_rate
