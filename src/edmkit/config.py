@@ -78,8 +78,8 @@ HDIT_ATTENTION = ("global", "window", "neighborhood")  # HDiT attention kinds pe
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast dtypes (train.AUTOCAST_DTYPES)
 SIGMA_SAMPLINGS = ("lognormal", "stratified", "importance", "adaptive")  # loss.sigma_sampling (diffusion.loss)
 SAMPLER_NAMES = ("euler", "heun", "ddim", "ddpm", "dpmpp-2m", "dpmpp-3m")  # diffusion.samplers.SAMPLERS (kept here so configs validate without torch)
-ETA_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")
-SCHEDULE_NAMES = ("karras", "loglinear", "vp")  # diffusion.schedules.SIGMA_SCHEDULES (kept here so configs validate without torch)  # samplers with a stochasticity eta (TrainConfig.sample_eta)
+ETA_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")  # samplers with a stochasticity eta (TrainConfig.sample_eta)
+SCHEDULE_NAMES = ("karras", "loglinear", "vp")  # diffusion.schedules.SIGMA_SCHEDULES (kept here so configs validate without torch)
 EVAL_METRICS = ("fid", "kid", "pr", "is")  # scores of metrics.evaluate.score (defined here so configs validate without torch)
 
 
@@ -295,7 +295,7 @@ class TrainConfig:
     eval_nimg: int = 0                          # in-training FID / KID of the sampling EMA every this many images and at the end; 0 = off
     eval_ref: str = ""                          # reference statistics file of the evaluation (edmkit metrics ref); needed with eval_nimg
     eval_n: int = 1000                          # generated images per evaluation, seeds 0..eval_n-1 (small n: FID biased upward vs 50k)
-    eval_steps: int = 18                        # steps of the run's sampler (sample_sampler, its options) for the evaluation images, Karras sigmas
+    eval_steps: int = 18                        # steps of the run's sampler (sample_sampler, its schedule and options) for the evaluation images
     eval_detector: str = ""                     # detector name or TorchScript path; "" = the one the reference was made with
     eval_metrics: tuple[str, ...] = ("fid", "kid")  # scores of each evaluation: fid, kid, pr, is (EVAL_METRICS)
     image_frames: int = 0                       # joint image-video training (video-unet): K independent images (frames of other clips) appended to each clip; 0 = clips only

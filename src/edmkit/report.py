@@ -222,14 +222,13 @@ def _labelled_series(rows: list[dict], key: str) -> dict[str, tuple[list, list]]
 def _reverse_gif(run_dir: Path, out: Path, *, num: int, steps: int | None, device: torch.device | str) -> tuple[str, bool]:
     """Sample `num` images from the run's newest network, recording the reverse process; returns (a note, whether written)."""
     from edmkit.checkpoint import find_network, load_network, read_network_metadata
-    from edmkit.sampling.generate import describe_sampling, generate_images
+    from edmkit.sampling.generate import describe_sampling, generate_images, run_sampling
 
     path = find_network(run_dir)
     if read_network_metadata(path)["encoder"] is not None:
         return f"{path.name}: a latent-space network; its reverse process is not drawn (edmkit generate decodes its samples)", False
     net, meta = load_network(path, device=device)
-    c, setting = meta["config"].network, meta["config"].train.sampling()
-    setting["steps"] = steps or setting["steps"]
+    c, setting = meta["config"].network, run_sampling(meta["config"], None, steps or None)
     recorder = ReverseProcessRecorder(num=num, sigma_data=c.sigma_data)
     generate_images(net, seeds=range(num), resolution=c.resolution, channels=c.channels, label_dim=c.label_dim, device=device,
                     frames=c.frames, callback=recorder, **setting)
